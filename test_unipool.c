@@ -1,0 +1,501 @@
+/*
+test_unipool.c: holds train_unipool.c to a reference and to its own naive twins.
+
+  ./test_unipool            the unit checks, then every dump in dev/dumps/
+  ./test_unipool DUMP...    the named reference dumps only
+
+A dump (SPEC section 6) carries a configuration, initial parameters and
+tokens, and what a float64 reference computed from them: the first
+micro-batch's logits, every step's mean CE, mean aux and gradient norm, step
+0's gradient and the final parameters. Any implementation can write one; this
+program replays it in float32 and compares tensor by tensor.
+
+One line per check: OK or NOT OK, the largest error, the element where the
+error is largest against its tolerance, and the tolerance. Then
+"N passed, N failed". Exit 0 if all passed, 1 if a check failed, 2 if a dump
+could not be read or is not the size its header implies.
+*/
+#define UNIPOOL_NO_MAIN
+#include "train_unipool.c"
+
+#include <glob.h>
+
+#define DEFAULT_DUMPS "dev/dumps/*.bin"
+#define ROUTER_C_REFERENCE {16, 1, 0}
+
+static int n_pass, n_fail;
+
+/* A tolerance: |got - ref| <= abs + scale * max|ref| + rel * |ref|, per
+   element. The scale term is relative to the tensor's largest value, so
+   elements that are small only because of cancellation do not demand
+   impossible precision; the rel term keeps large elements honest. */
+typedef struct { double abs, scale, rel; } Tol;
+
+static void format_index(char *buf, size_t len, size_t i, Shape sh) {
+    size_t idx[3] = {i / (sh.dim[1] * sh.dim[2]), i / sh.dim[2] % sh.dim[1], i % sh.dim[2]};
+    int r = sh.rank < 1 ? 1 : sh.rank;
+    int w = snprintf(buf, len, "[");
+    for (int d = 0; d < r; d++) {
+        size_t v = r == 1 ? i : r == 2 ? (d == 0 ? i / sh.dim[1] : i % sh.dim[1]) : idx[d];
+        w += snprintf(buf + w, len - w, d ? ",%zu" : "%zu", v);
+    }
+    snprintf(buf + w, len - w, "]");
+}
+
+static Shape flat(size_t n) { return (Shape){1, {n, 1, 1}}; }
+
+static int check(const char *what, const float *got, const float *ref, Shape sh, Tol tol) {
+    size_t n = shape_numel(sh), worst = 0;
+    double mx = 0.0, maxerr = 0.0, worst_ratio = -1.0;
+    for (size_t i = 0; i < n; i++) mx = fmax(mx, fabs((double)ref[i]));
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)got[i] - ref[i]), t = tol.abs + tol.scale * mx + tol.rel * fabs((double)ref[i]);
+        double ratio = err == 0.0 ? 0.0 : (t > 0.0 && err == err) ? err / t : INFINITY;  // NaN never passes
+        if (!(err <= maxerr)) maxerr = err;
+        if (ratio > worst_ratio) { worst_ratio = ratio; worst = i; }
+    }
+    int ok = worst_ratio <= 1.0;
+    char where[64];
+    format_index(where, sizeof where, worst, sh);
+    printf("%-6s %-40s max err %.2e at %-12s ref % .6e got % .6e (tol %.0e + %.0e*max + %.0e*|ref|)\n",
+           ok ? "OK" : "NOT OK", what, maxerr, where, n ? ref[worst] : 0.0, n ? got[worst] : 0.0, tol.abs,
+           tol.scale, tol.rel);
+    ok ? n_pass++ : n_fail++;
+    return ok;
+}
+
+static void check_true(const char *what, int ok, const char *detail) {
+    printf("%-6s %-44s %s\n", ok ? "OK" : "NOT OK", what, detail);
+    ok ? n_pass++ : n_fail++;
+}
+
+// ----------------------------------------------------------------------------
+// Reference dumps (SPEC section 6)
+
+/* Tolerances against a float64 reference, for float32 arithmetic.
+   - logits: each passes through L blocks of C-long float32 sums, about 1e-6
+     relative; 1e-5 of the largest logit leaves a 10x margin, while a RoPE off
+     by one position or a transposed weight moves logits by 1e-3 or more.
+   - ce, aux, grad norm: scalars of float32 sums of N terms; 1e-5 relative.
+   - gradients: the backward adds a second pass of rounding and the softmax
+     and norm derivatives cancel; 1e-4 of the tensor's largest entry plus 1e-4
+     relative. A missing aux term changes router gradients by far more (its
+     share of them is alpha E f / N per score, the same order as the CE part).
+   - final parameters: Adam divides by sqrt(v) + eps, so where a gradient is
+     near eps float32 noise becomes part of a step; SPEC section 6 allows about
+     1% of lr per step, which is what this is. Weight decay moves a parameter
+     by lr wd |p| per step, and a wrong decay mask by lr wd, above that. */
+static const Tol TOL_LOGITS = {0.0, 1e-5, 1e-5};
+static const Tol TOL_STATS = {0.0, 0.0, 1e-5};
+static const Tol TOL_GRADS = {0.0, 1e-4, 1e-4};
+static Tol tol_final(float lr) { return (Tol){1e-2 * lr, 0.0, 1e-6}; }
+
+typedef struct {
+    Config cfg;
+    int B, T, n_micro, n_steps;
+    OptConfig opt;
+    size_t num_params, n_tokens;
+    float *params, *logits, *stats, *grads, *final;
+    int *tokens;
+} Dump;
+
+// Reads a whole dump; returns NULL or what is wrong with the file.
+static const char *dump_read(Dump *d, const char *path, char *msg, size_t len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return snprintf(msg, len, "cannot open: %s", strerror(errno)), msg;
+    int32_t hdr[256];
+    float hp[64];
+    memset(d, 0, sizeof *d);
+    if (fread(hdr, sizeof hdr, 1, f) != 1 || fread(hp, sizeof hp, 1, f) != 1) {
+        fclose(f);
+        return "shorter than its 1280-byte header";
+    }
+    if (hdr[0] != DUMP_MAGIC || hdr[1] != DUMP_VERSION) {
+        fclose(f);
+        return snprintf(msg, len, "not a reference dump (magic %d version %d, want %d version %d)", hdr[0],
+                        hdr[1], DUMP_MAGIC, DUMP_VERSION), msg;
+    }
+    Config *c = &d->cfg;
+    *c = (Config){.V = hdr[2], .Vp = hdr[3], .maxT = hdr[4], .L = hdr[5], .C = hdr[6], .NH = hdr[7],
+                  .NKV = hdr[8], .F = hdr[9], .G = hdr[10], .E = hdr[11], .K = hdr[12], .router = hdr[13],
+                  .aux = hdr[14], .norm_eps = hp[0], .rope_theta = hp[1], .alpha = hp[2], .router_c = hp[3],
+                  .router_eps = hp[4]};
+    d->B = hdr[15], d->T = hdr[16], d->n_micro = hdr[17], d->n_steps = hdr[18];
+    d->opt = (OptConfig){.lr = hp[5], .b1 = hp[6], .b2 = hp[7], .eps = hp[8], .wd = hp[9], .clip = hp[10]};
+    const char *err = config_error(c);
+    if (!err && (d->B < 1 || d->T < 1 || d->T > c->maxT || d->n_micro < 1 || d->n_steps < 1))
+        err = "need B, T, n_micro, n_steps >= 1 and T <= maxT";
+    if (err) {
+        fclose(f);
+        return snprintf(msg, len, "bad header: %s", err), msg;
+    }
+    Shape shapes[NUM_PARAM_TENSORS];
+    param_shapes(shapes, c);
+    double P = 0.0;  // sizes in double: a foreign header must not overflow them
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
+    double ntok = (double)d->n_steps * d->n_micro * d->B * (d->T + 1);
+    double want = 4.0 * (256 + 64 + 3 * P + ntok + (double)d->B * d->T * c->V + 3.0 * d->n_steps);
+    fseek(f, 0, SEEK_END);
+    double have = (double)ftell(f);
+    if (have != want) {
+        fclose(f);
+        return snprintf(msg, len, "is %.0f bytes, its header implies %.0f", have, want), msg;
+    }
+    fseek(f, 1280, SEEK_SET);
+    d->num_params = (size_t)P;
+    d->n_tokens = (size_t)ntok;
+    size_t nl = (size_t)d->B * d->T * c->V;
+    d->params = malloc_check(d->num_params * sizeof(float));
+    d->tokens = malloc_check(d->n_tokens * sizeof(int));
+    d->logits = malloc_check(nl * sizeof(float));
+    d->stats = malloc_check(3 * (size_t)d->n_steps * sizeof(float));
+    d->grads = malloc_check(d->num_params * sizeof(float));
+    d->final = malloc_check(d->num_params * sizeof(float));
+    int ok = fread(d->params, 4, d->num_params, f) == d->num_params && fread(d->tokens, 4, d->n_tokens, f) == d->n_tokens &&
+             fread(d->logits, 4, nl, f) == nl && fread(d->stats, 4, 3 * (size_t)d->n_steps, f) == 3 * (size_t)d->n_steps &&
+             fread(d->grads, 4, d->num_params, f) == d->num_params && fread(d->final, 4, d->num_params, f) == d->num_params;
+    fclose(f);
+    if (!ok) return "read failed";
+    for (size_t i = 0; i < d->n_tokens; i++)
+        if (d->tokens[i] < 0 || d->tokens[i] >= c->V)
+            return snprintf(msg, len, "token %d at index %zu is outside [0, V = %d)", d->tokens[i], i, c->V), msg;
+    return NULL;
+}
+
+static void dump_free(Dump *d) {
+    free(d->params);
+    free(d->tokens);
+    free(d->logits);
+    free(d->stats);
+    free(d->grads);
+    free(d->final);
+}
+
+static void check_params(const char *dump, const char *part, const float *got, const float *ref, const Model *m,
+                         Tol tol) {
+    char what[128];
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        snprintf(what, sizeof what, "%s %s.%s", dump, part, param_names[i]);
+        check(what, got, ref, m->shapes[i], tol);
+        size_t n = shape_numel(m->shapes[i]);
+        got += n;
+        ref += n;
+    }
+}
+
+// Replays one dump; returns 0, or -1 if it cannot be read.
+static int run_dump(const char *path) {
+    Dump d;
+    char msg[256];
+    const char *err = dump_read(&d, path, msg, sizeof msg);
+    if (err) {
+        printf("UNREADABLE %s: %s\n", path, err);
+        dump_free(&d);
+        return -1;
+    }
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    char name[64], what[128];
+    snprintf(name, sizeof name, "%.*s", (int)(strcspn(base, ".")), base);
+    Model m;
+    model_build(&m, &d.cfg);
+    if (m.num_params != d.num_params) fail("internal: parameter count mismatch");
+    memcpy(m.params_memory, d.params, d.num_params * sizeof(float));
+    int B = d.B, T = d.T, N = B * T, V = d.cfg.V, Vp = d.cfg.Vp;
+
+    // the first micro-batch's logits: an evaluation pass, so the stale pool statistic is untouched
+    int *io = malloc_check(2 * (size_t)N * sizeof(int));
+    split_rows(io, io + N, d.tokens, B, T);
+    model_forward(&m, io, NULL, B, T, 0);
+    float *lg = malloc_check((size_t)N * V * sizeof(float));
+    for (int n = 0; n < N; n++) memcpy(lg + (size_t)n * V, m.acts.logits + (size_t)n * Vp, V * sizeof(float));
+    snprintf(what, sizeof what, "%s logits", name);
+    check(what, lg, d.logits, (Shape){2, {N, V, 1}}, TOL_LOGITS);
+
+    float *stats = malloc_check(3 * (size_t)d.n_steps * sizeof(float));
+    size_t per_step = (size_t)d.n_micro * B * (T + 1);
+    for (int s = 0; s < d.n_steps; s++) {
+        StepStats st = step_gradients(&m, d.tokens + s * per_step, d.n_micro, B, T);
+        stats[3 * s] = (float)st.ce, stats[3 * s + 1] = (float)st.aux, stats[3 * s + 2] = (float)st.grad_norm;
+        if (s == 0) check_params(name, "grads", m.grads_memory, d.grads, &m, TOL_GRADS);
+        step_update(&m, &d.opt, d.opt.lr, st.grad_norm);
+    }
+    // figures per step, one line per kind: rows of (ce, aux, grad norm)
+    static const char *kinds[3] = {"ce", "aux", "grad_norm"};
+    for (int k = 0; k < 3; k++) {
+        float got[d.n_steps], ref[d.n_steps];
+        for (int s = 0; s < d.n_steps; s++) got[s] = stats[3 * s + k], ref[s] = d.stats[3 * s + k];
+        snprintf(what, sizeof what, "%s steps.%s", name, kinds[k]);
+        check(what, got, ref, flat(d.n_steps), TOL_STATS);
+    }
+    check_params(name, "final", m.params_memory, d.final, &m, tol_final(d.opt.lr));
+    free(io);
+    free(lg);
+    free(stats);
+    model_free(&m);
+    dump_free(&d);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// Unit checks: fast kernels against naive twins, the NormRouter constant, and
+// fixed points of the load-balancing loss.
+
+static float *randn(size_t n, float scale, Rng *rng) {
+    float *x = malloc_check(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = scale * (float)rng_normal(rng);
+    return x;
+}
+
+static float *copy(const float *x, size_t n) {
+    float *y = malloc_check(n * sizeof(float));
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+/* Kernels against their naive twins, which sum in double: a float32 sum of K
+   terms is off by about sqrt(K) ulps of its terms, so 1e-5 of the largest
+   output plus 1e-5 relative. Any indexing mistake is off by O(1). */
+static const Tol TOL_TWIN = {0.0, 1e-5, 1e-5};
+
+static void test_matmul(void) {
+    static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130}, {9, 200, 131}};
+    Rng rng = {1};
+    char what[96];
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int M = shapes[s][0], K = shapes[s][1], N = shapes[s][2];
+        float *inp = randn((size_t)M * K, 1, &rng), *w = randn((size_t)N * K, 1, &rng), *dout = randn((size_t)M * N, 1, &rng);
+        float *out = randn((size_t)M * N, 1, &rng), *out_ref = randn((size_t)M * N, 1, &rng);
+        float *dinp = randn((size_t)M * K, 1, &rng), *dw = randn((size_t)N * K, 1, &rng);  // backward accumulates
+        float *dinp_ref = copy(dinp, (size_t)M * K), *dw_ref = copy(dw, (size_t)N * K);
+        matmul_forward(out, inp, w, M, K, N);
+        matmul_forward_naive(out_ref, inp, w, M, K, N);
+        matmul_backward(dinp, dw, dout, inp, w, M, K, N);
+        matmul_backward_naive(dinp_ref, dw_ref, dout, inp, w, M, K, N);
+        snprintf(what, sizeof what, "matmul %dx%dx%d forward", M, K, N);
+        check(what, out, out_ref, (Shape){2, {M, N, 1}}, TOL_TWIN);
+        snprintf(what, sizeof what, "matmul %dx%dx%d backward dinp", M, K, N);
+        check(what, dinp, dinp_ref, (Shape){2, {M, K, 1}}, TOL_TWIN);
+        snprintf(what, sizeof what, "matmul %dx%dx%d backward dweight", M, K, N);
+        check(what, dw, dw_ref, (Shape){2, {N, K, 1}}, TOL_TWIN);
+        free(inp), free(w), free(dout), free(out), free(out_ref), free(dinp), free(dw), free(dinp_ref), free(dw_ref);
+    }
+}
+
+static void test_attention(void) {
+    static const int cases[][5] = {{2, 13, 4, 2, 8}, {1, 9, 4, 4, 6}, {2, 16, 6, 1, 16}};  // B, T, NH, NKV, hd
+    Rng rng = {2};
+    char what[96];
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        int B = cases[c][0], T = cases[c][1], NH = cases[c][2], NKV = cases[c][3], hd = cases[c][4];
+        size_t nq = (size_t)B * T * NH * hd, nk = (size_t)B * T * NKV * hd;
+        float *q = randn(nq, 1, &rng), *k = randn(nk, 1, &rng), *v = randn(nk, 1, &rng), *dout = randn(nq, 1, &rng);
+        float *out = malloc_check(nq * 4), *out_ref = malloc_check(nq * 4), *lse = malloc_check((size_t)B * T * NH * 4);
+        float *att = malloc_check((size_t)B * NH * T * T * 4);
+        float *dq = calloc_check(nq, 4), *dk = calloc_check(nk, 4), *dv = calloc_check(nk, 4);
+        float *dq_ref = calloc_check(nq, 4), *dk_ref = calloc_check(nk, 4), *dv_ref = calloc_check(nk, 4);
+        attention_forward(out, lse, q, k, v, B, T, NH, NKV, hd);
+        attention_forward_naive(out_ref, att, q, k, v, B, T, NH, NKV, hd);
+        attention_backward(dq, dk, dv, dout, q, k, v, out, lse, B, T, NH, NKV, hd);
+        attention_backward_naive(dq_ref, dk_ref, dv_ref, dout, q, k, v, att, B, T, NH, NKV, hd);
+        const char *names[4] = {"out", "dq", "dk", "dv"};
+        float *got[4] = {out, dq, dk, dv}, *ref[4] = {out_ref, dq_ref, dk_ref, dv_ref};
+        for (int i = 0; i < 4; i++) {
+            snprintf(what, sizeof what, "attention B%d T%d NH%d NKV%d hd%d %s", B, T, NH, NKV, hd, names[i]);
+            check(what, got[i], ref[i], flat(i < 2 ? nq : nk), TOL_TWIN);
+        }
+        free(q), free(k), free(v), free(dout), free(out), free(out_ref), free(lse), free(att);
+        free(dq), free(dk), free(dv), free(dq_ref), free(dk_ref), free(dv_ref);
+    }
+}
+
+static void test_moe(void) {
+    static const int cases[][5] = {{23, 16, 12, 5, 2}, {40, 32, 20, 8, 1}, {7, 8, 4, 4, 3}};  // N, C, F, E, K
+    Rng rng = {3};
+    char what[96];
+    for (size_t cs = 0; cs < sizeof cases / sizeof *cases; cs++) {
+        int N = cases[cs][0], C = cases[cs][1], F = cases[cs][2], E = cases[cs][3], K = cases[cs][4], NK = N * K;
+        float *x = randn((size_t)N * C, 1, &rng), *dy = randn((size_t)N * C, 1, &rng);
+        float *fc1 = randn((size_t)E * 2 * F * C, 0.3f, &rng), *fc2 = randn((size_t)E * C * F, 0.3f, &rng);
+        float *score = randn((size_t)N * E, 1, &rng);
+        int *chosen = malloc_check((size_t)NK * sizeof(int));
+        for (int n = 0; n < N; n++)  // K distinct experts per token, unevenly; the last expert gets none
+            for (int k = 0; k < K; k++) chosen[n * K + k] = (n * 7 + n / 3 + k) % (E - 1);
+        int *ints = malloc_check((2 * (size_t)NK + E + 1) * sizeof(int));
+        Dispatch d = {ints, ints + NK, ints + 2 * NK};
+        moe_dispatch(&d, chosen, NK, E);
+        float *y = malloc_check((size_t)N * C * 4), *y_ref = malloc_check((size_t)N * C * 4);
+        float *h = malloc_check((size_t)NK * 2 * F * 4), *eout = malloc_check((size_t)NK * C * 4);
+        float *xs = malloc_check((size_t)NK * C * 4), *dxs = malloc_check((size_t)NK * C * 4);
+        float *act = malloc_check((size_t)NK * F * 4), *dact = malloc_check((size_t)NK * F * 4);
+        float *dh = malloc_check((size_t)NK * 2 * F * 4);
+        float *dx = calloc_check((size_t)N * C, 4), *dscore = calloc_check((size_t)N * E, 4);
+        float *dfc1 = calloc_check((size_t)E * 2 * F * C, 4), *dfc2 = calloc_check((size_t)E * C * F, 4);
+        float *dx_ref = calloc_check((size_t)N * C, 4), *dscore_ref = calloc_check((size_t)N * E, 4);
+        float *dfc1_ref = calloc_check((size_t)E * 2 * F * C, 4), *dfc2_ref = calloc_check((size_t)E * C * F, 4);
+        moe_forward(y, h, eout, xs, act, x, score, chosen, &d, fc1, fc2, N, C, F, E, K);
+        moe_forward_naive(y_ref, x, score, chosen, fc1, fc2, N, C, F, E, K);
+        moe_backward(dx, dscore, dfc1, dfc2, xs, dxs, act, dact, dh, dy, h, eout, x, score, chosen, &d, fc1, fc2, N,
+                     C, F, E, K);
+        moe_backward_naive(dx_ref, dscore_ref, dfc1_ref, dfc2_ref, dy, x, score, chosen, fc1, fc2, N, C, F, E, K);
+        const char *names[5] = {"y", "dx", "dscore", "dfc1", "dfc2"};
+        float *got[5] = {y, dx, dscore, dfc1, dfc2}, *ref[5] = {y_ref, dx_ref, dscore_ref, dfc1_ref, dfc2_ref};
+        size_t sizes[5] = {(size_t)N * C, (size_t)N * C, (size_t)N * E, (size_t)E * 2 * F * C, (size_t)E * C * F};
+        for (int i = 0; i < 5; i++) {
+            snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d %s", N, C, F, E, K, names[i]);
+            check(what, got[i], ref[i], flat(sizes[i]), TOL_TWIN);
+        }
+        free(x), free(dy), free(fc1), free(fc2), free(score), free(chosen), free(ints), free(y), free(y_ref);
+        free(h), free(eout), free(xs), free(dxs), free(act), free(dact), free(dh), free(dx), free(dscore);
+        free(dfc1), free(dfc2), free(dx_ref), free(dscore_ref), free(dfc1_ref), free(dfc2_ref);
+    }
+}
+
+/* NormRouter's c from the training program's estimator (100,000 draws, its
+   fixed seed) against long runs of an independent estimator: dev/router_c.py,
+   10^7 draws in numpy; its standard errors are below 0.02%. For E >= 16 the
+   estimate is stable to about 0.1% (SPEC section 3); 0.3% allows for the
+   100,000-draw noise. A wrong norm, a missing relu or a top-K of the wrong
+   size moves c by 10% or more. */
+static void test_router_c(void) {
+    static const struct { int E, K; double c; } ref[] = {ROUTER_C_REFERENCE};
+    char what[96], detail[96];
+    for (size_t i = 0; i < sizeof ref / sizeof *ref; i++) {
+        double c = norm_router_c(ref[i].E, ref[i].K, ROUTER_C_DRAWS, ROUTER_C_SEED);
+        double rel = fabs(c - ref[i].c) / ref[i].c;
+        snprintf(what, sizeof what, "router_c E=%d K=%d", ref[i].E, ref[i].K);
+        snprintf(detail, sizeof detail, "%.5f vs long run %.5f: %.3f%% (tol 0.3%%)", c, ref[i].c, 100 * rel);
+        check_true(what, rel <= 3e-3, detail);
+    }
+}
+
+// A tiny model with random, input-dependent routing.
+static void tiny_model(Model *m, int G, int E, int K, int router, int aux, uint64_t seed) {
+    Config c = {.V = 61, .Vp = 64, .maxT = 16, .L = 4, .C = 32, .NH = 4, .NKV = 2, .F = 24, .G = G, .E = E,
+                .K = K, .router = router, .aux = aux, .alpha = 1e-2f, .norm_eps = 1e-5f, .rope_theta = 100.0f,
+                .router_c = 1.5f, .router_eps = 1e-8f};
+    model_build(m, &c);
+    Rng rng = {seed};
+    for (int i = 0, off = 0; i < NUM_PARAM_TENSORS; off += (int)shape_numel(m->shapes[i]), i++)
+        for (size_t j = 0; j < shape_numel(m->shapes[i]); j++)
+            m->params_memory[off + j] = param_decay[i] ? 0.2f * (float)rng_normal(&rng) : 1.0f + 0.1f * (float)rng_normal(&rng);
+}
+
+static void tiny_tokens(int *tokens, int n, uint64_t seed) {
+    Rng rng = {seed};
+    for (int i = 0; i < n; i++) tokens[i] = (int)(rng_u64(&rng) % 61);
+}
+
+enum { TB = 2, TT = 8 };  // batch and length of the unit checks' micro-batches
+
+/* Fixed points of SPEC section 4. A router that scores every expert 1/E
+   (zero softmax logits) makes each layer's loss alpha E sum_j f_j / E = alpha
+   whatever the counts: aux = L alpha per layer, G alpha per pool. And with
+   G = L the pool loss on current counts is the per-layer loss, term by term. */
+static void test_aux_fixed_points(void) {
+    int tok[2 * TB * TT], in[TB * TT], tg[TB * TT];
+    tiny_tokens(tok, TB * (TT + 1), 5);
+    split_rows(in, tg, tok, TB, TT);
+    static const struct { int G, aux; double want; } cases[] = {{4, AUX_LAYER, 4}, {1, AUX_POOL_CUR, 1}, {2, AUX_POOL_CUR, 2}};
+    char what[96], detail[96];
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        Model m;
+        tiny_model(&m, cases[i].G, 6, 2, ROUTER_SOFTMAX, cases[i].aux, 11);
+        memset(m.params.router, 0, (size_t)m.cfg.L * m.cfg.E * m.cfg.C * sizeof(float));
+        model_forward(&m, in, tg, TB, TT, 1);
+        double want = cases[i].want * m.cfg.alpha, rel = fabs(m.aux - want) / want;
+        snprintf(what, sizeof what, "uniform router G=%d aux=%d", cases[i].G, cases[i].aux);
+        snprintf(detail, sizeof detail, "aux %.8f, want %.8f (%g alpha), rel err %.1e (tol 1e-6)", m.aux, want,
+                 cases[i].want, rel);
+        check_true(what, rel <= 1e-6, detail);
+        model_free(&m);
+    }
+    Model a, b;
+    tiny_model(&a, 4, 6, 2, ROUTER_NORM, AUX_LAYER, 12);
+    tiny_model(&b, 4, 6, 2, ROUTER_NORM, AUX_POOL_CUR, 12);
+    model_forward(&a, in, tg, TB, TT, 1);
+    model_backward(&a, 1.0f);
+    model_forward(&b, in, tg, TB, TT, 1);
+    model_backward(&b, 1.0f);
+    snprintf(detail, sizeof detail, "per-layer %.9f, pool %.9f (must be equal)", a.aux, b.aux);
+    check_true("pool aux, current counts, G=L == per-layer aux", a.aux == b.aux && a.aux > 0, detail);
+    check("pool aux G=L gradient == per-layer gradient", b.grads_memory, a.grads_memory, flat(a.num_params), (Tol){0});
+    model_free(&a);
+    model_free(&b);
+}
+
+/* The stale statistic (aux 2) is the previous *training* micro-batch's: the
+   first micro-batch has no pool loss, and an evaluation pass in between
+   changes nothing. */
+static void test_stale_statistic(void) {
+    int tok[3][TB * (TT + 1)], io[3][2][TB * TT];
+    for (int i = 0; i < 3; i++) {
+        tiny_tokens(tok[i], TB * (TT + 1), 20 + i);
+        split_rows(io[i][0], io[i][1], tok[i], TB, TT);
+    }
+    Model a, b;
+    tiny_model(&a, 1, 8, 1, ROUTER_NORM, AUX_POOL_PREV, 13);
+    tiny_model(&b, 1, 8, 1, ROUTER_NORM, AUX_POOL_PREV, 13);
+    model_forward(&a, io[0][0], io[0][1], TB, TT, 1);
+    char detail[128];
+    snprintf(detail, sizeof detail, "aux %.3g (must be 0)", a.aux);
+    check_true("stale pool aux: first micro-batch has none", a.aux == 0.0, detail);
+    model_forward(&b, io[0][0], io[0][1], TB, TT, 1);
+    model_forward(&a, io[1][0], io[1][1], TB, TT, 0);  // evaluation pass on other data
+    model_forward(&a, io[2][0], io[2][1], TB, TT, 1);
+    model_forward(&b, io[2][0], io[2][1], TB, TT, 1);
+    snprintf(detail, sizeof detail, "with an eval pass between %.9f, without %.9f (must be equal, > 0)", a.aux, b.aux);
+    check_true("stale pool aux: evaluation leaves it alone", a.aux == b.aux && a.aux > 0, detail);
+    model_free(&a);
+    model_free(&b);
+}
+
+/* Every reduction has one owner and a fixed order, so a step gives the same
+   bits on 1 thread and on 2. */
+static void test_thread_determinism(void) {
+#ifdef _OPENMP
+    int tok[2 * TB * (TT + 1)];
+    tiny_tokens(tok, 2 * TB * (TT + 1), 30);
+    float *grads[2];
+    int threads[2] = {1, 2}, saved = omp_get_max_threads();
+    for (int i = 0; i < 2; i++) {
+        Model m;
+        tiny_model(&m, 2, 6, 2, ROUTER_NORM, AUX_POOL_PREV, 14);
+        omp_set_num_threads(threads[i]);
+        step_gradients(&m, tok, 2, TB, TT);
+        grads[i] = copy(m.grads_memory, m.num_params);
+        model_free(&m);
+    }
+    omp_set_num_threads(saved);
+    Model m;
+    tiny_model(&m, 2, 6, 2, ROUTER_NORM, AUX_POOL_PREV, 14);
+    check("step gradient, 2 threads == 1 thread", grads[1], grads[0], flat(m.num_params), (Tol){0});
+    model_free(&m);
+    free(grads[0]);
+    free(grads[1]);
+#endif
+}
+
+int main(int argc, char **argv) {
+    int unreadable = 0;
+    if (argc > 1) {
+        for (int i = 1; i < argc; i++) unreadable |= run_dump(argv[i]) < 0;
+    } else {
+        test_matmul();
+        test_attention();
+        test_moe();
+        test_router_c();
+        test_aux_fixed_points();
+        test_stale_statistic();
+        test_thread_determinism();
+        glob_t g;
+        if (glob(DEFAULT_DUMPS, 0, NULL, &g) != 0 || g.gl_pathc == 0) {
+            printf("UNREADABLE %s: no dumps found; run from the repository root\n", DEFAULT_DUMPS);
+            unreadable = 1;
+        } else {
+            for (size_t i = 0; i < g.gl_pathc; i++) unreadable |= run_dump(g.gl_pathv[i]) < 0;
+        }
+        globfree(&g);
+    }
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return unreadable ? EXIT_USAGE : n_fail ? EXIT_FAILURE : EXIT_SUCCESS;
+}
