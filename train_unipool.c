@@ -114,6 +114,11 @@ static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
 /* File magics, one constant each; the dev/ Python scripts read them from here. */
 #define DUMP_MAGIC 20261125      // reference dump (SPEC section 6)
 #define DUMP_VERSION 1
+#define SHARD_MAGIC 20240520     // llm.c token shard: int32[256] header, then tokens
+#define SHARD_VERSION_U16 1      // tokens are uint16
+#define SHARD_VERSION_U32 7      // tokens are uint32
+#define TOKENIZER_MAGIC 20240328 // llm.c decoding table: uint32[256] header, then (length, bytes) per token
+#define TOKENIZER_VERSION 2
 
 enum { ROUTER_SOFTMAX = 0, ROUTER_NORM = 1 };
 enum { AUX_NONE = 0, AUX_LAYER = 1, AUX_POOL_PREV = 2, AUX_POOL_CUR = 3 };

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Proves the tests can fail: plants one deliberate bug at a time in a copy of
+train_unipool.c, builds test_unipool against it and expects it to report a
+failure (exit 1). A mutant that passes is a hole in the tests.
+
+    python3 dev/mutants.py            # all mutants, from the repository root
+    python3 dev/mutants.py rope       # only those whose name contains "rope"
+
+Standard library only. Each mutant is one exact text replacement that must
+occur exactly once, so a refactor that moves the code fails loudly here
+instead of silently testing nothing.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# (name, text in train_unipool.c, replacement)
+MUTANTS = [
+    # (A shift of every position by one is invisible: RoPE scores depend on t - s only.)
+    ("rope frequency index off by one",
+     "double ang = t * pow((double)theta, -2.0 * i / hd);",
+     "double ang = t * pow((double)theta, -2.0 * (i + 1) / hd);"),
+    ("rope sin sign flipped",
+     "u[i] = a * cs[i] - b * s;",
+     "u[i] = a * cs[i] + b * s;"),
+    ("rope interleaved pairs instead of halves",
+     "float a = u[i], b = u[i + h2], s = dir * sn[i];\n                u[i] = a * cs[i] - b * s;\n                u[i + h2] = a * s + b * cs[i];",
+     "float a = u[2 * i], b = u[2 * i + 1], s = dir * sn[i];\n                u[2 * i] = a * cs[i] - b * s;\n                u[2 * i + 1] = a * s + b * cs[i];"),
+    ("transposed wq",
+     "matmul_forward(q, ln1, p->wq + (size_t)l * Q * C, N, C, Q);",
+     "matmul_forward_naive_t(q, ln1, p->wq + (size_t)l * Q * C, N, C, Q);"),
+    ("gqa heads mapped modulo",
+     "const float *kb = k + (size_t)b * T * ks + (h / grp) * hd;",
+     "const float *kb = k + (size_t)b * T * ks + (h % NKV) * hd;"),
+    ("attention not causal by one",
+     "for (int s = 0; s <= t; s++) {\n                    float sc",
+     "for (int s = 0; s <= t && s < T - 1; s++) {\n                    float sc"),
+    ("rmsnorm without eps",
+     "float r = 1.0f / sqrtf(dot(x, x, C) / C + eps);",
+     "float r = 1.0f / sqrtf(dot(x, x, C) / C + 0.0f * eps);"),
+    ("aux gradient missing",
+     "a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;",
+     "a->dscore[(size_t)n * E + j] = 0.0f;"),
+    ("aux without the factor E",
+     "float coef = active ? (float)(c->alpha * E * fbar / S) : 0.0f;",
+     "float coef = active ? (float)(c->alpha * fbar / S) : 0.0f;"),
+    ("pool aux on current counts instead of stale",
+     "const float *fsrc = c->aux == AUX_POOL_PREV ? m->aux_prev_f : m->aux_f;",
+     "const float *fsrc = m->aux_f;"),
+    ("stale statistic advanced by evaluation",
+     "if (training) {  // evaluation passes leave the stale statistic alone",
+     "if (1) {"),
+    ("pool loss grouped per layer",
+     "int L = c->L, E = c->E, S = c->aux == AUX_LAYER ? 1 : L / c->G;",
+     "int L = c->L, E = c->E, S = 1;"),
+    ("pool index by modulo",
+     "return (size_t)(l / (c->L / c->G)) * c->E;",
+     "return (size_t)(l % c->G) * c->E;"),
+    ("norm router norm detached",
+     "float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;",
+     "float corr = 0.0f * duz;"),
+    ("norm router sigma gradient dropped",
+     "*dsigma += (float)dsig;",
+     "*dsigma += 0.0f * (float)dsig;"),
+    ("gates renormalised over the chosen experts",
+     "axpy(yn, score[(size_t)n * E + chosen[a]], eout + (size_t)d->slot[a] * C, C);",
+     "axpy(yn, score[(size_t)n * E + chosen[a]] / gate_sum(score + (size_t)n * E, chosen + (size_t)n * K, K), eout + (size_t)d->slot[a] * C, C);"),
+    ("top-k ties to the higher index",
+     "if (!taken && (best < 0 || s[j] > s[best])) best = j;",
+     "if (!taken && (best < 0 || s[j] >= s[best])) best = j;"),
+    ("swiglu gate and up swapped",
+     "for (int i = 0; i < F; i++) o[i] = a[i] / (1.0f + expf(-a[i])) * b[i];",
+     "for (int i = 0; i < F; i++) o[i] = b[i] / (1.0f + expf(-b[i])) * a[i];"),
+    ("cross-entropy over the padded vocabulary",
+     "for (int i = 1; i < V; i++) mx = lg[i] > mx ? lg[i] : mx;\n        double sum = 0.0;\n        for (int i = 0; i < V; i++)",
+     "for (int i = 1; i < Vp; i++) mx = lg[i] > mx ? lg[i] : mx;\n        double sum = 0.0;\n        for (int i = 0; i < Vp; i++)"),
+    ("micro-batch gradient not averaged",
+     "model_backward(m, 1.0f / n_micro);",
+     "model_backward(m, 1.0f);"),
+    ("clipping never applied",
+     "if (s < 1.0f)\n            for (size_t i = 0; i < m->num_params; i++) m->grads_memory[i] *= s;",
+     "if (s < 0.0f)\n            for (size_t i = 0; i < m->num_params; i++) m->grads_memory[i] *= s;"),
+    ("weight decay on every tensor",
+     "float decay = param_decay[i] ? 1.0f - lr * o->wd : 1.0f;",
+     "float decay = 1.0f - lr * o->wd;"),
+    ("weight decay never applied",
+     "float decay = param_decay[i] ? 1.0f - lr * o->wd : 1.0f;",
+     "float decay = 1.0f + 0.0f * param_decay[i] * lr * o->wd;"),
+    ("adam without bias correction",
+     "float bc1 = 1.0f - (float)pow(o->b1, m->adam_t), bc2",
+     "float bc1 = 1.0f, bc2"),
+    ("matmul backward tile drops the last row",
+     "for (int i = 0; i < MM_MR; i++) memcpy(c + (size_t)(i0 + i) * J + j0, acc[i], sizeof acc[i]);",
+     "for (int i = 0; i < MM_MR - 1; i++) memcpy(c + (size_t)(i0 + i) * J + j0, acc[i], sizeof acc[i]);"),
+    ("moe scatter to the wrong slot",
+     "for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);",
+     "for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K] * C, C);"),
+]
+
+# Helpers some mutants call, added to the mutated copy only.
+PRELUDE = """
+static void matmul_forward_naive_t(float *out, const float *inp, const float *w, int M, int K, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += inp[(size_t)m * K + k] * w[(size_t)k * N + n];
+            out[(size_t)m * N + n] = s;
+        }
+}
+static float gate_sum(const float *score, const int *chosen, int K) {
+    float s = 0.0f;
+    for (int k = 0; k < K; k++) s += score[chosen[k]];
+    return s > 0.0f ? s : 1.0f;
+}
+"""
+ANCHOR = "// ----------------------------------------------------------------------------\n// Layers."
+
+
+def main():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = open(os.path.join(root, "train_unipool.c")).read()
+    wanted = [m for m in MUTANTS if not sys.argv[1:] or any(a in m[0] for a in sys.argv[1:])]
+    cc = os.environ.get("CC", "gcc")
+    survivors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(os.path.join(root, "test_unipool.c"), tmp)
+        for name, old, new in wanted:
+            if src.count(old) != 1:
+                print(f"STALE   {name}: its text occurs {src.count(old)} times in train_unipool.c; update dev/mutants.py")
+                survivors.append(name)
+                continue
+            mutated = src.replace(old, new).replace(ANCHOR, PRELUDE + ANCHOR, 1)
+            with open(os.path.join(tmp, "train_unipool.c"), "w") as f:
+                f.write(mutated)
+            exe = os.path.join(tmp, "test_unipool")
+            build = subprocess.run([cc, "-O2", "-march=native", "-std=c11", "-D_DEFAULT_SOURCE", "-fopenmp",
+                                    "-ffp-contract=fast", "-w", "-o", exe, os.path.join(tmp, "test_unipool.c"), "-lm"],
+                                   capture_output=True, text=True)
+            if build.returncode:
+                print(f"NOBUILD {name}: {build.stderr.strip().splitlines()[-1]}")
+                survivors.append(name)
+                continue
+            run = subprocess.run([exe], cwd=root, capture_output=True, text=True, timeout=600)
+            failed = [l.split()[2] if l.startswith("NOT OK") else l for l in run.stdout.splitlines()
+                      if l.startswith("NOT OK")]
+            if run.returncode == 1:
+                print(f"caught  {name}: {len(failed)} checks failed, first: {' '.join(failed[:3])}")
+            else:
+                print(f"MISSED  {name}: test exit {run.returncode}")
+                survivors.append(name)
+    print(f"{len(wanted) - len(survivors)} of {len(wanted)} mutants caught")
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
