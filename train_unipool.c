@@ -23,7 +23,9 @@ Short names, the same everywhere:
   E experts per pool (= router candidates), K experts per token, V vocab,
   Vp padded vocab. Every tensor comment gives its shape in these names.
 */
+#define _POSIX_C_SOURCE 200809L  // glob, fsync, mkdir
 #include <errno.h>
+#include <glob.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -31,6 +33,9 @@ Short names, the same everywhere:
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -103,9 +108,11 @@ static uint64_t rng_u64(Rng *r) {
 
 static double rng_uniform(Rng *r) { return (double)(rng_u64(r) >> 11) * 0x1.0p-53; }  // [0, 1)
 
+#define PI 3.14159265358979323846
+
 static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
     double u = 1.0 - rng_uniform(r), w = rng_uniform(r);
-    return sqrt(-2.0 * log(u)) * cos(2.0 * M_PI * w);
+    return sqrt(-2.0 * log(u)) * cos(2.0 * PI * w);
 }
 
 // ----------------------------------------------------------------------------
@@ -119,6 +126,8 @@ static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
 #define SHARD_VERSION_U32 7      // tokens are uint32
 #define TOKENIZER_MAGIC 20240328 // llm.c decoding table: uint32[256] header, then (length, bytes) per token
 #define TOKENIZER_VERSION 2
+#define CKPT_MAGIC 20261127      // checkpoint (see "Checkpoints" below)
+#define CKPT_VERSION 1
 
 enum { ROUTER_SOFTMAX = 0, ROUTER_NORM = 1 };
 enum { AUX_NONE = 0, AUX_LAYER = 1, AUX_POOL_PREV = 2, AUX_POOL_CUR = 3 };
@@ -158,7 +167,7 @@ typedef struct {
 } ParamTensors;
 
 #define X_NAME(name, ...) #name,
-static const char *const param_names[NUM_PARAM_TENSORS] = {PARAM_TABLE(X_NAME, 0)};
+__attribute__((unused)) static const char *const param_names[NUM_PARAM_TENSORS] = {PARAM_TABLE(X_NAME, 0)};
 #undef X_NAME
 #define X_DECAY(name, decay, ...) decay,
 static const int param_decay[NUM_PARAM_TENSORS] = {PARAM_TABLE(X_DECAY, 0)};
@@ -273,82 +282,86 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
     }
 }
 
-/* Matrix multiply, the layout of nn.Linear: out (M,N) = inp (M,K) W^T with
-   W (N,K). The forward is a tile of dot products (both operands run along
-   K); the two backward products are tiles of row updates (rows of W or of
-   inp run along the output). Each output element has one owner and a fixed
-   summation order, so results do not depend on the thread count. */
+/* Matrix multiply. Every product in the model is C (M,N) = [C +] A (M,K) B (K,N)
+   with A and B read through strides, so one kernel serves the forward
+   (out = inp W^T, W as nn.Linear stores it) and both backward products.
+   It is the classic cache-blocked GEMM: a KC x NC block of B and the KC-deep
+   slices of A are packed into contiguous panels, and a register tile of
+   GM_MR x GM_NR outputs runs over each panel pair. The sum over K always runs
+   in the same order and each output has one owner, so the result does not
+   depend on the thread count. */
 
-#define MM_MR 4   // rows of inp per forward tile
-#define MM_NR 4   // rows of W per forward tile
-#define MM_KC 64  // output columns held in registers by the backward tile
+#define GM_MR 4      // register tile: rows of A
+#define GM_NR 24     // register tile: columns of B (three 8-float vectors)
+#define GM_KC 256    // depth of a packed block: an A panel stays in L1, a B panel in L2
+#define GM_NC 3072   // columns of B packed at once
 
+typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
+
+static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only scratch for the packed panels
+    if (n > *cap) {
+        free(*buf);
+        *buf = malloc_check(n * sizeof(float));
+        *cap = n;
+    }
+    return *buf;
+}
+
+static void gemm(float *C, Mat A, Mat B, int M, int N, int K, int add) {
+    static float *apack, *bpack;
+    static size_t acap, bcap;
+    int mp = (M + GM_MR - 1) / GM_MR;  // row panels of A
+    float *ap = gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * GM_KC);
+    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(GM_NC + GM_NR) * GM_KC);
+    for (int n0 = 0; n0 < N; n0 += GM_NC) {
+        int nc = N - n0 < GM_NC ? N - n0 : GM_NC, np = (nc + GM_NR - 1) / GM_NR;
+        for (int k0 = 0; k0 < K; k0 += GM_KC) {
+            int kc = K - k0 < GM_KC ? K - k0 : GM_KC, accumulate = add || k0 > 0;
+            // pack: B panel j holds (k, j0 + 0..NR) k-major; A panel i holds (i0 + 0..MR, k) k-major; zero-padded
+#pragma omp parallel for schedule(static)
+            for (int j = 0; j < np; j++)
+                for (int k = 0; k < kc; k++)
+                    for (int jj = 0; jj < GM_NR; jj++) {
+                        int col = n0 + j * GM_NR + jj;
+                        bp[((size_t)j * kc + k) * GM_NR + jj] = col < n0 + nc ? B.p[(size_t)(k0 + k) * B.rs + (size_t)col * B.cs] : 0.0f;
+                    }
+#pragma omp parallel for schedule(static)
+            for (int i = 0; i < mp; i++)
+                for (int k = 0; k < kc; k++)
+                    for (int ii = 0; ii < GM_MR; ii++) {
+                        int row = i * GM_MR + ii;
+                        ap[((size_t)i * kc + k) * GM_MR + ii] = row < M ? A.p[(size_t)row * A.rs + (size_t)(k0 + k) * A.cs] : 0.0f;
+                    }
+            // tiles: B panels outer, so each thread keeps its B panel hot while A panels stream past
+#pragma omp parallel for schedule(static)
+            for (int t = 0; t < np * mp; t++) {
+                int j = t / mp, i = t % mp;
+                const float *a = ap + (size_t)i * kc * GM_MR, *b = bp + (size_t)j * kc * GM_NR;
+                float acc[GM_MR][GM_NR] = {{0}};
+                for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR)
+                    for (int ii = 0; ii < GM_MR; ii++)
+                        for (int jj = 0; jj < GM_NR; jj++) acc[ii][jj] += a[ii] * b[jj];
+                int r0 = i * GM_MR, c0 = n0 + j * GM_NR;
+                int mr = M - r0 < GM_MR ? M - r0 : GM_MR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
+                for (int ii = 0; ii < mr; ii++) {
+                    float *c = C + (size_t)(r0 + ii) * N + c0;
+                    for (int jj = 0; jj < nr; jj++) c[jj] = accumulate ? c[jj] + acc[ii][jj] : acc[ii][jj];
+                }
+            }
+        }
+    }
+}
+
+// out (M,N) = inp (M,K) W^T, W (N,K): the forward of a linear map
 static void matmul_forward(float *out, const float *inp, const float *w, int M, int K, int N) {
-    // out (M,N), inp (M,K), w (N,K)
-    int mt = (M + MM_MR - 1) / MM_MR, nt = (N + MM_NR - 1) / MM_NR;
-#pragma omp parallel for schedule(static)
-    for (int tile = 0; tile < mt * nt; tile++) {
-        int m0 = (tile / nt) * MM_MR, n0 = (tile % nt) * MM_NR;
-        if (m0 + MM_MR > M || n0 + MM_NR > N) {  // ragged edge
-            for (int m = m0; m < M && m < m0 + MM_MR; m++)
-                for (int n = n0; n < N && n < n0 + MM_NR; n++)
-                    out[(size_t)m * N + n] = dot(inp + (size_t)m * K, w + (size_t)n * K, K);
-            continue;
-        }
-        const float *a[MM_MR], *b[MM_NR];
-        for (int i = 0; i < MM_MR; i++) a[i] = inp + (size_t)(m0 + i) * K;
-        for (int j = 0; j < MM_NR; j++) b[j] = w + (size_t)(n0 + j) * K;
-        float acc[MM_MR][MM_NR][16] = {{{0}}};
-        int k = 0;
-        for (; k + 16 <= K; k += 16)
-            for (int i = 0; i < MM_MR; i++)
-                for (int j = 0; j < MM_NR; j++)
-                    for (int l = 0; l < 16; l++) acc[i][j][l] += a[i][k + l] * b[j][k + l];
-        for (int i = 0; i < MM_MR; i++)
-            for (int j = 0; j < MM_NR; j++) {
-                float s = 0.0f;
-                for (int kk = k; kk < K; kk++) s += a[i][kk] * b[j][kk];
-                for (int l = 0; l < 16; l++) s += acc[i][j][l];
-                out[(size_t)(m0 + i) * N + n0 + j] = s;
-            }
-    }
+    gemm(out, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
 }
 
-/* c (I,J) += sum_p a(i,p) b(p,:), with a(i,p) = a[i*ai + p*ap] and b rows of
-   stride ldb. Both backward products are this shape:
-     dinp (M,K) += dout (M,N) W (N,K):     i = m, p = n
-     dW   (N,K) += dout^T (N,M) inp (M,K): i = n, p = m                     */
-static void matmul_rows(float *c, const float *a, size_t ai, size_t ap, const float *b, int ldb, int I,
-                        int J, int P) {
-    int it = (I + MM_MR - 1) / MM_MR, jt = (J + MM_KC - 1) / MM_KC;
-#pragma omp parallel for schedule(static)
-    for (int tile = 0; tile < it * jt; tile++) {
-        int i0 = (tile / jt) * MM_MR, j0 = (tile % jt) * MM_KC;
-        int ni = I - i0 < MM_MR ? I - i0 : MM_MR, nj = J - j0 < MM_KC ? J - j0 : MM_KC;
-        if (ni < MM_MR || nj < MM_KC) {  // ragged edge
-            for (int i = i0; i < i0 + ni; i++)
-                for (int p = 0; p < P; p++)
-                    axpy(c + (size_t)i * J + j0, a[i * ai + p * ap], b + (size_t)p * ldb + j0, nj);
-            continue;
-        }
-        float acc[MM_MR][MM_KC];
-        for (int i = 0; i < MM_MR; i++) memcpy(acc[i], c + (size_t)(i0 + i) * J + j0, sizeof acc[i]);
-        for (int p = 0; p < P; p++) {
-            const float *bp = b + (size_t)p * ldb + j0;
-            for (int i = 0; i < MM_MR; i++) {
-                float av = a[(i0 + i) * ai + p * ap];
-                for (int j = 0; j < MM_KC; j++) acc[i][j] += av * bp[j];
-            }
-        }
-        for (int i = 0; i < MM_MR; i++) memcpy(c + (size_t)(i0 + i) * J + j0, acc[i], sizeof acc[i]);
-    }
-}
-
+// dinp (M,K) += dout (M,N) W (may be NULL); dW (N,K) += dout^T inp
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                             int M, int K, int N) {
-    // dinp (M,K) += (may be NULL), dw (N,K) +=, dout (M,N), inp (M,K), w (N,K)
-    if (dinp) matmul_rows(dinp, dout, (size_t)N, 1, w, K, M, K, N);
-    matmul_rows(dw, dout, 1, (size_t)N, inp, K, N, K, M);
+    if (dinp) gemm(dinp, (Mat){dout, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
+    gemm(dw, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
 }
 
 // The naive twins the tests hold the fast kernels to.
@@ -1258,26 +1271,829 @@ static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm
 }
 
 // ----------------------------------------------------------------------------
-// main
+// Data: llm.c token shards. A shard is an int32[256] header (SHARD_MAGIC,
+// version, token count) and then the tokens, uint16 (version 1) or uint32
+// (version 7). A row is T+1 consecutive tokens (inputs and their targets);
+// shard s has rows [r T, r T + T + 1) for r < (count - 1) / T.
+//
+// Training visits shards in a seeded random order each epoch and the rows of
+// each shard in a seeded random order; evaluation reads rows in file order.
+// The position (epoch, shard, row) is three integers, so a checkpoint can
+// put the loader back exactly where it was.
+
+typedef struct {
+    glob_t files;
+    size_t *count;        // (n) tokens in each shard
+    int *version;         // (n)
+    int n, T, V, shuffle;
+    uint64_t seed;
+    int64_t epoch, shard, row;  // position: the next row is row_order[row] of shard_order[shard]
+    int *shard_order;     // (n) this epoch's shard order
+    int64_t *row_order;   // (rows) the current shard's row order
+    int64_t rows;         // rows in the current shard
+    int loaded;           // shard index held in tokens, or -1
+    int *tokens;          // (count) the current shard
+} DataLoader;
+
+static uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {
+    Rng r = {a * 0x9e3779b97f4a7c15ULL ^ b * 0xc2b2ae3d27d4eb4fULL ^ c};
+    return rng_u64(&r);
+}
+
+static void shuffle_ints(int64_t *x, int64_t n, uint64_t seed) {  // Fisher-Yates
+    Rng r = {seed};
+    for (int64_t i = n - 1; i > 0; i--) {
+        int64_t j = (int64_t)(rng_u64(&r) % (uint64_t)(i + 1)), t = x[i];
+        x[i] = x[j];
+        x[j] = t;
+    }
+}
+
+// Reads and checks a shard's header; returns its token count. what names the flag it came from.
+static size_t shard_header(const char *path, int *version, const char *what) {
+    FILE *f = fopen_check(path, "rb");
+    int32_t h[256];
+    if (fread(h, sizeof h, 1, f) != 1)
+        fail("%s shard '%s' is shorter than its 1024-byte header; re-create it with prepro_pile.py", what, path);
+    if (h[0] != SHARD_MAGIC)
+        fail("%s '%s' is not a token shard (magic %d, want %d); pass shards written by prepro_pile.py", what,
+             path, h[0], SHARD_MAGIC);
+    if (h[1] != SHARD_VERSION_U16 && h[1] != SHARD_VERSION_U32)
+        fail("%s shard '%s' has version %d; this program reads versions %d (uint16) and %d (uint32)", what, path,
+             h[1], SHARD_VERSION_U16, SHARD_VERSION_U32);
+    if (h[2] < 0) fail("%s shard '%s' has a negative token count; re-create it", what, path);
+    size_t count = (size_t)h[2], width = h[1] == SHARD_VERSION_U16 ? 2 : 4;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fclose(f);
+    if (size < 0 || (size_t)size != 1024 + count * width)
+        fail("%s shard '%s' is %ld bytes, its header says %zu (%zu tokens); it is truncated or damaged, re-create it",
+             what, path, size, 1024 + count * width, count);
+    *version = h[1];
+    return count;
+}
+
+static void loader_init(DataLoader *d, const char *pattern, int T, int V, int shuffle, uint64_t seed,
+                        const char *what) {
+    memset(d, 0, sizeof *d);
+    if (glob(pattern, 0, NULL, &d->files) != 0 || d->files.gl_pathc == 0)
+        fail("%s: no files match '%s'; run 'make data' or pass shards written by prepro_pile.py", what, pattern);
+    d->n = (int)d->files.gl_pathc;
+    d->T = T, d->V = V, d->shuffle = shuffle, d->seed = seed, d->loaded = -1;
+    d->count = malloc_check(d->n * sizeof(size_t));
+    d->version = malloc_check(d->n * sizeof(int));
+    d->shard_order = malloc_check(d->n * sizeof(int));
+    for (int i = 0; i < d->n; i++) {
+        d->count[i] = shard_header(d->files.gl_pathv[i], &d->version[i], what);
+        if (d->count[i] < (size_t)T + 1)
+            fail("%s shard '%s' holds %zu tokens, fewer than one row of T+1 = %d; use a smaller -t", what,
+                 d->files.gl_pathv[i], d->count[i], T + 1);
+    }
+}
+
+static void loader_free(DataLoader *d) {
+    globfree(&d->files);
+    free(d->count);
+    free(d->version);
+    free(d->shard_order);
+    free(d->row_order);
+    free(d->tokens);
+}
+
+static void loader_load_shard(DataLoader *d, int s) {
+    if (d->loaded == s) return;
+    const char *path = d->files.gl_pathv[s];
+    size_t n = d->count[s], width = d->version[s] == SHARD_VERSION_U16 ? 2 : 4;
+    FILE *f = fopen_check(path, "rb");
+    fseek(f, 1024, SEEK_SET);
+    free(d->tokens);
+    d->tokens = malloc_check(n * sizeof(int));
+    void *raw = malloc_check(n * width);
+    fread_check(raw, width, n, f, path);
+    fclose(f);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t t = width == 2 ? ((uint16_t *)raw)[i] : ((uint32_t *)raw)[i];
+        if (t >= (uint32_t)d->V)
+            fail("shard '%s': token %u at index %zu is >= the vocabulary size %d; the shard was made with another "
+                 "tokenizer", path, t, i, d->V);
+        d->tokens[i] = (int)t;
+    }
+    free(raw);
+    d->loaded = s;
+}
+
+// Puts the loader at (epoch, shard, row): derives the orders from the seed, loads the shard.
+static void loader_seek(DataLoader *d, int64_t epoch, int64_t shard, int64_t row) {
+    d->epoch = epoch, d->shard = shard, d->row = row;
+    int64_t order[d->n];
+    for (int i = 0; i < d->n; i++) order[i] = i;
+    if (d->shuffle) shuffle_ints(order, d->n, mix_seed(d->seed, (uint64_t)epoch, 0xda7a));
+    for (int i = 0; i < d->n; i++) d->shard_order[i] = (int)order[i];
+    int s = d->shard_order[shard];
+    loader_load_shard(d, s);
+    d->rows = (int64_t)((d->count[s] - 1) / d->T);
+    free(d->row_order);
+    d->row_order = malloc_check(d->rows * sizeof(int64_t));
+    for (int64_t r = 0; r < d->rows; r++) d->row_order[r] = r;
+    if (d->shuffle) shuffle_ints(d->row_order, d->rows, mix_seed(d->seed, (uint64_t)epoch, (uint64_t)s + 1));
+}
+
+// The next B rows of T+1 tokens: out (B,T+1).
+static void loader_next(DataLoader *d, int *out, int B) {
+    if (d->loaded < 0) loader_seek(d, d->epoch, d->shard, d->row);
+    for (int b = 0; b < B; b++) {
+        if (d->row == d->rows) {  // shard done: next shard, or next epoch
+            int64_t shard = d->shard + 1, epoch = d->epoch;
+            if (shard == d->n) shard = 0, epoch++;
+            loader_seek(d, epoch, shard, 0);
+        }
+        memcpy(out + (size_t)b * (d->T + 1), d->tokens + d->row_order[d->row] * d->T, (d->T + 1) * sizeof(int));
+        d->row++;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer decoding table (llm.c format): uint32[256] header (TOKENIZER_MAGIC,
+// version 2, vocabulary size, end-of-text id), then per token a uint8 length
+// and that many bytes. Used to print samples; prepro_pile.py writes it.
+
+typedef struct {
+    int n, eot;
+    char **piece;  // (n) NUL-terminated byte strings
+} Tokenizer;
+
+static int tokenizer_load(Tokenizer *t, const char *path) {  // 0 on success, -1 if absent
+    memset(t, 0, sizeof *t);
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    uint32_t h[256];
+    fread_check(h, sizeof(uint32_t), 256, f, path);
+    if (h[0] != TOKENIZER_MAGIC || h[1] != TOKENIZER_VERSION || h[2] == 0 || h[2] > (1u << 24) || h[3] >= h[2])
+        fail("'%s' is not a version %d tokenizer table (magic %u, version %u); re-create it with prepro_pile.py",
+             path, TOKENIZER_VERSION, h[0], h[1]);
+    t->n = (int)h[2], t->eot = (int)h[3];
+    t->piece = malloc_check(t->n * sizeof(char *));
+    for (int i = 0; i < t->n; i++) {
+        unsigned char len;
+        fread_check(&len, 1, 1, f, path);
+        t->piece[i] = malloc_check(len + 1u);
+        fread_check(t->piece[i], 1, len, f, path);
+        t->piece[i][len] = '\0';
+    }
+    fclose(f);
+    return 0;
+}
+
+static void tokenizer_free(Tokenizer *t) {
+    for (int i = 0; i < t->n; i++) free(t->piece[i]);
+    free(t->piece);
+}
+
+// Prints a token's bytes, leaving out control bytes other than newline and tab.
+static void tokenizer_print(const Tokenizer *t, int id) {
+    if (!t->piece || id < 0 || id >= t->n) {
+        printf("<%d>", id);
+        return;
+    }
+    for (const unsigned char *p = (const unsigned char *)t->piece[id]; *p; p++)
+        if (*p >= 32 || *p == '\n' || *p == '\t') putchar(*p);
+}
+
+// ----------------------------------------------------------------------------
+// Training configuration: what the flags set. Checkpoints store it, so that
+// -r continues a run as it was started.
+
+typedef struct {
+    int B, T, n_micro, steps, warmup, val_every, val_batches, sample_every, gen_tokens, ckpt_every, keep;
+    uint64_t seed;
+    float lr_floor;  // the cosine schedule ends at lr * lr_floor
+    OptConfig opt;
+} TrainConfig;
+
+// Linear warmup over `warmup` steps, then cosine decay to lr * lr_floor at the last step.
+static float lr_at(const TrainConfig *tc, int step) {
+    float lr = tc->opt.lr, lo = lr * tc->lr_floor;
+    if (step < tc->warmup) return lr * (step + 1) / tc->warmup;
+    if (tc->steps <= tc->warmup + 1) return lr;
+    double frac = (double)(step - tc->warmup) / (tc->steps - 1 - tc->warmup);
+    return lo + (float)(0.5 * (1.0 + cos(PI * frac))) * (lr - lo);
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints. Little-endian, in this order:
+//   int32[256]  header: [0] CKPT_MAGIC, [1] CKPT_VERSION, [2] 1 if the training
+//               state follows the parameters, [3..15] V Vp maxT L C NH NKV F G
+//               E K router aux, [16..26] B T n_micro steps warmup val_every
+//               val_batches sample_every gen_tokens ckpt_every keep,
+//               [27] steps done, [28] AdamW steps, [29] stale statistic valid
+//   float[64]   [0..4] alpha norm_eps rope_theta router_c router_eps,
+//               [5..11] lr b1 b2 eps wd clip lr_floor
+//   uint64[32]  [0] seed, [1..3] loader epoch, shard, row, [4] sampler state
+//   float[P]    parameters, in the order of PARAM_TABLE
+// and, with the training state: float[P] AdamW m, float[P] AdamW v,
+// float[L*E] the stale pool statistic (f of the last training micro-batch).
+// Saved to NAME.tmp, flushed, fsynced and renamed over NAME: an interrupted
+// save leaves the previous checkpoint whole.
+
+typedef struct {
+    int step;              // steps done
+    DataLoader *loader;    // train loader whose position is saved (NULL: none)
+    uint64_t sampler;      // state of the sampling RNG
+} TrainState;
+
+static void header_put_config(int32_t *h, float *hp, const Config *c) {
+    int32_t v[] = {c->V, c->Vp, c->maxT, c->L, c->C, c->NH, c->NKV, c->F, c->G, c->E, c->K, c->router, c->aux};
+    memcpy(h + 3, v, sizeof v);
+    float f[] = {c->alpha, c->norm_eps, c->rope_theta, c->router_c, c->router_eps};
+    memcpy(hp, f, sizeof f);
+}
+
+static Config header_get_config(const int32_t *h, const float *hp) {
+    return (Config){.V = h[3], .Vp = h[4], .maxT = h[5], .L = h[6], .C = h[7], .NH = h[8], .NKV = h[9],
+                    .F = h[10], .G = h[11], .E = h[12], .K = h[13], .router = h[14], .aux = h[15],
+                    .alpha = hp[0], .norm_eps = hp[1], .rope_theta = hp[2], .router_c = hp[3], .router_eps = hp[4]};
+}
+
+static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwrite(p, size, n, f) == n; }
+
+static void checkpoint_save(const char *path, const Model *m, const TrainConfig *tc, const TrainState *st) {
+    int32_t h[256] = {CKPT_MAGIC, CKPT_VERSION, st != NULL};
+    float hp[64] = {0};
+    uint64_t h64[32] = {0};
+    header_put_config(h, hp, &m->cfg);
+    int32_t t[] = {tc->B, tc->T, tc->n_micro, tc->steps, tc->warmup, tc->val_every, tc->val_batches,
+                   tc->sample_every, tc->gen_tokens, tc->ckpt_every, tc->keep};
+    memcpy(h + 16, t, sizeof t);
+    float o[] = {tc->opt.lr, tc->opt.b1, tc->opt.b2, tc->opt.eps, tc->opt.wd, tc->opt.clip, tc->lr_floor};
+    memcpy(hp + 5, o, sizeof o);
+    h64[0] = tc->seed;
+    if (st) {
+        h[27] = st->step, h[28] = m->adam_t, h[29] = m->aux_prev_valid;
+        if (st->loader) h64[1] = (uint64_t)st->loader->epoch, h64[2] = (uint64_t)st->loader->shard, h64[3] = (uint64_t)st->loader->row;
+        h64[4] = st->sampler;
+    }
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) fail("checkpoint path '%s' is too long", path);
+    FILE *f = fopen_check(tmp, "wb");
+    size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
+    int ok = write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) && write_all(f, h64, sizeof h64, 1) &&
+             write_all(f, m->params_memory, sizeof(float), P);
+    if (st && ok) {
+        float *zeros = m->m_memory ? NULL : calloc_check(P, sizeof(float));  // before the first update
+        ok = write_all(f, m->m_memory ? m->m_memory : zeros, sizeof(float), P) &&
+             write_all(f, m->v_memory ? m->v_memory : zeros, sizeof(float), P) &&
+             write_all(f, m->aux_prev_f, sizeof(float), LE);
+        free(zeros);
+    }
+    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    int err = errno;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        if (ok) err = errno;
+        remove(tmp);
+        fail("cannot write checkpoint '%s': %s; free disk space or choose another -O (the previous checkpoint "
+             "is untouched)", path, strerror(err));
+    }
+}
+
+// What a checkpoint's header says.
+typedef struct {
+    Config cfg;
+    TrainConfig tc;
+    int has_state, step, adam_t, aux_prev_valid;
+    uint64_t epoch, shard, row, sampler;
+} CheckpointHeader;
+
+static FILE *checkpoint_open(const char *path, CheckpointHeader *ck) {
+    FILE *f = fopen_check(path, "rb");
+    int32_t h[256];
+    float hp[64];
+    uint64_t h64[32];
+    if (fread(h, sizeof h, 1, f) != 1 || fread(hp, sizeof hp, 1, f) != 1 || fread(h64, sizeof h64, 1, f) != 1)
+        fail("checkpoint '%s' is shorter than its header; it is truncated, use an earlier checkpoint", path);
+    if (h[0] != CKPT_MAGIC)
+        fail("'%s' is not a unipool checkpoint (magic %d, want %d)", path, h[0], CKPT_MAGIC);
+    if (h[1] != CKPT_VERSION)
+        fail("checkpoint '%s' has version %d; this program reads version %d", path, h[1], CKPT_VERSION);
+    memset(ck, 0, sizeof *ck);
+    ck->cfg = header_get_config(h, hp);
+    const char *err = config_error(&ck->cfg);
+    if (err) fail("checkpoint '%s' holds a bad configuration (%s); it is damaged", path, err);
+    ck->tc = (TrainConfig){.B = h[16], .T = h[17], .n_micro = h[18], .steps = h[19], .warmup = h[20],
+                           .val_every = h[21], .val_batches = h[22], .sample_every = h[23], .gen_tokens = h[24],
+                           .ckpt_every = h[25], .keep = h[26], .seed = h64[0], .lr_floor = hp[11],
+                           .opt = {.lr = hp[5], .b1 = hp[6], .b2 = hp[7], .eps = hp[8], .wd = hp[9], .clip = hp[10]}};
+    ck->has_state = h[2], ck->step = h[27], ck->adam_t = h[28], ck->aux_prev_valid = h[29];
+    ck->epoch = h64[1], ck->shard = h64[2], ck->row = h64[3], ck->sampler = h64[4];
+    Shape shapes[NUM_PARAM_TENSORS];
+    param_shapes(shapes, &ck->cfg);
+    double P = 0.0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shape_numel(shapes[i]);
+    double want = 1024.0 + 256 + 256 + 4.0 * P * (ck->has_state ? 3 : 1) +
+                  (ck->has_state ? 4.0 * ck->cfg.L * ck->cfg.E : 0.0);
+    long pos = ftell(f);
+    fseek(f, 0, SEEK_END);
+    double have = (double)ftell(f);
+    fseek(f, pos, SEEK_SET);
+    if (have != want)
+        fail("checkpoint '%s' is %.0f bytes, its header implies %.0f; it is truncated or damaged, use an earlier one",
+             path, have, want);
+    return f;
+}
+
+// Reads the parameters (and with the state, AdamW and the stale statistic) into m, built from ck->cfg.
+static void checkpoint_read_body(FILE *f, const char *path, Model *m, const CheckpointHeader *ck) {
+    size_t P = m->num_params;
+    fread_check(m->params_memory, sizeof(float), P, f, path);
+    if (ck->has_state) {
+        m->m_memory = malloc_check(P * sizeof(float));
+        m->v_memory = malloc_check(P * sizeof(float));
+        fread_check(m->m_memory, sizeof(float), P, f, path);
+        fread_check(m->v_memory, sizeof(float), P, f, path);
+        fread_check(m->aux_prev_f, sizeof(float), (size_t)m->cfg.L * m->cfg.E, f, path);
+        m->adam_t = ck->adam_t;
+        m->aux_prev_valid = ck->aux_prev_valid;
+    }
+}
+
+// Loads a model (parameters, and training state if present) from a checkpoint.
+static void checkpoint_load_model(Model *m, CheckpointHeader *ck, const char *path) {
+    FILE *f = checkpoint_open(path, ck);
+    model_build(m, &ck->cfg);
+    checkpoint_read_body(f, path, m, ck);
+    fclose(f);
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation and sampling, shared by the training program and infer_unipool.c
+
+/* Mean CE over `batches` batches of B rows from the start of a loader (an
+   evaluation pass: the stale pool statistic is untouched). If pool_counts
+   (G*E) is given, adds how many (token, slot) assignments each expert of
+   the buffer received, over all layers. */
+static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *pool_counts) {
+    const Config *c = &m->cfg;
+    int T = d->T, N = B * T;
+    int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
+    loader_seek(d, 0, 0, 0);
+    double loss = 0.0;
+    for (int i = 0; i < batches; i++) {
+        loader_next(d, rows, B);
+        split_rows(io, io + N, rows, B, T);
+        model_forward(m, io, io + N, B, T, 0);
+        loss += m->ce;
+        for (int l = 0; pool_counts && l < c->L; l++) {
+            const int *off = m->acts.offset + (size_t)l * (c->E + 1);
+            for (int j = 0; j < c->E; j++) pool_counts[layer_first_expert(c, l) + j] += (uint64_t)(off[j + 1] - off[j]);
+        }
+    }
+    free(rows);
+    free(io);
+    return loss / batches;
+}
+
+// Samples from softmax(logits[0:V] / temperature); temperature 0 takes the argmax.
+static int sample_token(const float *logits, int V, float temperature, Rng *rng) {
+    int best = 0;
+    for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
+    if (temperature <= 0.0f) return best;
+    double sum = 0.0, u;
+    for (int i = 0; i < V; i++) sum += exp((logits[i] - logits[best]) / temperature);
+    u = rng_uniform(rng) * sum;
+    for (int i = 0; i < V; i++) {
+        u -= exp((logits[i] - logits[best]) / temperature);
+        if (u <= 0.0) return i;
+    }
+    return V - 1;
+}
+
+// ----------------------------------------------------------------------------
+// The training program
+
+typedef struct {
+    const char *name;
+    int L, C, NH, NKV, F;
+} Preset;
+
+/* The paper's scales (named by active parameters with K = 1) and a tiny one
+   for CPU experiments. Vanilla MoE gives each layer 8 experts; UniPool's
+   pool holds 8 L (fewer with -e: a reduced pool). */
+static const Preset presets[] = {
+    {"tiny", 4, 128, 4, 2, 512},
+    {"182m", 12, 768, 12, 4, 3072},
+    {"469m", 24, 1024, 16, 4, 4096},
+    {"650m", 24, 1280, 20, 4, 5120},
+    {"830m", 24, 1536, 24, 4, 6144},
+    {"978m", 28, 1536, 24, 4, 6144},
+};
+
+static void usage(void) {
+    printf(
+        "usage: ./train_unipool [-flag value ...]\n"
+        "data\n"
+        "  -i  train shard glob                  (data/sotu/sotu_train_*.bin)\n"
+        "  -j  val shard glob                    (data/sotu/sotu_val_*.bin)\n"
+        "  -z  tokenizer table, for samples      (data/sotu/gpt2_tokenizer.bin)\n"
+        "model\n"
+        "  -p  preset: tiny 182m 469m 650m 830m 978m (tiny)\n"
+        "  -L -C -NH -NKV -F  override the preset: layers, channels, query heads, kv heads, expert hidden\n"
+        "  -o  ownership: layer (vanilla MoE) or pool (UniPool)   (pool)\n"
+        "  -g  number of pools G, dividing L (overrides -o): grouped pools\n"
+        "  -e  experts per pool E               (8 per layer the pool serves: 8 for layer, 8L for pool)\n"
+        "  -k  experts per token K              (1)\n"
+        "  -R  router: softmax or norm          (softmax for layer, norm for pools)\n"
+        "  -a  aux loss: none, layer, pool (previous micro-batch's counts, the paper's), poolcur\n"
+        "                                       (layer for layer, pool for pools)\n"
+        "  -A  aux coefficient alpha            (0.01)\n"
+        "  -M  maxT, longest sequence           (1024)\n"
+        "training\n"
+        "  -b  batch size B                     (16)\n"
+        "  -t  sequence length T                (128)\n"
+        "  -m  micro-batches per step           (1)\n"
+        "  -n  steps                            (1000)\n"
+        "  -l  peak learning rate               (6e-4)\n"
+        "  -w  warmup steps                     (100)\n"
+        "  -f  final lr as a fraction of peak   (0.1)\n"
+        "  -d  weight decay                     (0.1)\n"
+        "  -b1 -b2 -ae  AdamW betas and eps     (0.9 0.95 1e-8)\n"
+        "  -c  gradient clip, 0 = off           (1.0)\n"
+        "  -s  seed                             (1337)\n"
+        "  -v  val every N steps, 0 = never     (100)\n"
+        "  -V  val batches                      (20)\n"
+        "  -S  sample every N steps, 0 = never  (200)\n"
+        "  -G  tokens per sample                (64)\n"
+        "  -K  checkpoint every N steps, 0 = end only (500)\n"
+        "  -N  checkpoints kept                 (2)\n"
+        "  -O  output dir: checkpoints and log.jsonl (out)\n"
+        "  -r  resume from a checkpoint, or 'latest' in -O\n"
+        "  -T  threads                          (all)\n"
+        "  -h  this help\n");
+}
+
+__attribute__((format(printf, 1, 2), noreturn))
+static void usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs("; run with -h for help\n", stderr);
+    va_end(ap);
+    exit(EXIT_USAGE);
+}
+
+static long parse_int(const char *flag, const char *v, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || end == v || x < lo || x > hi)
+        usage_error("bad value '%s' for %s: want a whole number in [%ld, %ld]", v, flag, lo, hi);
+    return x;
+}
+
+static float parse_float(const char *flag, const char *v, double lo, double hi) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || *end || end == v || !(x >= lo && x <= hi))
+        usage_error("bad value '%s' for %s: want a number in [%g, %g]", v, flag, lo, hi);
+    return (float)x;
+}
+
+static int parse_choice(const char *flag, const char *v, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v, names[i])) return i;
+    usage_error("bad value '%s' for %s", v, flag);
+}
+
+typedef struct {
+    const char *train, *val, *tokenizer, *out, *resume;
+    int threads;
+} Paths;
+
+/* Applies the command line to a model configuration and a training
+   configuration that hold their defaults (or a checkpoint's values).
+   Returns through *model_flags whether any flag touched the model. */
+static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths *p, int *model_flags) {
+    static const char *const own[] = {"layer", "pool"}, *const routers[] = {"softmax", "norm"},
+                              *const auxes[] = {"none", "layer", "pool", "poolcur"};
+    int G = -1, E = -1, router = -1, aux = -1;
+    *model_flags = 0;
+    for (int i = 1; i < argc; i += 2) {
+        const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(f, "-h")) usage(), exit(0);
+        if (f[0] != '-') usage_error("unexpected argument '%s'", f);
+        if (!v) usage_error("flag %s needs a value", f);
+        int model = 1;
+        if (!strcmp(f, "-p")) {
+            size_t k = 0;
+            while (k < sizeof presets / sizeof *presets && strcmp(v, presets[k].name)) k++;
+            if (k == sizeof presets / sizeof *presets) usage_error("unknown preset '%s' for -p", v);
+            c->L = presets[k].L, c->C = presets[k].C, c->NH = presets[k].NH, c->NKV = presets[k].NKV, c->F = presets[k].F;
+        } else if (!strcmp(f, "-L")) c->L = (int)parse_int(f, v, 1, 1024);
+        else if (!strcmp(f, "-C")) c->C = (int)parse_int(f, v, 2, 1 << 16);
+        else if (!strcmp(f, "-NH")) c->NH = (int)parse_int(f, v, 1, 1024);
+        else if (!strcmp(f, "-NKV")) c->NKV = (int)parse_int(f, v, 1, 1024);
+        else if (!strcmp(f, "-F")) c->F = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "-M")) c->maxT = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "-o")) G = parse_choice(f, v, own, 2) == 0 ? 0 : 1;  // 0 stands for "L"
+        else if (!strcmp(f, "-g")) G = (int)parse_int(f, v, 1, 1024);
+        else if (!strcmp(f, "-e")) E = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "-k")) c->K = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "-R")) router = parse_choice(f, v, routers, 2);
+        else if (!strcmp(f, "-a")) aux = parse_choice(f, v, auxes, 4);
+        else if (!strcmp(f, "-A")) c->alpha = parse_float(f, v, 0, 1e3);
+        else {
+            model = 0;
+            if (!strcmp(f, "-i")) p->train = v;
+            else if (!strcmp(f, "-j")) p->val = v;
+            else if (!strcmp(f, "-z")) p->tokenizer = v;
+            else if (!strcmp(f, "-O")) p->out = v;
+            else if (!strcmp(f, "-r")) p->resume = v;
+            else if (!strcmp(f, "-T")) p->threads = (int)parse_int(f, v, 1, 4096);
+            else if (!strcmp(f, "-b")) tc->B = (int)parse_int(f, v, 1, 1 << 20);
+            else if (!strcmp(f, "-t")) tc->T = (int)parse_int(f, v, 1, 1 << 20);
+            else if (!strcmp(f, "-m")) tc->n_micro = (int)parse_int(f, v, 1, 1 << 20);
+            else if (!strcmp(f, "-n")) tc->steps = (int)parse_int(f, v, 1, INT32_MAX);
+            else if (!strcmp(f, "-l")) tc->opt.lr = parse_float(f, v, 0, 10);
+            else if (!strcmp(f, "-w")) tc->warmup = (int)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-f")) tc->lr_floor = parse_float(f, v, 0, 1);
+            else if (!strcmp(f, "-d")) tc->opt.wd = parse_float(f, v, 0, 10);
+            else if (!strcmp(f, "-b1")) tc->opt.b1 = parse_float(f, v, 0, 0.999999);
+            else if (!strcmp(f, "-b2")) tc->opt.b2 = parse_float(f, v, 0, 0.999999);
+            else if (!strcmp(f, "-ae")) tc->opt.eps = parse_float(f, v, 1e-30, 1);
+            else if (!strcmp(f, "-c")) tc->opt.clip = parse_float(f, v, 0, 1e9);
+            else if (!strcmp(f, "-s")) tc->seed = (uint64_t)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-v")) tc->val_every = (int)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-V")) tc->val_batches = (int)parse_int(f, v, 1, INT32_MAX);
+            else if (!strcmp(f, "-S")) tc->sample_every = (int)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-G")) tc->gen_tokens = (int)parse_int(f, v, 1, 1 << 20);
+            else if (!strcmp(f, "-K")) tc->ckpt_every = (int)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-N")) tc->keep = (int)parse_int(f, v, 1, 1 << 20);
+            else usage_error("unknown flag %s", f);
+        }
+        *model_flags |= model;
+    }
+    // Ownership decides the defaults of E, the router and the aux loss: vanilla
+    // (G = L) takes 8 experts per layer, softmax and the per-layer loss; pools
+    // take 8 per layer they serve, the NormRouter and the stale pool loss.
+    if (G == 0) G = c->L;
+    if (G > 0) {
+        c->G = G;
+        c->E = 8 * (c->L / (G ? G : 1));
+        c->router = G == c->L ? ROUTER_SOFTMAX : ROUTER_NORM;
+        c->aux = G == c->L ? AUX_LAYER : AUX_POOL_PREV;
+    }
+    if (E > 0) c->E = E;
+    if (router >= 0) c->router = router;
+    if (aux >= 0) c->aux = aux;
+    if (c->L % c->G) usage_error("-g %d does not divide the %d layers", c->G, c->L);
+    if (tc->T > c->maxT) usage_error("-t %d exceeds the model's maxT %d (-M)", tc->T, c->maxT);
+    const char *err = config_error(c);
+    if (err) usage_error("bad model configuration: %s", err);
+}
+
+static int config_equal(const Config *a, const Config *b) {
+    return a->V == b->V && a->Vp == b->Vp && a->maxT == b->maxT && a->L == b->L && a->C == b->C && a->NH == b->NH &&
+           a->NKV == b->NKV && a->F == b->F && a->G == b->G && a->E == b->E && a->K == b->K &&
+           a->router == b->router && a->aux == b->aux && a->alpha == b->alpha;
+}
+
+static void make_dirs(const char *path) {  // mkdir -p
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *s = buf + 1;; s++) {
+        if (*s == '/' || *s == '\0') {
+            char was = *s;
+            *s = '\0';
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST) fail("cannot create directory '%s': %s", buf, strerror(errno));
+            if (!(*s = was)) break;
+        }
+    }
+}
+
+// The newest checkpoint in dir (names sort by step), or NULL.
+static char *latest_checkpoint(const char *dir) {
+    char pat[4096];
+    snprintf(pat, sizeof pat, "%s/ckpt_*.bin", dir);
+    glob_t g;
+    char *path = NULL;
+    if (glob(pat, 0, NULL, &g) == 0 && g.gl_pathc) path = strdup(g.gl_pathv[g.gl_pathc - 1]);
+    if (glob(pat, 0, NULL, &g) == 0) globfree(&g);
+    return path;
+}
+
+// Keeps the newest `keep` checkpoints in dir.
+static void prune_checkpoints(const char *dir, int keep) {
+    char pat[4096];
+    snprintf(pat, sizeof pat, "%s/ckpt_*.bin", dir);
+    glob_t g;
+    if (glob(pat, 0, NULL, &g) != 0) return;
+    for (size_t i = 0; i + keep < g.gl_pathc; i++) remove(g.gl_pathv[i]);
+    globfree(&g);
+}
+
+static void print_memory(const Model *m, const TrainConfig *tc) {
+    double mib = 1048576.0, P = (double)m->num_params * sizeof(float);
+    printf("memory: parameters %.1f MiB, gradients %.1f MiB, AdamW %.1f MiB, activations %.1f MiB (B*T = %d)\n",
+           P / mib, P / mib, 2 * P / mib, m->acts_bytes / mib, tc->B * tc->T);
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Active parameters: what one token touches (K experts per layer of the pool's E).
+static double active_params(const Model *m) {
+    const Config *c = &m->cfg;
+    double expert = 3.0 * c->F * c->C, all = (double)m->num_params;
+    return all - (double)c->G * c->E * expert + (double)c->L * c->K * expert;
+}
+
+/* Pool utilisation from per-expert assignment counts (G*E): experts that got
+   nothing, the most-loaded expert's share, and the entropy of the load over
+   the whole buffer divided by log(G*E) (1 = perfectly even). */
+static void pool_stats(const uint64_t *counts, int n, int *unused, double *max_share, double *entropy) {
+    double total = 0.0, mx = 0.0, h = 0.0;
+    *unused = 0;
+    for (int i = 0; i < n; i++) total += (double)counts[i], mx = fmax(mx, (double)counts[i]), *unused += counts[i] == 0;
+    for (int i = 0; i < n; i++)
+        if (counts[i]) h -= counts[i] / total * log(counts[i] / total);
+    *max_share = total > 0 ? mx / total : 0.0;
+    *entropy = n > 1 ? h / log((double)n) : 1.0;
+}
+
+/* Unigram baseline: the cross-entropy of the val rows' targets under the
+   token frequencies of the first train shard (add-one smoothed). A model
+   that has learned anything beyond frequencies goes below it. */
+static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, int B, int V) {
+    double *cnt = calloc_check(V, sizeof(double)), total = V;
+    loader_load_shard(train, 0);
+    for (size_t i = 0; i < train->count[0]; i++) cnt[train->tokens[i]] += 1.0;
+    for (int i = 0; i < V; i++) total += cnt[i];
+    int T = val->T, *rows = malloc_check((size_t)B * (T + 1) * sizeof(int));
+    double loss = 0.0;
+    loader_seek(val, 0, 0, 0);
+    for (int i = 0; i < batches; i++) {
+        loader_next(val, rows, B);
+        for (int b = 0; b < B; b++)
+            for (int t = 1; t <= T; t++) loss -= log((cnt[rows[b * (T + 1) + t]] + 1.0) / total);
+    }
+    train->loaded = -1;  // the loader reloads its own shard when it next reads
+    free(cnt);
+    free(rows);
+    return loss / ((double)batches * B * T);
+}
 
 #ifndef UNIPOOL_NO_MAIN
-int main(void) {
-    Config cfg = {.V = 61, .Vp = 64, .maxT = 16, .L = 4, .C = 32, .NH = 4, .NKV = 2, .F = 48, .G = 1, .E = 16,
-                  .K = 1, .router = ROUTER_NORM, .aux = AUX_POOL_PREV, .alpha = 1e-2f, .norm_eps = 1e-5f,
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    Config cfg = {.V = 50257, .Vp = 50304, .maxT = 1024, .G = 1, .K = 1, .alpha = 1e-2f, .norm_eps = 1e-5f,
                   .rope_theta = 1e6f, .router_eps = 1e-8f};
-    cfg.router_c = norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED);
+    TrainConfig tc = {.B = 16, .T = 128, .n_micro = 1, .steps = 1000, .warmup = 100, .val_every = 100,
+                      .val_batches = 20, .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2,
+                      .seed = 1337, .lr_floor = 0.1f,
+                      .opt = {.lr = 6e-4f, .b1 = 0.9f, .b2 = 0.95f, .eps = 1e-8f, .wd = 0.1f, .clip = 1.0f}};
+    Paths paths = {"data/sotu/sotu_train_*.bin", "data/sotu/sotu_val_*.bin", "data/sotu/gpt2_tokenizer.bin", "out",
+                   NULL, 0};
+    const Preset *tiny = &presets[0];
+    cfg.L = tiny->L, cfg.C = tiny->C, cfg.NH = tiny->NH, cfg.NKV = tiny->NKV, cfg.F = tiny->F;
+    cfg.E = 8 * cfg.L, cfg.router = ROUTER_NORM, cfg.aux = AUX_POOL_PREV;
+    int model_flags;
+    apply_flags(argc, argv, &cfg, &tc, &paths, &model_flags);
+#ifdef _OPENMP
+    if (paths.threads) omp_set_num_threads(paths.threads);
+#endif
+    make_dirs(paths.out);
     Model m;
-    model_build(&m, &cfg);
-    model_init(&m, 42);
-    OptConfig o = {.lr = 1e-2f, .b1 = 0.9f, .b2 = 0.95f, .eps = 1e-8f, .wd = 0.1f, .clip = 1.0f};
-    int B = 4, T = 16, tokens[4 * 17];
-    Rng rng = {7};
-    for (int i = 0; i < B * (T + 1); i++) tokens[i] = (int)(rng_u64(&rng) % cfg.V);
-    for (int step = 0; step < 50; step++) {
-        StepStats st = step_gradients(&m, tokens, 1, B, T);
-        step_update(&m, &o, o.lr, st.grad_norm);
-        printf("step %d ce %.4f aux %.5f norm %.4f\n", step, st.ce, st.aux, st.grad_norm);
+    TrainState st = {0};
+    char *resume = NULL;
+    CheckpointHeader ck;
+    if (paths.resume) {
+        resume = !strcmp(paths.resume, "latest") ? latest_checkpoint(paths.out) : strdup(paths.resume);
+        if (!resume) fail("-r latest: no checkpoint in '%s'; start without -r", paths.out);
+        FILE *f = checkpoint_open(resume, &ck);
+        if (!ck.has_state) fail("checkpoint '%s' holds parameters only; it cannot resume training", resume);
+        // the checkpoint's configuration, with this command line's flags on top
+        Config want = ck.cfg;
+        TrainConfig tc2 = ck.tc;
+        Paths p2 = paths;
+        apply_flags(argc, argv, &want, &tc2, &p2, &model_flags);
+        if (model_flags && !config_equal(&want, &ck.cfg))
+            usage_error("the model flags describe another model than checkpoint '%s'; drop them to resume", resume);
+        if (tc2.B != ck.tc.B || tc2.T != ck.tc.T || tc2.n_micro != ck.tc.n_micro || tc2.seed != ck.tc.seed)
+            usage_error("-b, -t, -m and -s must stay as in checkpoint '%s' to resume its data order", resume);
+        cfg = ck.cfg;
+        tc = tc2;
+        model_build(&m, &cfg);
+        checkpoint_read_body(f, resume, &m, &ck);
+        fclose(f);
+        st.step = ck.step;
+        st.sampler = ck.sampler;
+    } else {
+        if (cfg.router == ROUTER_NORM) cfg.router_c = norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED);
+        else cfg.router_c = 1.0f;
+        model_build(&m, &cfg);
+        model_init(&m, tc.seed);
+        st.sampler = tc.seed ^ 0x5eed;
     }
+    DataLoader train, val;
+    loader_init(&train, paths.train, tc.T, cfg.V, 1, tc.seed, "-i");
+    loader_init(&val, paths.val, tc.T, cfg.V, 0, 0, "-j");
+    if (resume) loader_seek(&train, (int64_t)ck.epoch, (int64_t)ck.shard, (int64_t)ck.row);
+    st.loader = &train;
+    Tokenizer tok;
+    int have_tok = tokenizer_load(&tok, paths.tokenizer) == 0;
+    act_alloc(&m, tc.B * tc.T);
+
+    const char *own = cfg.G == cfg.L ? "vanilla MoE (each layer owns its experts)"
+                      : cfg.G == 1   ? "UniPool (one shared pool)"
+                                     : "grouped pools";
+    static const char *const rname[] = {"softmax", "norm"}, *const aname[] = {"none", "layer", "pool (stale)", "pool (current)"};
+    printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s (c %.4f) | aux %s alpha %g\n",
+           own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rname[cfg.router], cfg.router_c,
+           aname[cfg.aux], cfg.alpha);
+    printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);
+    printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu\n",
+           tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
+           (unsigned long long)tc.seed);
+    printf("data: %d train shards (%s), %d val shards (%s)\n", train.n, paths.train, val.n, paths.val);
+    print_memory(&m, &tc);
+    if (resume) printf("resumed from %s at step %d\n", resume, st.step);
+    double unigram = unigram_baseline(&train, &val, tc.val_batches, tc.B, cfg.V);
+    printf("unigram baseline (val): %.4f\n", unigram);
+
+    char logpath[4096], ckpath[4096 + 32];
+    snprintf(logpath, sizeof logpath, "%s/log.jsonl", paths.out);
+    FILE *log = fopen_check(logpath, resume ? "a" : "w");
+    size_t per_step = (size_t)tc.n_micro * tc.B * (tc.T + 1);
+    int *tokens = malloc_check(per_step * sizeof(int));
+    int nexp = cfg.G * cfg.E;
+    uint64_t *counts = malloc_check(nexp * sizeof(uint64_t));
+    double tokens_per_step = (double)tc.n_micro * tc.B * tc.T, t_train = 0.0;
+    int t_steps = 0;
+    for (int step = st.step; step <= tc.steps; step++) {
+        int last = step == tc.steps;
+        if (tc.val_every && (step % tc.val_every == 0 || last)) {
+            memset(counts, 0, nexp * sizeof(uint64_t));
+            double vl = evaluate(&m, &val, tc.B, tc.val_batches, counts), share, ent;
+            int unused;
+            pool_stats(counts, nexp, &unused, &share, &ent);
+            printf("val step %d | loss %.4f | ppl %.2f | pool: %d/%d experts unused, most-loaded share %.2f%%, "
+                   "entropy %.3f\n", step, vl, exp(vl), unused, nexp, 100 * share, ent);
+            fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"val_ppl\": %.4f, \"unused\": %d, \"max_share\": %.6f, "
+                         "\"entropy\": %.6f}\n", step, vl, exp(vl), unused, share, ent);
+            fflush(log);
+        }
+        if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last)) {
+            Rng rng = {st.sampler};
+            int T = tc.T < tc.gen_tokens + 1 ? tc.T : tc.gen_tokens + 1, *seq = malloc_check(T * sizeof(int));
+            seq[0] = have_tok ? tok.eot : cfg.V - 1;
+            printf("sample: ");
+            for (int t = 1; t < T; t++) {
+                model_forward(&m, seq, NULL, 1, t, 0);
+                seq[t] = sample_token(m.acts.logits + (size_t)(t - 1) * cfg.Vp, cfg.V, 1.0f, &rng);
+                tokenizer_print(&tok, seq[t]);
+            }
+            printf("\n");
+            free(seq);
+            st.sampler = rng.s;
+        }
+        if (last) break;
+        double t0 = now_seconds();
+        loader_next(&train, tokens, tc.n_micro * tc.B);
+        StepStats s = step_gradients(&m, tokens, tc.n_micro, tc.B, tc.T);
+        if (!isfinite(s.ce) || !isfinite(s.aux) || !isfinite(s.grad_norm))
+            fail("step %d: loss %g, aux %g, gradient norm %g is not finite; stopping before the update (the last "
+                 "checkpoint in '%s' is the last good state); try a lower -l or -c", step + 1, s.ce, s.aux,
+                 s.grad_norm, paths.out);
+        float lr = lr_at(&tc, step);
+        step_update(&m, &tc.opt, lr, s.grad_norm);
+        double dt = now_seconds() - t0;
+        if (step > st.step) t_train += dt, t_steps++;  // the first step warms caches: not in the average
+        double avg = t_steps ? t_train / t_steps : dt, eta = avg * (tc.steps - step - 1);
+        printf("step %5d/%d | loss %.4f | aux %.5f | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | eta %dm%02ds\n",
+               step + 1, tc.steps, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt, (int)(eta / 60),
+               (int)eta % 60);
+        fprintf(log, "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, "
+                     "\"tok_per_s\": %.1f}\n", step + 1, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt);
+        fflush(log);
+        st.step = step + 1;
+        if ((tc.ckpt_every && st.step % tc.ckpt_every == 0) || st.step == tc.steps) {
+            snprintf(ckpath, sizeof ckpath, "%s/ckpt_%08d.bin", paths.out, st.step);
+            checkpoint_save(ckpath, &m, &tc, &st);
+            prune_checkpoints(paths.out, tc.keep);
+            printf("saved %s\n", ckpath);
+        }
+    }
+    fclose(log);
+    free(tokens);
+    free(counts);
+    free(resume);
+    if (have_tok) tokenizer_free(&tok);
+    loader_free(&train);
+    loader_free(&val);
     model_free(&m);
     return 0;
 }
