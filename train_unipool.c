@@ -49,6 +49,11 @@ Short names, the same everywhere:
 // Naive twins of the fast kernels are only called by test_unipool.c.
 #define NAIVE_TWIN __attribute__((unused)) static
 
+#ifdef UNIPOOL_FUZZ
+#include <setjmp.h>
+static jmp_buf fuzz_escape;  // dev/fuzz: a rejected input returns to the harness instead of exiting
+#endif
+
 __attribute__((format(printf, 1, 2), noreturn))
 static void fail(const char *fmt, ...) {
     va_list ap;
@@ -57,6 +62,9 @@ static void fail(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+#ifdef UNIPOOL_FUZZ
+    longjmp(fuzz_escape, 1);
+#endif
     exit(EXIT_FAILURE);
 }
 
@@ -199,10 +207,14 @@ static void param_point(ParamTensors *p, float *memory, const Shape shapes[NUM_P
 
 // Returns NULL if the configuration is usable, else what is wrong with it.
 static const char *config_error(const Config *c) {
+    // bounds far beyond any real model keep every size computation small enough for 64 bits
+    if (c->Vp > (1 << 24) || c->L > 1024 || c->C > (1 << 16) || c->F > (1 << 20) || c->maxT > (1 << 16) ||
+        c->G > 1024 || c->E > (1 << 16))
+        return "a size is beyond this program's bounds (Vp 2^24, L 1024, C 2^16, F 2^20, maxT 2^16, G 1024, E 2^16)";
     if (c->V < 1 || c->Vp < c->V) return "need 1 <= V <= Vp";
     if (c->L < 1 || c->C < 1 || c->F < 1 || c->maxT < 1) return "L, C, F and maxT must be positive";
     if (c->NH < 1 || c->NKV < 1 || c->NH % c->NKV) return "NH must be a multiple of NKV";
-    if (c->C % c->NH || HD(c) % 2) return "C / NH (the head size) must be an even whole number";
+    if (c->C % c->NH || HD(c) % 2 || HD(c) > 1024) return "C / NH (the head size) must be an even whole number <= 1024";
     if (c->G < 1 || c->L % c->G) return "the number of pools G must divide L";
     if (c->E < 1 || c->K < 1 || c->K > c->E) return "need 1 <= K <= E";
     if (c->router != ROUTER_SOFTMAX && c->router != ROUTER_NORM) return "router must be 0 or 1";
@@ -1310,10 +1322,21 @@ static void shuffle_ints(int64_t *x, int64_t n, uint64_t seed) {  // Fisher-Yate
 }
 
 // Reads and checks a shard's header; returns its token count. what names the flag it came from.
-static size_t shard_header(const char *path, int *version, const char *what) {
+// Reads up to n bytes from the start of a file and its size, and closes it: the checks that follow need no open file.
+static size_t read_head(const char *path, void *buf, size_t n, long *file_size) {
     FILE *f = fopen_check(path, "rb");
+    size_t got = fread(buf, 1, n, f);
+    fseek(f, 0, SEEK_END);
+    *file_size = ftell(f);
+    fclose(f);
+    return got;
+}
+
+// Reads and checks a shard's header and size; returns its token count. what names the flag it came from.
+static size_t shard_header(const char *path, int *version, const char *what) {
     int32_t h[256];
-    if (fread(h, sizeof h, 1, f) != 1)
+    long size;
+    if (read_head(path, h, sizeof h, &size) != sizeof h)
         fail("%s shard '%s' is shorter than its 1024-byte header; re-create it with prepro_pile.py", what, path);
     if (h[0] != SHARD_MAGIC)
         fail("%s '%s' is not a token shard (magic %d, want %d); pass shards written by prepro_pile.py", what,
@@ -1323,9 +1346,6 @@ static size_t shard_header(const char *path, int *version, const char *what) {
              h[1], SHARD_VERSION_U16, SHARD_VERSION_U32);
     if (h[2] < 0) fail("%s shard '%s' has a negative token count; re-create it", what, path);
     size_t count = (size_t)h[2], width = h[1] == SHARD_VERSION_U16 ? 2 : 4;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fclose(f);
     if (size < 0 || (size_t)size != 1024 + count * width)
         fail("%s shard '%s' is %ld bytes, its header says %zu (%zu tokens); it is truncated or damaged, re-create it",
              what, path, size, 1024 + count * width, count);
@@ -1564,13 +1584,20 @@ typedef struct {
     uint64_t epoch, shard, row, sampler;
 } CheckpointHeader;
 
-static FILE *checkpoint_open(const char *path, CheckpointHeader *ck) {
-    FILE *f = fopen_check(path, "rb");
+#define CKPT_HEADER_BYTES (256 * 4 + 64 * 4 + 32 * 8)
+
+// Reads and checks a checkpoint's header and size.
+static void checkpoint_header(const char *path, CheckpointHeader *ck) {
+    unsigned char raw[CKPT_HEADER_BYTES];
     int32_t h[256];
     float hp[64];
     uint64_t h64[32];
-    if (fread(h, sizeof h, 1, f) != 1 || fread(hp, sizeof hp, 1, f) != 1 || fread(h64, sizeof h64, 1, f) != 1)
+    long size;
+    if (read_head(path, raw, sizeof raw, &size) != sizeof raw)
         fail("checkpoint '%s' is shorter than its header; it is truncated, use an earlier checkpoint", path);
+    memcpy(h, raw, sizeof h);
+    memcpy(hp, raw + sizeof h, sizeof hp);
+    memcpy(h64, raw + sizeof h + sizeof hp, sizeof h64);
     if (h[0] != CKPT_MAGIC)
         fail("'%s' is not a unipool checkpoint (magic %d, want %d)", path, h[0], CKPT_MAGIC);
     if (h[1] != CKPT_VERSION)
@@ -1588,22 +1615,18 @@ static FILE *checkpoint_open(const char *path, CheckpointHeader *ck) {
     Shape shapes[NUM_PARAM_TENSORS];
     param_shapes(shapes, &ck->cfg);
     double P = 0.0;
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shape_numel(shapes[i]);
-    double want = 1024.0 + 256 + 256 + 4.0 * P * (ck->has_state ? 3 : 1) +
-                  (ck->has_state ? 4.0 * ck->cfg.L * ck->cfg.E : 0.0);
-    long pos = ftell(f);
-    fseek(f, 0, SEEK_END);
-    double have = (double)ftell(f);
-    fseek(f, pos, SEEK_SET);
-    if (have != want)
-        fail("checkpoint '%s' is %.0f bytes, its header implies %.0f; it is truncated or damaged, use an earlier one",
-             path, have, want);
-    return f;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
+    double want = CKPT_HEADER_BYTES + 4.0 * P * (ck->has_state ? 3 : 1) + (ck->has_state ? 4.0 * ck->cfg.L * ck->cfg.E : 0.0);
+    if ((double)size != want)
+        fail("checkpoint '%s' is %ld bytes, its header implies %.0f; it is truncated or damaged, use an earlier one",
+             path, size, want);
 }
 
 // Reads the parameters (and with the state, AdamW and the stale statistic) into m, built from ck->cfg.
-static void checkpoint_read_body(FILE *f, const char *path, Model *m, const CheckpointHeader *ck) {
+static void checkpoint_read_body(const char *path, Model *m, const CheckpointHeader *ck) {
     size_t P = m->num_params;
+    FILE *f = fopen_check(path, "rb");
+    fseek(f, CKPT_HEADER_BYTES, SEEK_SET);
     fread_check(m->params_memory, sizeof(float), P, f, path);
     if (ck->has_state) {
         m->m_memory = malloc_check(P * sizeof(float));
@@ -1614,29 +1637,35 @@ static void checkpoint_read_body(FILE *f, const char *path, Model *m, const Chec
         m->adam_t = ck->adam_t;
         m->aux_prev_valid = ck->aux_prev_valid;
     }
+    fclose(f);
 }
 
 // Loads a model (parameters, and training state if present) from a checkpoint.
 static void checkpoint_load_model(Model *m, CheckpointHeader *ck, const char *path) {
-    FILE *f = checkpoint_open(path, ck);
+    checkpoint_header(path, ck);
     model_build(m, &ck->cfg);
-    checkpoint_read_body(f, path, m, ck);
-    fclose(f);
+    checkpoint_read_body(path, m, ck);
 }
 
 // ----------------------------------------------------------------------------
 // Evaluation and sampling, shared by the training program and infer_unipool.c
 
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* Mean CE over `batches` batches of B rows from the start of a loader (an
    evaluation pass: the stale pool statistic is untouched). If pool_counts
    (G*E) is given, adds how many (token, slot) assignments each expert of
-   the buffer received, over all layers. */
-static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *pool_counts) {
+   the buffer received, over all layers. progress: a line on stderr. */
+static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *pool_counts, int progress) {
     const Config *c = &m->cfg;
     int T = d->T, N = B * T;
     int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
     loader_seek(d, 0, 0, 0);
-    double loss = 0.0;
+    double loss = 0.0, t0 = now_seconds();
     for (int i = 0; i < batches; i++) {
         loader_next(d, rows, B);
         split_rows(io, io + N, rows, B, T);
@@ -1646,6 +1675,9 @@ static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *po
             const int *off = m->acts.offset + (size_t)l * (c->E + 1);
             for (int j = 0; j < c->E; j++) pool_counts[layer_first_expert(c, l) + j] += (uint64_t)(off[j + 1] - off[j]);
         }
+        if (progress)
+            fprintf(stderr, "\reval: %d/%d batches, loss %.4f, %.0f tok/s%s", i + 1, batches, loss / (i + 1),
+                    (double)(i + 1) * N / (now_seconds() - t0), i + 1 == batches ? "\n" : "");
     }
     free(rows);
     free(io);
@@ -1891,8 +1923,10 @@ static char *latest_checkpoint(const char *dir) {
     snprintf(pat, sizeof pat, "%s/ckpt_*.bin", dir);
     glob_t g;
     char *path = NULL;
-    if (glob(pat, 0, NULL, &g) == 0 && g.gl_pathc) path = strdup(g.gl_pathv[g.gl_pathc - 1]);
-    if (glob(pat, 0, NULL, &g) == 0) globfree(&g);
+    if (glob(pat, 0, NULL, &g) == 0) {
+        path = strdup(g.gl_pathv[g.gl_pathc - 1]);
+        globfree(&g);
+    }
     return path;
 }
 
@@ -1910,12 +1944,6 @@ static void print_memory(const Model *m, const TrainConfig *tc) {
     double mib = 1048576.0, P = (double)m->num_params * sizeof(float);
     printf("memory: parameters %.1f MiB, gradients %.1f MiB, AdamW %.1f MiB, activations %.1f MiB (B*T = %d)\n",
            P / mib, P / mib, 2 * P / mib, m->acts_bytes / mib, tc->B * tc->T);
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 // Active parameters: what one token touches (K experts per layer of the pool's E).
@@ -1985,7 +2013,7 @@ int main(int argc, char **argv) {
     if (paths.resume) {
         resume = !strcmp(paths.resume, "latest") ? latest_checkpoint(paths.out) : strdup(paths.resume);
         if (!resume) fail("-r latest: no checkpoint in '%s'; start without -r", paths.out);
-        FILE *f = checkpoint_open(resume, &ck);
+        checkpoint_load_model(&m, &ck, resume);
         if (!ck.has_state) fail("checkpoint '%s' holds parameters only; it cannot resume training", resume);
         // the checkpoint's configuration, with this command line's flags on top
         Config want = ck.cfg;
@@ -1998,9 +2026,6 @@ int main(int argc, char **argv) {
             usage_error("-b, -t, -m and -s must stay as in checkpoint '%s' to resume its data order", resume);
         cfg = ck.cfg;
         tc = tc2;
-        model_build(&m, &cfg);
-        checkpoint_read_body(f, resume, &m, &ck);
-        fclose(f);
         st.step = ck.step;
         st.sampler = ck.sampler;
     } else {
@@ -2049,7 +2074,7 @@ int main(int argc, char **argv) {
         int last = step == tc.steps;
         if (tc.val_every && (step % tc.val_every == 0 || last)) {
             memset(counts, 0, nexp * sizeof(uint64_t));
-            double vl = evaluate(&m, &val, tc.B, tc.val_batches, counts), share, ent;
+            double vl = evaluate(&m, &val, tc.B, tc.val_batches, counts, 0), share, ent;
             int unused;
             pool_stats(counts, nexp, &unused, &share, &ent);
             printf("val step %d | loss %.4f | ppl %.2f | pool: %d/%d experts unused, most-loaded share %.2f%%, "

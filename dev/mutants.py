@@ -91,9 +91,12 @@ MUTANTS = [
     ("adam without bias correction",
      "float bc1 = 1.0f - (float)pow(o->b1, m->adam_t), bc2",
      "float bc1 = 1.0f, bc2"),
-    ("matmul backward tile drops the last row",
-     "for (int i = 0; i < MM_MR; i++) memcpy(c + (size_t)(i0 + i) * J + j0, acc[i], sizeof acc[i]);",
-     "for (int i = 0; i < MM_MR - 1; i++) memcpy(c + (size_t)(i0 + i) * J + j0, acc[i], sizeof acc[i]);"),
+    ("gemm packing drops the last column of a block",
+     "bp[((size_t)j * kc + k) * GM_NR + jj] = col < n0 + nc ? B.p",
+     "bp[((size_t)j * kc + k) * GM_NR + jj] = col < n0 + nc - 1 ? B.p"),
+    ("gemm accumulates over a block of K only",
+     "int kc = K - k0 < GM_KC ? K - k0 : GM_KC, accumulate = add || k0 > 0;",
+     "int kc = K - k0 < GM_KC ? K - k0 : GM_KC, accumulate = add;"),
     ("moe scatter to the wrong slot",
      "for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);",
      "for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K] * C, C);"),
@@ -119,6 +122,7 @@ ANCHOR = "// -------------------------------------------------------------------
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = open(os.path.join(root, "train_unipool.c")).read()
     wanted = [m for m in MUTANTS if not sys.argv[1:] or any(a in m[0] for a in sys.argv[1:])]
