@@ -3,23 +3,257 @@ infer_unipool.c: what a user does with a trained checkpoint. It includes
 train_unipool.c (its main fenced off), so the model is the training
 program's, line for line.
 
-  ./infer_unipool eval -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-T THREADS]
+  ./infer_unipool gen   -c CKPT [-p TEXT] [-n 128] [-temp 1.0] [-topp 0.9] [-s 1337]
+  ./infer_unipool eval  -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES]
+  ./infer_unipool util  -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-o PREFIX]
+  ./infer_unipool probe -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-s 1337]
 
-eval: mean loss and perplexity of the checkpoint over the rows of the shards
-(all of them, or the first BATCHES batches), reading rows in file order as the
-training program's validation does; the stale pool statistic is not touched.
+gen    samples text after a prompt with a KV cache, streaming tokens as they
+       come. The prompt is encoded by prepro_pile.py --encode (the project's
+       GPT-2 BPE; python3 and the encoder files of `make data`); tokens are
+       printed with the tokenizer table (-z).
+eval   mean loss and perplexity over the shards' rows, read in file order as
+       the training program's validation reads them.
+util   the paper's utilisation analysis: tokens per expert per layer (CSV),
+       pool coverage, the share of the pool each layer uses, cross-layer reuse
+       (distinct experts a token visits over the L layers, divided by L), and
+       an SVG: a layers x experts heatmap over a bar chart of pool load.
+probe  the routing-randomisation probe: for each layer of the deep half, one
+       at a time, each token's experts are replaced by uniformly random ones
+       (from the layer's whole pool, then from its 8 most-used experts), each
+       taking the gate of the choice it replaces; the loss change per layer.
 */
 #define UNIPOOL_NO_MAIN
 #pragma GCC diagnostic ignored "-Wunused-function"  // parts of the training program this one does not call
 #include "train_unipool.c"
 
+#include <sys/wait.h>
+
 static void infer_usage(void) {
-    printf("usage: ./infer_unipool eval -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-T THREADS]\n"
-           "  eval  loss and perplexity over the shards (glob), all rows or the first BATCHES batches\n"
-           "  -c    checkpoint written by train_unipool\n"
-           "  -b -t batch size and sequence length     [the checkpoint's]\n"
-           "  -n    batches, 0 = every row             [0]\n"
-           "  -T    threads                            [all]\n");
+    printf("usage: ./infer_unipool COMMAND -c CKPT [-flag value ...]\n"
+           "  gen    sample text:  [-p TEXT] [-n TOKENS 128] [-temp 1.0] [-topp 0.9] [-s SEED 1337]\n"
+           "                       [-z TOKENIZER data/sotu/gpt2_tokenizer.bin] [-P PREPRO ./prepro_pile.py]\n"
+           "  eval   loss over shards:            -i SHARDS [-b B] [-t T] [-n BATCHES, 0 = all]\n"
+           "  util   expert utilisation:          -i SHARDS [-b -t -n] [-o PREFIX out/util] -> .csv, .svg\n"
+           "  probe  routing randomisation probe: -i SHARDS [-b -t -n] [-s SEED]\n"
+           "  -T     threads (all); -b and -t default to the checkpoint's training B and T\n");
+}
+
+typedef struct {
+    const char *ckpt, *shards, *prompt, *tokenizer, *prepro, *out;
+    int B, T, batches, n_new;
+    float temperature, top_p;
+    uint64_t seed;
+} InferArgs;
+
+/* Encodes text with prepro_pile.py --encode (no shell: the text is one argv
+   entry). Returns the number of ids written to ids (at most cap). */
+static int encode_prompt(int *ids, int cap, const char *prepro, const char *text) {
+    int fd[2];
+    if (pipe(fd) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0) fail("-p: cannot start python3: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(fd[1], STDOUT_FILENO);
+        close(fd[0]);
+        close(fd[1]);
+        execlp("python3", "python3", prepro, "--encode", text, (char *)NULL);
+        _exit(127);
+    }
+    close(fd[1]);
+    FILE *f = fdopen(fd[0], "r");
+    int n = 0, id;
+    while (n < cap && fscanf(f, "%d", &id) == 1) ids[n++] = id;
+    fclose(f);
+    int status;
+    waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail("-p: '%s --encode' failed (exit %d); run 'make data' for the encoder files, or pass -P", prepro,
+             WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    return n;
+}
+
+static void cmd_gen(Model *m, const InferArgs *a) {
+    const Config *c = &m->cfg;
+    Tokenizer tok;
+    if (tokenizer_load(&tok, a->tokenizer) != 0)
+        fail("-z: cannot open the tokenizer table '%s'; run 'make data' or pass -z", a->tokenizer);
+    int *seq = malloc_check((size_t)c->maxT * sizeof(int)), n = 0;
+    seq[n++] = tok.eot;  // every document of the training data starts after an end-of-text token
+    if (a->prompt && *a->prompt) n += encode_prompt(seq + 1, c->maxT - 1, a->prepro, a->prompt);
+    int n_new = a->n_new < c->maxT - n ? a->n_new : c->maxT - n;
+    for (int i = 1; i < n; i++) tokenizer_print(seq[i], &tok);
+    Rng rng = {a->seed};
+    double t0 = now_seconds();
+    generate(m, seq, n, n_new, a->temperature, a->top_p, &rng, tokenizer_print, &tok);
+    double dt = now_seconds() - t0;
+    printf("\n");
+    fprintf(stderr, "gen: %d prompt tokens, %d new, %.1f tokens/s\n", n, n_new, n_new / dt);
+    free(seq);
+    tokenizer_free(&tok);
+}
+
+// Batches available in the shards at B x T, capped by -n.
+static int batch_count(const DataLoader *d, int B, int want) {
+    int64_t rows = 0;
+    for (int s = 0; s < d->n; s++) rows += (int64_t)((d->count[s] - 1) / d->T);
+    int64_t all = rows / B;
+    if (all == 0) fail("-i: the shards hold %lld rows of T+1 = %d tokens, fewer than one batch of %d", (long long)rows, d->T + 1, B);
+    return want && want < all ? want : (int)(all < INT32_MAX ? all : INT32_MAX);
+}
+
+/* Utilisation over the data: counts (L, G*E) of (token, slot) assignments
+   per layer and expert of the buffer, and the cross-layer reuse figure. */
+static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t *counts) {
+    const Config *c = &m->cfg;
+    int T = d->T, N = B * T, L = c->L, K = c->K, GE = c->G * c->E;
+    int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
+    int *seen = malloc_check((size_t)L * K * sizeof(int));
+    double reuse = 0.0;
+    loader_seek(d, 0, 0, 0);
+    for (int i = 0; i < batches; i++) {
+        loader_next(d, rows, B);
+        split_rows(io, io + N, rows, B, T);
+        model_forward(m, io, NULL, B, T, 0, 0);
+        for (int n = 0; n < N; n++) {
+            int distinct = 0;
+            for (int l = 0; l < L; l++)
+                for (int k = 0; k < K; k++) {
+                    int e = (int)layer_first_expert(c, l) + m->acts.chosen[((size_t)l * m->maxN + n) * K + k], dup = 0;
+                    counts[(size_t)l * GE + e]++;
+                    for (int s = 0; s < distinct; s++) dup |= seen[s] == e;
+                    if (!dup) seen[distinct++] = e;
+                }
+            reuse += (double)distinct / L;
+        }
+    }
+    free(rows);
+    free(io);
+    free(seen);
+    return reuse / ((double)batches * N);
+}
+
+// The SVG: a heatmap of counts (rows: layers, columns: the buffer's experts) over a bar chart of pool load.
+static void write_svg(const char *path, const uint64_t *counts, int L, int GE, const char *title) {
+    FILE *f = fopen_check(path, "w");
+    double cw = GE > 400 ? 2.0 : 800.0 / GE, ch = 18.0, x0 = 60, y0 = 40, hw = cw * GE, hh = ch * L, bh = 160;
+    double *load = calloc_check(GE, sizeof(double)), mx = 1, lmx = 1, total = 0;
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < GE; e++) {
+            double v = (double)counts[(size_t)l * GE + e];
+            mx = fmax(mx, v), load[e] += v, total += v;
+        }
+    for (int e = 0; e < GE; e++) lmx = fmax(lmx, load[e]);
+    double uniform = total / GE, ytop = y0 + hh + 50;
+    lmx = fmax(lmx, uniform);
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
+            x0 + hw + 40, ytop + bh + 50);
+    fprintf(f, "<text x=\"%.0f\" y=\"20\" font-size=\"14\">%s</text>\n", x0, title);
+    for (int l = 0; l < L; l++) {
+        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">layer %d</text>\n", x0 - 6, y0 + ch * l + ch * 0.7, l);
+        for (int e = 0; e < GE; e++) {
+            double v = counts[(size_t)l * GE + e] / mx;  // white (unused) to dark blue (the busiest cell)
+            if (v > 0)
+                fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"rgb(%d,%d,%d)\"/>\n",
+                        x0 + cw * e, y0 + ch * l, cw, ch, (int)(255 - 225 * v), (int)(255 - 175 * v), (int)(255 - 75 * v));
+        }
+    }
+    fprintf(f, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.2f\" height=\"%.1f\" fill=\"none\" stroke=\"#888\"/>\n", x0, y0, hw, hh);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">experts 0..%d of the buffer; darker = more tokens</text>\n", x0,
+            y0 + hh + 16, GE - 1);
+    for (int e = 0; e < GE; e++) {
+        double h = bh * load[e] / lmx;
+        fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"#4a7ab5\"/>\n", x0 + cw * e,
+                ytop + bh - h, cw * 0.9, h);
+    }
+    double uy = ytop + bh - bh * uniform / lmx;
+    fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#c33\" stroke-dasharray=\"4 3\"/>\n", x0, uy,
+            x0 + hw, uy);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">pool load: tokens per expert over all layers; dashed: uniform (%.0f)</text>\n",
+            x0, ytop + bh + 18, uniform);
+    fprintf(f, "</svg>\n");
+    free(load);
+    if (fclose(f) != 0) fail("cannot write '%s': %s", path, strerror(errno));
+}
+
+static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
+    const Config *c = &m->cfg;
+    int L = c->L, GE = c->G * c->E, E = c->E, n = batch_count(d, a->B, a->batches);
+    uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
+    double reuse = utilisation(m, d, a->B, n, counts);
+    char path[4096];
+    snprintf(path, sizeof path, "%s.csv", a->out);
+    FILE *f = fopen_check(path, "w");
+    fprintf(f, "layer,expert,tokens\n");
+    for (int l = 0; l < L; l++)
+        for (int j = 0; j < E; j++) {
+            int e = (int)layer_first_expert(c, l) + j;
+            fprintf(f, "%d,%d,%llu\n", l, e, (unsigned long long)counts[(size_t)l * GE + e]);
+        }
+    if (fclose(f) != 0) fail("cannot write '%s': %s", path, strerror(errno));
+    int covered = 0;
+    for (int e = 0; e < GE; e++) {
+        uint64_t s = 0;
+        for (int l = 0; l < L; l++) s += counts[(size_t)l * GE + e];
+        covered += s > 0;
+    }
+    printf("util: %d batches of %d x %d tokens, K %d | pool coverage %d/%d experts (%.1f%%) | cross-layer reuse %.3f "
+           "(distinct experts per token / L)\n", n, a->B, d->T, c->K, covered, GE, 100.0 * covered / GE, reuse);
+    for (int l = 0; l < L; l++) {
+        int used = 0;
+        uint64_t top = 0, sum = 0;
+        for (int j = 0; j < E; j++) {
+            uint64_t v = counts[(size_t)l * GE + layer_first_expert(c, l) + j];
+            used += v > 0, top = v > top ? v : top, sum += v;
+        }
+        printf("layer %2d: uses %d/%d of its pool (%.1f%%), busiest expert %.1f%% of its tokens\n", l, used, E,
+               100.0 * used / E, 100.0 * top / sum);
+    }
+    char title[256];
+    snprintf(title, sizeof title, "%s: %s, L %d, G %d pools of E %d, K %d", a->ckpt,
+             c->G == L ? "vanilla MoE" : c->G == 1 ? "UniPool" : "grouped pools", L, c->G, E, c->K);
+    snprintf(path, sizeof path, "%s.svg", a->out);
+    write_svg(path, counts, L, GE, title);
+    printf("wrote %s.csv and %s.svg\n", a->out, a->out);
+    free(counts);
+}
+
+static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a) {
+    const Config *c = &m->cfg;
+    int L = c->L, E = c->E, GE = c->G * E, n = batch_count(d, a->B, a->batches), top = E < 8 ? E : 8;
+    if (top < c->K) fail("the probe needs at least K = %d experts per pool", c->K);
+    uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
+    utilisation(m, d, a->B, n, counts);
+    double base = evaluate(m, d, a->B, n, NULL, 0), sum[2] = {0, 0};
+    int *all = malloc_check(E * sizeof(int)), *busiest = malloc_check(E * sizeof(int));
+    printf("probe: %d batches of %d x %d tokens; baseline loss %.5f\n", n, a->B, d->T, base);
+    printf("layer | random over the pool (%d) | random over its %d most-used\n", E, top);
+    for (int l = L / 2; l < L; l++) {
+        const uint64_t *cl = counts + (size_t)l * GE + layer_first_expert(c, l);
+        for (int j = 0; j < E; j++) all[j] = busiest[j] = j;
+        for (int i = 0; i < top; i++)  // selection: the `top` most-used, ties to the lower index
+            for (int j = i + 1; j < E; j++)
+                if (cl[busiest[j]] > cl[busiest[i]]) {
+                    int tmp = busiest[i];
+                    busiest[i] = busiest[j];
+                    busiest[j] = tmp;
+                }
+        double delta[2];
+        for (int s = 0; s < 2; s++) {
+            m->probe_layer = l, m->probe_set = s ? busiest : all, m->probe_n = s ? top : E;
+            m->probe_rng = (Rng){a->seed + (uint64_t)l};
+            delta[s] = evaluate(m, d, a->B, n, NULL, 0) - base;
+            sum[s] += delta[s];
+        }
+        m->probe_layer = -1;
+        printf("%5d | %+.5f | %+.5f\n", l, delta[0], delta[1]);
+    }
+    int deep = L - L / 2;
+    printf("mean  | %+.5f | %+.5f   (loss change, %d deep layers)\n", sum[0] / deep, sum[1] / deep, deep);
+    free(all);
+    free(busiest);
+    free(counts);
 }
 
 int main(int argc, char **argv) {
@@ -28,40 +262,61 @@ int main(int argc, char **argv) {
         infer_usage();
         return argc < 2 ? EXIT_USAGE : 0;
     }
-    if (strcmp(argv[1], "eval")) usage_error("unknown command '%s'", argv[1]);
-    const char *ckpt = NULL, *shards = NULL;
-    int B = 0, T = 0, batches = 0;
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "gen") && strcmp(cmd, "eval") && strcmp(cmd, "util") && strcmp(cmd, "probe"))
+        usage_error("unknown command '%s'", cmd);
+    InferArgs a = {.tokenizer = "data/sotu/gpt2_tokenizer.bin", .prepro = "./prepro_pile.py", .out = "out/util",
+                   .n_new = 128, .temperature = 1.0f, .top_p = 0.9f, .seed = 1337};
     for (int i = 2; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(f, "-h")) infer_usage(), exit(0);
         if (!v) usage_error("flag %s needs a value", f);
-        if (!strcmp(f, "-c")) ckpt = v;
-        else if (!strcmp(f, "-i")) shards = v;
-        else if (!strcmp(f, "-b")) B = (int)parse_int(f, v, 1, 1 << 20);
-        else if (!strcmp(f, "-t")) T = (int)parse_int(f, v, 1, 1 << 20);
-        else if (!strcmp(f, "-n")) batches = (int)parse_int(f, v, 0, INT32_MAX);
+        if (!strcmp(f, "-c")) a.ckpt = v;
+        else if (!strcmp(f, "-i")) a.shards = v;
+        else if (!strcmp(f, "-p")) a.prompt = v;
+        else if (!strcmp(f, "-z")) a.tokenizer = v;
+        else if (!strcmp(f, "-P")) a.prepro = v;
+        else if (!strcmp(f, "-o")) a.out = v;
+        else if (!strcmp(f, "-b")) a.B = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "-t")) a.T = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "-n")) a.batches = a.n_new = (int)parse_int(f, v, 0, INT32_MAX);
+        else if (!strcmp(f, "-temp")) a.temperature = parse_float(f, v, 0, 100);
+        else if (!strcmp(f, "-topp")) a.top_p = parse_float(f, v, 1e-6, 1);
+        else if (!strcmp(f, "-s")) a.seed = (uint64_t)parse_int(f, v, 0, INT32_MAX);
 #ifdef _OPENMP
         else if (!strcmp(f, "-T")) omp_set_num_threads((int)parse_int(f, v, 1, 4096));
 #endif
         else usage_error("unknown flag %s", f);
     }
-    if (!ckpt || !shards) usage_error("eval needs -c CKPT and -i SHARDS");
+    if (!a.ckpt) usage_error("%s needs -c CKPT", cmd);
     Model m;
     CheckpointHeader ck;
-    checkpoint_load_model(&m, &ck, ckpt);
-    B = B ? B : ck.tc.B;
-    T = T ? T : ck.tc.T;
-    if (T > m.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", T, m.cfg.maxT);
-    DataLoader d;
-    loader_init(&d, shards, T, m.cfg.V, 0, 0, "-i");
-    int64_t rows = 0;
-    for (int s = 0; s < d.n; s++) rows += (int64_t)((d.count[s] - 1) / T);
-    int64_t all = rows / B;
-    if (all == 0) fail("-i: the shards hold %lld rows of T+1 = %d tokens, fewer than one batch of %d", (long long)rows, T + 1, B);
-    int n = batches && batches < all ? batches : (int)all;
-    double loss = evaluate(&m, &d, B, n, NULL, 1);
-    printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", ckpt, shards, n, B, T, loss,
-           exp(loss));
-    loader_free(&d);
+    checkpoint_load_model(&m, &ck, a.ckpt);
+    if (!strcmp(cmd, "gen")) {
+        cmd_gen(&m, &a);
+    } else {
+        if (!a.shards) usage_error("%s needs -i SHARDS", cmd);
+        a.B = a.B ? a.B : ck.tc.B;
+        a.T = a.T ? a.T : ck.tc.T;
+        if (a.T > m.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", a.T, m.cfg.maxT);
+        DataLoader d;
+        loader_init(&d, a.shards, a.T, m.cfg.V, 0, 0, "-i");
+        if (!strcmp(cmd, "eval")) {
+            int n = batch_count(&d, a.B, a.batches);
+            double loss = evaluate(&m, &d, a.B, n, NULL, 1);
+            printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", a.ckpt, a.shards, n,
+                   a.B, a.T, loss, exp(loss));
+        } else if (!strcmp(cmd, "util")) {
+            char dir[4096];
+            snprintf(dir, sizeof dir, "%s", a.out);
+            char *slash = strrchr(dir, '/');
+            if (slash && slash != dir) *slash = '\0', make_dirs(dir);
+            cmd_util(&m, &d, &a);
+        } else {
+            cmd_probe(&m, &d, &a);
+        }
+        loader_free(&d);
+    }
     model_free(&m);
     return 0;
 }

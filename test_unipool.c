@@ -205,7 +205,7 @@ static int run_dump(const char *path) {
     // the first micro-batch's logits: an evaluation pass, so the stale pool statistic is untouched
     int *io = malloc_check(2 * (size_t)N * sizeof(int));
     split_rows(io, io + N, d.tokens, B, T);
-    model_forward(&m, io, NULL, B, T, 0);
+    model_forward(&m, io, NULL, B, T, 0, 0);
     float *lg = malloc_check((size_t)N * V * sizeof(float));
     for (int n = 0; n < N; n++) memcpy(lg + (size_t)n * V, m.acts.logits + (size_t)n * Vp, V * sizeof(float));
     snprintf(what, sizeof what, "%s logits", name);
@@ -311,7 +311,7 @@ static void test_attention(void) {
         float *att = malloc_check((size_t)B * NH * T * T * 4);
         float *dq = calloc_check(nq, 4), *dk = calloc_check(nk, 4), *dv = calloc_check(nk, 4);
         float *dq_ref = calloc_check(nq, 4), *dk_ref = calloc_check(nk, 4), *dv_ref = calloc_check(nk, 4);
-        attention_forward(out, lse, q, k, v, B, T, NH, NKV, hd);
+        attention_forward(out, lse, q, k, v, B, T, 0, NH, NKV, hd);
         attention_forward_naive(out_ref, att, q, k, v, B, T, NH, NKV, hd);
         attention_backward(dq, dk, dv, dout, q, k, v, out, lse, B, T, NH, NKV, hd);
         attention_backward_naive(dq_ref, dk_ref, dv_ref, dout, q, k, v, att, B, T, NH, NKV, hd);
@@ -428,7 +428,7 @@ static void test_aux_fixed_points(void) {
         Model m;
         tiny_model(&m, cases[i].G, 6, 2, ROUTER_SOFTMAX, cases[i].aux, 11);
         memset(m.params.router, 0, (size_t)m.cfg.L * m.cfg.E * m.cfg.C * sizeof(float));
-        model_forward(&m, in, tg, TB, TT, 1);
+        model_forward(&m, in, tg, TB, TT, 0, 1);
         double want = cases[i].want * m.cfg.alpha, rel = fabs(m.aux - want) / want;
         snprintf(what, sizeof what, "uniform router G=%d aux=%d", cases[i].G, cases[i].aux);
         snprintf(detail, sizeof detail, "aux %.8f, want %.8f (%g alpha), rel err %.1e (tol 1e-6)", m.aux, want,
@@ -439,9 +439,9 @@ static void test_aux_fixed_points(void) {
     Model a, b;
     tiny_model(&a, 4, 6, 2, ROUTER_NORM, AUX_LAYER, 12);
     tiny_model(&b, 4, 6, 2, ROUTER_NORM, AUX_POOL_CUR, 12);
-    model_forward(&a, in, tg, TB, TT, 1);
+    model_forward(&a, in, tg, TB, TT, 0, 1);
     model_backward(&a, 1.0f);
-    model_forward(&b, in, tg, TB, TT, 1);
+    model_forward(&b, in, tg, TB, TT, 0, 1);
     model_backward(&b, 1.0f);
     snprintf(detail, sizeof detail, "per-layer %.9f, pool %.9f (must be equal)", a.aux, b.aux);
     check_true("pool aux, current counts, G=L == per-layer aux", a.aux == b.aux && a.aux > 0, detail);
@@ -462,18 +462,70 @@ static void test_stale_statistic(void) {
     Model a, b;
     tiny_model(&a, 1, 8, 1, ROUTER_NORM, AUX_POOL_PREV, 13);
     tiny_model(&b, 1, 8, 1, ROUTER_NORM, AUX_POOL_PREV, 13);
-    model_forward(&a, io[0][0], io[0][1], TB, TT, 1);
+    model_forward(&a, io[0][0], io[0][1], TB, TT, 0, 1);
     char detail[128];
     snprintf(detail, sizeof detail, "aux %.3g (must be 0)", a.aux);
     check_true("stale pool aux: first micro-batch has none", a.aux == 0.0, detail);
-    model_forward(&b, io[0][0], io[0][1], TB, TT, 1);
-    model_forward(&a, io[1][0], io[1][1], TB, TT, 0);  // evaluation pass on other data
-    model_forward(&a, io[2][0], io[2][1], TB, TT, 1);
-    model_forward(&b, io[2][0], io[2][1], TB, TT, 1);
+    model_forward(&b, io[0][0], io[0][1], TB, TT, 0, 1);
+    model_forward(&a, io[1][0], io[1][1], TB, TT, 0, 0);  // evaluation pass on other data
+    model_forward(&a, io[2][0], io[2][1], TB, TT, 0, 1);
+    model_forward(&b, io[2][0], io[2][1], TB, TT, 0, 1);
     snprintf(detail, sizeof detail, "with an eval pass between %.9f, without %.9f (must be equal, > 0)", a.aux, b.aux);
     check_true("stale pool aux: evaluation leaves it alone", a.aux == b.aux && a.aux > 0, detail);
     model_free(&a);
     model_free(&b);
+}
+
+/* Decoding with the KV cache gives the logits of the full forward: a prompt
+   of 5 tokens, then 7 more one position at a time, against one forward over
+   all 12. The paths differ only in how many rows each matmul sees. */
+static void test_kv_cache(void) {
+    Model m;
+    tiny_model(&m, 1, 8, 2, ROUTER_NORM, AUX_POOL_PREV, 15);
+    int tok[12], n = 12, V = m.cfg.V, Vp = m.cfg.Vp;
+    tiny_tokens(tok, n, 40);
+    act_alloc(&m, n);
+    model_forward(&m, tok, NULL, 1, n, 0, 0);
+    float *full = malloc_check((size_t)n * V * sizeof(float)), *inc = malloc_check((size_t)n * V * sizeof(float));
+    for (int t = 0; t < n; t++) memcpy(full + (size_t)t * V, m.acts.logits + (size_t)t * Vp, V * sizeof(float));
+    model_forward(&m, tok, NULL, 1, 5, 0, 0);
+    for (int t = 0; t < 5; t++) memcpy(inc + (size_t)t * V, m.acts.logits + (size_t)t * Vp, V * sizeof(float));
+    for (int t = 5; t < n; t++) {
+        model_forward(&m, tok + t, NULL, 1, 1, t, 0);
+        memcpy(inc + (size_t)t * V, m.acts.logits, V * sizeof(float));
+    }
+    check("KV-cache decoding == full forward (logits)", inc, full, (Shape){2, {n, V, 1}}, TOL_TWIN);
+    free(full);
+    free(inc);
+    model_free(&m);
+}
+
+static int emitted[64], n_emitted;
+static void collect(int token, void *ctx) {
+    (void)ctx;
+    emitted[n_emitted++] = token;
+}
+
+/* Generation with a seed is reproducible; a different seed gives other
+   text; and a nucleus so small it holds one token is the argmax. */
+static void test_generate(void) {
+    Model m;
+    tiny_model(&m, 4, 6, 1, ROUTER_SOFTMAX, AUX_LAYER, 16);
+    // runs: seed 7, seed 7 again, seed 8, seed 7 with top-p 1e-6, temperature 0
+    static const struct { uint64_t seed; float temperature, top_p; } runs[5] = {
+        {7, 1.0f, 1.0f}, {7, 1.0f, 1.0f}, {8, 1.0f, 1.0f}, {7, 1.0f, 1e-6f}, {1, 0.0f, 1.0f}};
+    int out[5][15];
+    for (int r = 0; r < 5; r++) {
+        int seq[16] = {3};
+        Rng rng = {runs[r].seed};
+        n_emitted = 0;
+        generate(&m, seq, 1, 15, runs[r].temperature, runs[r].top_p, &rng, collect, NULL);
+        memcpy(out[r], emitted, sizeof out[r]);
+    }
+    check_true("generation: same seed, same tokens", !memcmp(out[0], out[1], sizeof out[0]), "");
+    check_true("generation: another seed, other tokens", memcmp(out[0], out[2], sizeof out[0]) != 0, "");
+    check_true("generation: top-p 1e-6 is the argmax", !memcmp(out[3], out[4], sizeof out[3]), "");
+    model_free(&m);
 }
 
 /* Every reduction has one owner and a fixed order, so a step gives the same
@@ -515,6 +567,8 @@ int main(int argc, char **argv) {
         test_aux_fixed_points();
         test_stale_statistic();
         test_thread_determinism();
+        test_kv_cache();
+        test_generate();
         glob_t g;
         if (glob(DEFAULT_DUMPS, 0, NULL, &g) != 0 || g.gl_pathc == 0) {
             printf("UNREADABLE %s: no dumps found; run from the repository root\n", DEFAULT_DUMPS);

@@ -455,9 +455,17 @@ static void gemm(float *C, Mat A, Mat B, int M, int N, int K, int add) {
     }
 }
 
-// out (M,N) = inp (M,K) W^T, W (N,K): the forward of a linear map
+/* out (M,N) = inp (M,K) W^T, W (N,K): the forward of a linear map. A few
+   rows (decoding one token) are dot products straight off W: packing W
+   would cost more than the product. */
 static void matmul_forward(float *out, const float *inp, const float *w, int M, int K, int N) {
-    gemm(out, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
+    if (M >= GM_MR) {
+        gemm(out, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++) out[(size_t)m * N + n] = dot(inp + (size_t)m * K, w + (size_t)n * K, K);
 }
 
 // dinp (M,K) += dout (M,N) W (may be NULL); dW (N,K) += dout^T inp
@@ -506,13 +514,13 @@ static void rope_table(float *cosv, float *sinv, int maxT, int hd, float theta) 
         }
 }
 
-static void rope_apply(float *x, const float *cosv, const float *sinv, int N, int T, int nh, int hd,
+static void rope_apply(float *x, const float *cosv, const float *sinv, int N, int T, int pos0, int nh, int hd,
                        int dir) {
-    // x (N, nh*hd) in place; token n sits at position n % T
+    // x (N, nh*hd) in place; token n sits at position pos0 + n % T
     int h2 = hd / 2;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *cs = cosv + (size_t)(n % T) * h2, *sn = sinv + (size_t)(n % T) * h2;
+        const float *cs = cosv + (size_t)(pos0 + n % T) * h2, *sn = sinv + (size_t)(pos0 + n % T) * h2;
         for (int h = 0; h < nh; h++) {
             float *u = x + ((size_t)n * nh + h) * hd;
             for (int i = 0; i < h2; i++) {
@@ -527,10 +535,12 @@ static void rope_apply(float *x, const float *cosv, const float *sinv, int N, in
 /* Causal attention with grouped key/value heads; query head h reads kv head
    h / (NH/NKV). The forward keeps only the output and each row's logsumexp
    (online softmax), never the T x T matrix; the backward recomputes
-   p = exp(q.k/sqrt(hd) - lse) and uses ds = p (do.v - do.o). */
+   p = exp(q.k/sqrt(hd) - lse) and uses ds = p (do.v - do.o). The queries
+   may start at position t0 (KV-cache decoding, B = 1): keys and values then
+   hold positions [0, t0 + T). */
 static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
-                              int B, int T, int NH, int NKV, int hd) {
-    // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,T,NKV*hd)
+                              int B, int T, int t0, int NH, int NKV, int hd) {
+    // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
     float scale = 1.0f / sqrtf((float)hd);
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
 #pragma omp parallel for collapse(3) schedule(static)
@@ -538,12 +548,12 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
         for (int t = 0; t < T; t++)
             for (int h = 0; h < NH; h++) {
                 const float *qt = q + ((size_t)b * T + t) * qs + h * hd;
-                const float *kb = k + (size_t)b * T * ks + (h / grp) * hd;
-                const float *vb = v + (size_t)b * T * ks + (h / grp) * hd;
+                const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd;
+                const float *vb = v + (size_t)b * (t0 + T) * ks + (h / grp) * hd;
                 float *o = out + ((size_t)b * T + t) * qs + h * hd;
                 float m = -INFINITY, l = 0.0f;
                 for (int i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int s = 0; s <= t; s++) {
+                for (int s = 0; s <= t0 + t; s++) {
                     float sc = dot(qt, kb + (size_t)s * ks, hd) * scale;
                     if (sc > m) {  // a new maximum: rescale what is summed so far
                         float corr = exp_fast(m - sc);
@@ -1050,6 +1060,11 @@ typedef struct {
     size_t acts_bytes;
     int maxN, B, T;                        // B, T of the last forward
     double ce, aux;                        // of the last forward
+    // routing probe (infer_unipool): at layer probe_layer each token's experts
+    // are redrawn from probe_set (see probe_reroute); -1 leaves routing alone
+    int probe_layer, probe_n;
+    const int *probe_set;
+    Rng probe_rng;
 } Model;
 
 static void model_build(Model *m, const Config *cfg) {
@@ -1071,6 +1086,7 @@ static void model_build(Model *m, const Config *cfg) {
     m->aux_f = calloc_check(le, sizeof(float));
     m->aux_prev_f = calloc_check(le, sizeof(float));
     m->aux_coef = calloc_check(le, sizeof(float));
+    m->probe_layer = -1;
 }
 
 static void model_free(Model *m) {
@@ -1154,7 +1170,7 @@ static double aux_forward(Model *m, int N, int training) {
             int l0 = l / S * S;
             for (int ll = l0; ll < l0 + S; ll++) fbar += fsrc[ll * E + j];
             fbar /= S;
-            for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * N + n) * E + j];
+            for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * m->maxN + n) * E + j];
             P /= N;
             float coef = active ? (float)(c->alpha * E * fbar / S) : 0.0f;
             m->aux_coef[l * E + j] = coef;
@@ -1167,6 +1183,29 @@ static double aux_forward(Model *m, int N, int training) {
     return aux;
 }
 
+/* The routing-randomisation probe: each token's K experts are replaced by K
+   distinct experts drawn uniformly from set (n >= K local indices), and each
+   new expert receives the gate the router gave to the choice it replaces.
+   So the probe changes which experts run, not how much of their output is
+   mixed in. Only the chosen scores are rewritten: the loss it measures is CE. */
+static void probe_reroute(int *chosen, float *score, int N, int E, int K, const int *set, int n, Rng *rng) {
+    for (int t = 0; t < N; t++) {
+        int *ch = chosen + (size_t)t * K;
+        float g[K], *s = score + (size_t)t * E;
+        for (int k = 0; k < K; k++) g[k] = s[ch[k]];
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+            do {
+                e = set[rng_u64(rng) % (uint64_t)n];
+                dup = 0;
+                for (int kk = 0; kk < k; kk++) dup |= ch[kk] == e;
+            } while (dup);
+            ch[k] = e;
+        }
+        for (int k = 0; k < K; k++) s[ch[k]] = g[k];
+    }
+}
+
 static void check_tokens(const int *tok, int N, int V, const char *what) {
     for (int n = 0; n < N; n++)
         if (tok[n] < 0 || tok[n] >= V)
@@ -1176,50 +1215,59 @@ static void check_tokens(const int *tok, int N, int V, const char *what) {
 /* Forward over B sequences of T tokens. With targets (N), it computes the
    cross-entropy and aux losses (m->ce, m->aux) and the backward may follow;
    training = 1 marks a training micro-batch (it advances the stale pool
-   statistic of aux 2). Without targets it computes the logits only. */
-static void model_forward(Model *m, const int *inputs, const int *targets, int B, int T, int training) {
+   statistic of aux 2). Without targets it computes the logits only.
+
+   t0 > 0 continues one sequence (B = 1): the inputs sit at positions
+   [t0, t0 + T), and rows [0, t0) of every layer's keys and values, left by
+   earlier calls, are the KV cache. Every layer's activations are rows of a
+   block of m->maxN tokens, so those rows stay where the next call finds them.
+   The logits (T,Vp) of the new positions are rows 0..T-1 of m->acts.logits. */
+static void model_forward(Model *m, const int *inputs, const int *targets, int B, int T, int t0, int training) {
     const Config *c = &m->cfg;
     int N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, hd = HD(c);
     int Q = c->NH * hd, KV = c->NKV * hd, NK = N * K;
-    if (T > c->maxT) fail("sequence length %d exceeds the model's maxT %d; use a smaller -t", T, c->maxT);
+    if (t0 + T > c->maxT) fail("sequence length %d exceeds the model's maxT %d; use a smaller -t", t0 + T, c->maxT);
+    if (t0 > 0 && (B != 1 || targets || t0 + T > m->maxN)) fail("internal: KV-cache forward beyond its capacity");
     if (N > m->maxN) act_alloc(m, N);
     m->B = B;
     m->T = T;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params;
+    size_t S = (size_t)m->maxN;  // rows per layer block
     check_tokens(inputs, N, c->V, "input");
-    memcpy(a->inputs, inputs, (size_t)N * sizeof(int));
-    encoder_forward(a->resid, inputs, p->wte, N, C);
+    memcpy(a->inputs + t0, inputs, (size_t)N * sizeof(int));
+    encoder_forward(a->resid + (size_t)t0 * C, inputs, p->wte, N, C);
     for (int l = 0; l < L; l++) {
-        size_t lN = (size_t)l * N;
-        float *x = a->resid + lN * C, *ln1 = a->ln1 + lN * C, *xm = a->resmid + lN * C, *ln2 = a->ln2 + lN * C;
-        float *q = a->q + lN * Q, *k = a->k + lN * KV, *v = a->v + lN * KV, *atty = a->atty + lN * Q;
-        float *z = a->z + lN * E, *score = a->score + lN * E;
-        int *chosen = a->chosen + (size_t)l * NK;
+        size_t lS = (size_t)l * S + t0, lK = ((size_t)l * S + t0) * K;  // this call's first row of layer l
+        float *x = a->resid + lS * C, *ln1 = a->ln1 + lS * C, *xm = a->resmid + lS * C, *ln2 = a->ln2 + lS * C;
+        float *k = a->k + (size_t)l * S * KV, *v = a->v + (size_t)l * S * KV;  // from row 0: the cache
+        float *q = a->q + lS * Q, *atty = a->atty + lS * Q, *z = a->z + lS * E, *score = a->score + lS * E;
+        int *chosen = a->chosen + lK;
         // attention sublayer
-        rmsnorm_forward(ln1, a->rstd1 + lN, x, p->attn_norm + (size_t)l * C, N, C, c->norm_eps);
+        rmsnorm_forward(ln1, a->rstd1 + lS, x, p->attn_norm + (size_t)l * C, N, C, c->norm_eps);
         matmul_forward(q, ln1, p->wq + (size_t)l * Q * C, N, C, Q);
-        matmul_forward(k, ln1, p->wk + (size_t)l * KV * C, N, C, KV);
-        matmul_forward(v, ln1, p->wv + (size_t)l * KV * C, N, C, KV);
-        rope_apply(q, m->rope_cos, m->rope_sin, N, T, c->NH, hd, +1);
-        rope_apply(k, m->rope_cos, m->rope_sin, N, T, c->NKV, hd, +1);
-        attention_forward(atty, a->att_lse + lN * c->NH, q, k, v, B, T, c->NH, c->NKV, hd);
+        matmul_forward(k + (size_t)t0 * KV, ln1, p->wk + (size_t)l * KV * C, N, C, KV);
+        matmul_forward(v + (size_t)t0 * KV, ln1, p->wv + (size_t)l * KV * C, N, C, KV);
+        rope_apply(q, m->rope_cos, m->rope_sin, N, T, t0, c->NH, hd, +1);
+        rope_apply(k + (size_t)t0 * KV, m->rope_cos, m->rope_sin, N, T, t0, c->NKV, hd, +1);
+        attention_forward(atty, a->att_lse + lS * c->NH, q, k, v, B, T, t0, c->NH, c->NKV, hd);
         matmul_forward(a->y, atty, p->wo + (size_t)l * C * Q, N, Q, C);
         for (size_t i = 0; i < (size_t)N * C; i++) xm[i] = x[i] + a->y[i];
         // expert sublayer: route into this layer's pool, run the chosen experts
-        rmsnorm_forward(ln2, a->rstd2 + lN, xm, p->ffn_norm + (size_t)l * C, N, C, c->norm_eps);
+        rmsnorm_forward(ln2, a->rstd2 + lS, xm, p->ffn_norm + (size_t)l * C, N, C, c->norm_eps);
         matmul_forward(z, ln2, p->router + (size_t)l * E * C, N, C, E);
         router_forward(score, z, p->router_scale[l], c, N);
         topk_forward(chosen, score, N, E, K);
-        Dispatch d = {a->order + (size_t)l * NK, a->slot + (size_t)l * NK, a->offset + (size_t)l * (E + 1)};
+        if (l == m->probe_layer) probe_reroute(chosen, score, N, E, K, m->probe_set, m->probe_n, &m->probe_rng);
+        Dispatch d = {a->order + lK, a->slot + lK, a->offset + (size_t)l * (E + 1)};
         moe_dispatch(&d, chosen, NK, E);
         size_t e0 = layer_first_expert(c, l);
-        moe_forward(a->y, a->h + (size_t)l * NK * 2 * F, a->eout + (size_t)l * NK * C, a->xs, a->act, ln2, score,
-                    chosen, &d, p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E, K);
-        float *xn = a->resid + (lN + N) * C;
+        moe_forward(a->y, a->h + lK * 2 * F, a->eout + lK * C, a->xs, a->act, ln2, score, chosen, &d,
+                    p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E, K);
+        float *xn = a->resid + (lS + S) * C;
         for (size_t i = 0; i < (size_t)N * C; i++) xn[i] = xm[i] + a->y[i];
     }
-    rmsnorm_forward(a->lnf, a->rstdf, a->resid + (size_t)L * N * C, p->final_norm, N, C, c->norm_eps);
+    rmsnorm_forward(a->lnf, a->rstdf, a->resid + ((size_t)L * S + t0) * C, p->final_norm, N, C, c->norm_eps);
     matmul_forward(a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     if (!targets) return;
     check_tokens(targets, N, c->V, "target");
@@ -1233,27 +1281,28 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
 static void model_backward(Model *m, float scale) {
     const Config *c = &m->cfg;
     int B = m->B, T = m->T, N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, hd = HD(c);
-    int Q = c->NH * hd, KV = c->NKV * hd, NK = N * K;
+    int Q = c->NH * hd, KV = c->NKV * hd;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params, *g = &m->grads;
+    size_t S = (size_t)m->maxN;  // rows per layer block, as in the forward
     crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / N, N, c->V, c->Vp);
     memset(a->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     memset(a->dresid, 0, (size_t)N * C * sizeof(float));
-    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * N * C, p->final_norm, a->rstdf, N, C);
+    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * S * C, p->final_norm, a->rstdf, N, C);
     for (int l = L - 1; l >= 0; l--) {  // a->dresid holds d(residual leaving layer l)
-        size_t lN = (size_t)l * N;
+        size_t lN = (size_t)l * S;
         const float *ln2 = a->ln2 + lN * C, *ln1 = a->ln1 + lN * C;
         const float *z = a->z + lN * E, *score = a->score + lN * E;
-        const int *chosen = a->chosen + (size_t)l * NK;
-        Dispatch d = {a->order + (size_t)l * NK, a->slot + (size_t)l * NK, a->offset + (size_t)l * (E + 1)};
+        const int *chosen = a->chosen + lN * K;
+        Dispatch d = {a->order + lN * K, a->slot + lN * K, a->offset + (size_t)l * (E + 1)};
         size_t e0 = layer_first_expert(c, l);
         // expert sublayer: d score = gate path + aux path, then router and norm
         for (int n = 0; n < N; n++)
             for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
         moe_backward(a->dln, a->dscore, g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->xs, a->dxs,
-                     a->act, a->dact, a->dh, a->dresid, a->h + (size_t)l * NK * 2 * F, a->eout + (size_t)l * NK * C,
+                     a->act, a->dact, a->dh, a->dresid, a->h + lN * K * 2 * F, a->eout + lN * K * C,
                      ln2, score, chosen, &d, p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E,
                      K);
         router_backward(a->dz, g->router_scale + l, a->dscore, z, score, p->router_scale[l], c, N);
@@ -1268,8 +1317,8 @@ static void model_backward(Model *m, float scale) {
         memset(a->dv, 0, (size_t)N * KV * sizeof(float));
         attention_backward(a->dq, a->dk, a->dv, a->datty, a->q + lN * Q, a->k + lN * KV, a->v + lN * KV,
                            a->atty + lN * Q, a->att_lse + lN * c->NH, B, T, c->NH, c->NKV, hd);
-        rope_apply(a->dq, m->rope_cos, m->rope_sin, N, T, c->NH, hd, -1);
-        rope_apply(a->dk, m->rope_cos, m->rope_sin, N, T, c->NKV, hd, -1);
+        rope_apply(a->dq, m->rope_cos, m->rope_sin, N, T, 0, c->NH, hd, -1);
+        rope_apply(a->dk, m->rope_cos, m->rope_sin, N, T, 0, c->NKV, hd, -1);
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
         matmul_backward(a->dln, g->wq + (size_t)l * Q * C, a->dq, ln1, p->wq + (size_t)l * Q * C, N, C, Q);
         matmul_backward(a->dln, g->wk + (size_t)l * KV * C, a->dk, ln1, p->wk + (size_t)l * KV * C, N, C, KV);
@@ -1352,7 +1401,7 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
     memset(m->grads_memory, 0, m->num_params * sizeof(float));
     for (int mb = 0; mb < n_micro; mb++) {
         split_rows(io, io + (size_t)B * T, tokens + (size_t)mb * B * (T + 1), B, T);
-        model_forward(m, io, io + (size_t)B * T, B, T, 1);
+        model_forward(m, io, io + (size_t)B * T, B, T, 0, 1);
         model_backward(m, 1.0f / n_micro);
         st.ce += m->ce / n_micro;
         st.aux += m->aux / n_micro;
@@ -1559,14 +1608,16 @@ static void tokenizer_free(Tokenizer *t) {
     free(t->piece);
 }
 
-// Prints a token's bytes, leaving out control bytes other than newline and tab.
-static void tokenizer_print(const Tokenizer *t, int id) {
+// Prints a token's bytes as it comes (ctx: the Tokenizer), leaving out control bytes other than newline and tab.
+static void tokenizer_print(int id, void *ctx) {
+    const Tokenizer *t = ctx;
     if (!t->piece || id < 0 || id >= t->n) {
         printf("<%d>", id);
-        return;
+    } else {
+        for (const unsigned char *p = (const unsigned char *)t->piece[id]; *p; p++)
+            if (*p >= 32 || *p == '\n' || *p == '\t') putchar(*p);
     }
-    for (const unsigned char *p = (const unsigned char *)t->piece[id]; *p; p++)
-        if (*p >= 32 || *p == '\n' || *p == '\t') putchar(*p);
+    fflush(stdout);
 }
 
 // ----------------------------------------------------------------------------
@@ -1759,7 +1810,7 @@ static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *po
     for (int i = 0; i < batches; i++) {
         loader_next(d, rows, B);
         split_rows(io, io + N, rows, B, T);
-        model_forward(m, io, io + N, B, T, 0);
+        model_forward(m, io, io + N, B, T, 0, 0);
         loss += m->ce;
         for (int l = 0; pool_counts && l < c->L; l++) {
             const int *off = m->acts.offset + (size_t)l * (c->E + 1);
@@ -1774,19 +1825,69 @@ static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *po
     return loss / batches;
 }
 
-// Samples from softmax(logits[0:V] / temperature); temperature 0 takes the argmax.
-static int sample_token(const float *logits, int V, float temperature, Rng *rng) {
+/* Sampling at a temperature with top-p (nucleus): the smallest set of the
+   most probable tokens whose probabilities reach top_p, renormalised;
+   top_p >= 1 keeps them all, temperature 0 takes the argmax. The sort breaks
+   ties by id, so a seed fixes the result. */
+typedef struct {
+    float p;
+    int id;
+} ProbIndex;
+
+static int prob_desc(const void *a, const void *b) {
+    const ProbIndex *x = a, *y = b;
+    return x->p != y->p ? (x->p < y->p) - (x->p > y->p) : (x->id > y->id) - (x->id < y->id);
+}
+
+static int sample_token(const float *logits, int V, float temperature, float top_p, Rng *rng, ProbIndex *scratch) {
     int best = 0;
     for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
     if (temperature <= 0.0f) return best;
-    double sum = 0.0, u;
-    for (int i = 0; i < V; i++) sum += exp((logits[i] - logits[best]) / temperature);
-    u = rng_uniform(rng) * sum;
-    for (int i = 0; i < V; i++) {
-        u -= exp((logits[i] - logits[best]) / temperature);
-        if (u <= 0.0) return i;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) sum += (scratch[i].p = expf((logits[i] - logits[best]) / temperature));
+    int n = V;
+    if (top_p < 1.0f) {
+        // tokens below (1 - top_p) / (V - 1) of the mass cannot be in the nucleus: sort only the rest
+        double floor = (1.0 - top_p) / (V - 1) * sum;
+        n = 0;
+        for (int i = 0; i < V; i++)
+            if (scratch[i].p >= floor) scratch[n++] = (ProbIndex){scratch[i].p, i};
+        qsort(scratch, n, sizeof *scratch, prob_desc);
+        double cum = 0.0;
+        int keep = 0;
+        while (keep < n && cum < top_p * sum) cum += scratch[keep++].p;
+        n = keep, sum = cum;
+    } else {
+        for (int i = 0; i < V; i++) scratch[i].id = i;
     }
-    return V - 1;
+    double u = rng_uniform(rng) * sum;
+    for (int i = 0; i < n; i++)
+        if ((u -= scratch[i].p) <= 0.0) return scratch[i].id;
+    return scratch[n - 1].id;
+}
+
+/* Continues seq[0:n_prompt] by n_new tokens (B = 1) through the KV cache:
+   the prompt in one forward, then one position per forward (t0 = its
+   position). Each new token goes to emit as soon as it is chosen. */
+static void generate(Model *m, int *seq, int n_prompt, int n_new, float temperature, float top_p, Rng *rng,
+                     void (*emit)(int token, void *ctx), void *ctx) {
+    const Config *c = &m->cfg;
+    int total = n_prompt + n_new;
+    if (n_prompt < 1 || total > c->maxT)
+        fail("a prompt of %d tokens and %d new ones do not fit the model's maxT %d; ask for fewer", n_prompt, n_new, c->maxT);
+    if (m->maxN < total) act_alloc(m, total);
+    ProbIndex *scratch = malloc_check((size_t)c->V * sizeof *scratch);
+    model_forward(m, seq, NULL, 1, n_prompt, 0, 0);
+    const float *logits = m->acts.logits + (size_t)(n_prompt - 1) * c->Vp;
+    for (int t = n_prompt; t < total; t++) {
+        seq[t] = sample_token(logits, c->V, temperature, top_p, rng, scratch);
+        emit(seq[t], ctx);
+        if (t + 1 < total) {
+            model_forward(m, seq + t, NULL, 1, 1, t, 0);
+            logits = m->acts.logits;
+        }
+    }
+    free(scratch);
 }
 
 // ----------------------------------------------------------------------------
@@ -2175,14 +2276,10 @@ int main(int argc, char **argv) {
         }
         if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last)) {
             Rng rng = {st.sampler};
-            int T = tc.T < tc.gen_tokens + 1 ? tc.T : tc.gen_tokens + 1, *seq = malloc_check(T * sizeof(int));
+            int *seq = malloc_check((tc.gen_tokens + 1) * sizeof(int));
             seq[0] = have_tok ? tok.eot : cfg.V - 1;
             printf("sample: ");
-            for (int t = 1; t < T; t++) {
-                model_forward(&m, seq, NULL, 1, t, 0);
-                seq[t] = sample_token(m.acts.logits + (size_t)(t - 1) * cfg.Vp, cfg.V, 1.0f, &rng);
-                tokenizer_print(&tok, seq[t]);
-            }
+            generate(&m, seq, 1, tc.gen_tokens, 1.0f, 1.0f, &rng, tokenizer_print, &tok);
             printf("\n");
             free(seq);
             st.sampler = rng.s;

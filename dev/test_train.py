@@ -117,6 +117,38 @@ def main():
         r3 = run(d + TINY + ["-n", "3", "-K", "0", "-s", "7", "-O", os.path.join(tmp, "s3")])
         check("another seed, other figures", losses(r3.stdout) != losses(r1.stdout))
 
+        # infer_unipool on the run's checkpoint.
+        infer = os.path.join(ROOT, "infer_unipool")
+        ck8 = os.path.join(full, "ckpt_00000008.bin")
+        e = subprocess.run([infer, "eval", "-c", ck8, "-i", d[3], "-n", "2", "-T", "1"], capture_output=True, text=True)
+        val8 = [l for l in la if l.startswith("val step 8")][0]
+        want = re.search(r"loss (\S+)", val8).group(1)
+        got = re.search(r"loss (\S+),", e.stdout)
+        check("eval equals the training program's val loss", got is not None and "%.4f" % float(got.group(1)) == want,
+              "train: %s, eval: %s %s" % (val8, e.stdout, e.stderr))
+        prefix = os.path.join(tmp, "util", "u")
+        u = subprocess.run([infer, "util", "-c", ck8, "-i", d[3], "-n", "3", "-b", "2", "-t", "16", "-o", prefix],
+                           capture_output=True, text=True)
+        rows = [l.split(",") for l in open(prefix + ".csv").read().splitlines()[1:]] if u.returncode == 0 else []
+        per_layer = {}
+        for layer, _, n in rows:
+            per_layer[layer] = per_layer.get(layer, 0) + int(n)
+        check("util: counts per layer sum to tokens x K", per_layer == {"0": 3 * 2 * 16, "1": 3 * 2 * 16}
+              and "<svg" in open(prefix + ".svg").read(), "%s %s %s" % (per_layer, u.stdout, u.stderr))
+        p = subprocess.run([infer, "probe", "-c", ck8, "-i", d[3], "-n", "2"], capture_output=True, text=True)
+        check("probe reports the deep layer and the mean", p.returncode == 0 and re.search(r"^\s+1 \|", p.stdout, re.M)
+              and "mean" in p.stdout, p.stdout + p.stderr)
+        table = os.path.join(tmp, "tok.bin")
+        with open(table, "wb") as f:  # a tokenizer table whose token i prints as "<i>"
+            f.write(struct.pack("<256I", *([magic("TOKENIZER_MAGIC"), magic("TOKENIZER_VERSION"), 50257, 50256] + [0] * 252)))
+            for i in range(50257):
+                b = ("<%d>" % i).encode()
+                f.write(bytes([len(b)]) + b)
+        g = [subprocess.run([infer, "gen", "-c", ck8, "-z", table, "-n", "12", "-s", s], capture_output=True, text=True)
+             for s in ("5", "5", "6")]
+        check("gen: same seed same text, another seed other text", g[0].returncode == 0 and g[0].stdout == g[1].stdout
+              and g[0].stdout != g[2].stdout and g[0].stdout.count("<") == 12, g[0].stdout + g[0].stderr)
+
         # Bad data.
         out = ["-O", os.path.join(tmp, "bad")]
         expect_error("missing shards", ["-i", os.path.join(tmp, "nope_*.bin"), "-j", d[3]] + TINY + out, "nope_*.bin")

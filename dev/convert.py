@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Convert unipool.c checkpoints to and from PyTorch, and check a checkpoint
+against the PyTorch reference model (dev/model.py).
+
+    dev/convert.py to-torch CKPT OUT.pt
+    dev/convert.py to-ckpt  IN.pt OUT.bin
+    dev/convert.py check    CKPT SHARD [-b B] [-t T]
+
+to-torch writes a torch file holding
+    "config":      the model Config (dev/model.py) as a dict
+    "state_dict":  the float32 model's state_dict()
+    "train":       the training configuration of the header (B T n_micro steps
+                   warmup val_every val_batches sample_every gen_tokens
+                   ckpt_every keep seed lr b1 b2 eps wd clip lr_floor), and with
+                   the training state also the loader position (epoch shard
+                   row) and the sampler state
+and, when the checkpoint holds the training state,
+    "adam_m", "adam_v": flat float32 tensors in parameter-buffer order
+    "adam_t", "step":   AdamW steps and steps done
+    "prev_f":           the stale pool statistic (L, E) float32, None if its
+                        valid flag is 0.
+to-ckpt is the reverse: a parameters-only checkpoint when IN.pt has no
+"adam_m", else one with the training state. ckpt -> pt -> ckpt is
+byte-identical for every file the C programs write.
+
+check loads CKPT into the PyTorch model in float64 and float32, computes the
+cross-entropy of the first batch of SHARD (B rows of T+1 tokens in file
+order, row r = tokens [r*T, r*T+T+1)) in evaluation mode, runs
+`./infer_unipool eval ... -n 1` on the same batch, and compares.
+
+The checkpoint format is the one documented in train_unipool.c (comment
+"Checkpoints. Little-endian, in this order:"); the reader checks the header
+exactly as checkpoint_header() there does. Magic numbers come from
+train_unipool.c through dev/magic.py. Bad input ends with one line
+"error: ..." on stderr and exit status 1. Standard library, numpy and torch.
+"""
+import argparse
+import dataclasses
+import glob
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from magic import magic  # noqa: E402
+
+import torch  # noqa: E402
+import model as M  # noqa: E402
+
+INFER = os.path.join(ROOT, "infer_unipool")
+
+# ---- the header layout (train_unipool.c, checkpoint_save / checkpoint_header) -------------
+N_I32, N_F32, N_U64 = 256, 64, 32
+HEADER_BYTES = N_I32 * 4 + N_F32 * 4 + N_U64 * 8           # CKPT_HEADER_BYTES
+I32_CONFIG = ["V", "Vp", "maxT", "L", "C", "NH", "NKV", "F", "G", "E", "K", "router", "aux"]   # h[3..15]
+I32_TRAIN = ["B", "T", "n_micro", "steps", "warmup", "val_every", "val_batches", "sample_every",
+             "gen_tokens", "ckpt_every", "keep"]                                               # h[16..26]
+I32_STEP, I32_ADAM_T, I32_PREV_VALID = 27, 28, 29                                              # state only
+F32_CONFIG = ["alpha", "norm_eps", "rope_theta", "router_c", "router_eps"]                     # hp[0..4]
+F32_TRAIN = ["lr", "b1", "b2", "eps", "wd", "clip", "lr_floor"]                                # hp[5..11]
+U64_SEED = 0                                                                                   # h64[0]
+U64_STATE = ["epoch", "shard", "row", "sampler"]                                               # h64[1..4], state only
+TRAIN_CONFIG_KEYS = I32_TRAIN + ["seed"] + F32_TRAIN
+assert [f.name for f in dataclasses.fields(M.Config)] == I32_CONFIG + F32_CONFIG, \
+    "dev/model.py's Config fields no longer match the checkpoint header"
+
+# check: largest accepted |C loss - PyTorch loss|, relative to the PyTorch loss. The C model
+# computes in float32 with its own summation orders (16 partial sums, blocked GEMMs) and a
+# polynomial exp within 2 ulp; a few layers of such rounding move the mean CE by ~1e-7..1e-6
+# relative, and the printed loss (%.6f) adds at most 5e-7 absolute. 1e-5 leaves ~10x headroom
+# over that noise, while a real disagreement (a tensor read in the wrong order or transposed, a
+# wrong RoPE pairing, GQA mapping, router or expert choice) moves the loss far more. PRINT_ABS
+# allows the %.6f rounding on its own, which matters only for losses below 0.05.
+REL_TOL = 1e-5
+PRINT_ABS = 5e-7
+
+
+class ConvertError(Exception):
+    """Bad input; the CLI prints it as one line 'error: ...' and exits 1."""
+
+
+# ---- checks mirrored from train_unipool.c -----------------------------------------------------
+
+def config_error(c):
+    """train_unipool.c's config_error(): None if the configuration is usable, else what is wrong."""
+    if (c["Vp"] > (1 << 24) or c["L"] > 1024 or c["C"] > (1 << 16) or c["F"] > (1 << 20) or
+            c["maxT"] > (1 << 16) or c["G"] > 1024 or c["E"] > (1 << 16)):
+        return ("a size is beyond this program's bounds (Vp 2^24, L 1024, C 2^16, F 2^20, maxT 2^16, "
+                "G 1024, E 2^16)")
+    if c["V"] < 1 or c["Vp"] < c["V"]:
+        return "need 1 <= V <= Vp"
+    if c["L"] < 1 or c["C"] < 1 or c["F"] < 1 or c["maxT"] < 1:
+        return "L, C, F and maxT must be positive"
+    if c["NH"] < 1 or c["NKV"] < 1 or c["NH"] % c["NKV"]:
+        return "NH must be a multiple of NKV"
+    hd = c["C"] // c["NH"]
+    if c["C"] % c["NH"] or hd % 2 or hd > 1024:
+        return "C / NH (the head size) must be an even whole number <= 1024"
+    if c["G"] < 1 or c["L"] % c["G"]:
+        return "the number of pools G must divide L"
+    if c["E"] < 1 or c["K"] < 1 or c["K"] > c["E"]:
+        return "need 1 <= K <= E"
+    if c["router"] not in (0, 1):
+        return "router must be 0 or 1"
+    if c["aux"] < 0 or c["aux"] > 3:
+        return "aux must be 0..3"
+    if not (c["norm_eps"] > 0) or not (c["rope_theta"] > 0):
+        return "norm_eps and rope_theta must be > 0"
+    return None
+
+
+def make_config(cfg_dict):
+    return M.Config(**cfg_dict)
+
+
+def checkpoint_size(cfg_dict, has_state):
+    """Bytes of a checkpoint: header, parameters, and with the state m, v and the (L, E) statistic."""
+    P = M.num_params(make_config(cfg_dict))
+    return HEADER_BYTES + 4 * P * (3 if has_state else 1) + (4 * cfg_dict["L"] * cfg_dict["E"] if has_state else 0)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def read_checkpoint(path, warn=True):
+    """Reads and checks a checkpoint as train_unipool.c's checkpoint_header() and
+    checkpoint_read_body() do. Returns a dict: config, train, has_state, params (float32 numpy,
+    buffer order) and with the state step, adam_t, prev_valid, adam_m, adam_v, prev_f ((L, E))."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+            size = os.fstat(f.fileno()).st_size
+            if len(raw) != HEADER_BYTES:
+                raise ConvertError("checkpoint '%s' is shorter than its header; it is truncated, use an earlier "
+                                   "checkpoint" % path)
+            h = struct.unpack_from("<%di" % N_I32, raw, 0)
+            hp = struct.unpack_from("<%df" % N_F32, raw, N_I32 * 4)
+            h64 = struct.unpack_from("<%dQ" % N_U64, raw, N_I32 * 4 + N_F32 * 4)
+            if h[0] != magic("CKPT_MAGIC"):
+                raise ConvertError("'%s' is not a unipool checkpoint (magic %d, want %d)"
+                                   % (path, h[0], magic("CKPT_MAGIC")))
+            if h[1] != magic("CKPT_VERSION"):
+                raise ConvertError("checkpoint '%s' has version %d; this program reads version %d"
+                                   % (path, h[1], magic("CKPT_VERSION")))
+            cfg = dict(zip(I32_CONFIG, h[3:3 + len(I32_CONFIG)]))
+            cfg.update(zip(F32_CONFIG, hp[0:len(F32_CONFIG)]))
+            err = config_error(cfg)
+            if err:
+                raise ConvertError("checkpoint '%s' holds a bad configuration (%s); it is damaged" % (path, err))
+            has_state = h[2] != 0   # C: any non-zero value means the state follows
+            want = checkpoint_size(cfg, has_state)
+            if size != want:
+                raise ConvertError("checkpoint '%s' is %d bytes, its header implies %d; it is truncated or "
+                                   "damaged, use an earlier one" % (path, size, want))
+            train = dict(zip(I32_TRAIN, h[16:16 + len(I32_TRAIN)]))
+            train["seed"] = h64[U64_SEED]
+            train.update(zip(F32_TRAIN, hp[5:5 + len(F32_TRAIN)]))
+            P = M.num_params(make_config(cfg))
+            LE = cfg["L"] * cfg["E"]
+            ck = {"config": cfg, "train": train, "has_state": has_state,
+                  "params": np.frombuffer(f.read(4 * P), dtype="<f4").astype(np.float32)}
+            if has_state:
+                train.update(zip(U64_STATE, h64[1:1 + len(U64_STATE)]))
+                ck["step"], ck["adam_t"], ck["prev_valid"] = h[I32_STEP], h[I32_ADAM_T], h[I32_PREV_VALID]
+                ck["adam_m"] = np.frombuffer(f.read(4 * P), dtype="<f4").astype(np.float32)
+                ck["adam_v"] = np.frombuffer(f.read(4 * P), dtype="<f4").astype(np.float32)
+                ck["prev_f"] = np.frombuffer(f.read(4 * LE), dtype="<f4").astype(np.float32).reshape(
+                    cfg["L"], cfg["E"])
+    except OSError as e:
+        raise ConvertError("cannot read checkpoint '%s': %s" % (path, e.strerror or e))
+    if warn:
+        _warn_unkept(path, raw, has_state, ck)
+    return ck
+
+
+def _warn_unkept(path, raw, has_state, ck):
+    """The C writer leaves the unused header words zero (and, without the state, the state words;
+    with an invalid statistic, the statistic). The C reader ignores them, so do we, but say so:
+    they do not survive a conversion."""
+    words = [(4 * i, 4) for i in range(3 + len(I32_CONFIG) + len(I32_TRAIN) + 3, N_I32)]
+    words += [(N_I32 * 4 + 4 * i, 4) for i in range(len(F32_CONFIG) + len(F32_TRAIN), N_F32)]
+    words += [(N_I32 * 4 + N_F32 * 4 + 8 * i, 8) for i in range(1 + len(U64_STATE), N_U64)]
+    if not has_state:
+        words += [(4 * i, 4) for i in (I32_STEP, I32_ADAM_T, I32_PREV_VALID)]
+        words += [(N_I32 * 4 + N_F32 * 4 + 8 * i, 8) for i in range(1, 1 + len(U64_STATE))]
+    nonzero = [off for off, n in words if any(raw[off:off + n])]
+    if nonzero:
+        print("warning: checkpoint '%s' has non-zero bytes in header words it does not use (byte offsets %s); "
+              "they are not converted" % (path, ", ".join(map(str, nonzero[:8]))), file=sys.stderr)
+    if has_state and ck["prev_valid"] == 0 and ck["prev_f"].any():
+        print("warning: checkpoint '%s' holds a non-zero stale statistic marked invalid; it is not converted"
+              % path, file=sys.stderr)
+    if has_state and ck["prev_valid"] not in (0, 1):
+        print("warning: checkpoint '%s' has stale-statistic flag %d; it is converted as 1"
+              % (path, ck["prev_valid"]), file=sys.stderr)
+    flag = struct.unpack_from("<i", raw, 8)[0]
+    if flag not in (0, 1):
+        print("warning: checkpoint '%s' has state flag %d; it is converted as 1" % (path, flag), file=sys.stderr)
+
+
+def build_model(ck, dtype):
+    """The dev/model.py model of a checkpoint, its parameters loaded, prev_f set from the stale statistic."""
+    m = M.UniPool(make_config(ck["config"]), dtype=dtype)
+    M.load_params(m, torch.from_numpy(ck["params"]))
+    if ck["has_state"] and ck["prev_valid"]:
+        m.prev_f = torch.from_numpy(ck["prev_f"]).to(dtype)
+    return m
+
+
+# ---- to-torch -----------------------------------------------------------------------------------
+
+def to_torch(ck):
+    """The torch-file dict of a checkpoint read by read_checkpoint()."""
+    model = build_model(ck, torch.float32)
+    out = {"config": dict(ck["config"]), "state_dict": model.state_dict(), "train": dict(ck["train"])}
+    if ck["has_state"]:
+        out["adam_m"] = torch.from_numpy(ck["adam_m"].copy())
+        out["adam_v"] = torch.from_numpy(ck["adam_v"].copy())
+        out["adam_t"] = int(ck["adam_t"])
+        out["step"] = int(ck["step"])
+        out["prev_f"] = torch.from_numpy(ck["prev_f"].copy()) if ck["prev_valid"] else None
+    return out
+
+
+# ---- to-ckpt ------------------------------------------------------------------------------------
+
+def _float_tensor(x, what, shape, path):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ConvertError("'%s': %s is not a float tensor" % (path, what))
+    if tuple(x.shape) != tuple(shape):
+        raise ConvertError("'%s': %s has shape %s, the config implies %s" % (path, what, tuple(x.shape), tuple(shape)))
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def checkpoint_bytes(d, path="IN.pt"):
+    """A checkpoint (bytes) from a torch-file dict as to_torch() makes it."""
+    if not isinstance(d, dict) or "config" not in d or "state_dict" not in d:
+        raise ConvertError("'%s' is not a torch file written by convert.py to-torch (no config / state_dict)" % path)
+    cfg = d["config"]
+    if not isinstance(cfg, dict) or set(cfg) != set(I32_CONFIG + F32_CONFIG):
+        raise ConvertError("'%s': config must hold exactly the fields %s" % (path, " ".join(I32_CONFIG + F32_CONFIG)))
+    err = config_error(cfg)
+    if err:
+        raise ConvertError("'%s' holds a bad configuration (%s)" % (path, err))
+    shapes = M.param_shapes(make_config(cfg))
+    sd = d["state_dict"]
+    extra = sorted(set(sd) - {name for name, _ in shapes})
+    if extra:
+        raise ConvertError("'%s': state_dict has tensors the model does not: %s" % (path, ", ".join(extra)))
+    for name, _ in shapes:
+        if name not in sd:
+            raise ConvertError("'%s': state_dict lacks %s" % (path, name))
+    params = torch.cat([_float_tensor(sd[name], name, shape, path).reshape(-1) for name, shape in shapes])
+    P = params.numel()
+    has_state = "adam_m" in d
+    train = dict(d.get("train") or {})
+    if "train" not in d:
+        # no training configuration: what check and infer_unipool would take without -b/-t
+        train = {"B": 2, "T": min(64, cfg["maxT"])}
+        print("warning: '%s' has no training configuration; the checkpoint gets B 2, T %d and zeros"
+              % (path, train["T"]), file=sys.stderr)
+    if has_state:
+        for key in ["adam_v", "adam_t", "step", "prev_f"]:
+            if key not in d:
+                raise ConvertError("'%s' has adam_m but no %s" % (path, key))
+        for key in U64_STATE:
+            if key not in train:
+                raise ConvertError("'%s' has optimizer state but train lacks %s" % (path, key))
+    unknown = sorted(set(train) - set(TRAIN_CONFIG_KEYS + U64_STATE))
+    if unknown:
+        raise ConvertError("'%s': train has unknown fields %s" % (path, ", ".join(unknown)))
+
+    h, hp, h64 = [0] * N_I32, [0.0] * N_F32, [0] * N_U64
+    h[0], h[1], h[2] = magic("CKPT_MAGIC"), magic("CKPT_VERSION"), int(has_state)
+    h[3:3 + len(I32_CONFIG)] = [cfg[k] for k in I32_CONFIG]
+    hp[0:len(F32_CONFIG)] = [cfg[k] for k in F32_CONFIG]
+    h[16:16 + len(I32_TRAIN)] = [train.get(k, 0) for k in I32_TRAIN]
+    hp[5:5 + len(F32_TRAIN)] = [train.get(k, 0.0) for k in F32_TRAIN]
+    h64[U64_SEED] = train.get("seed", 0)
+    body = [params]
+    if has_state:
+        h[I32_STEP], h[I32_ADAM_T] = d["step"], d["adam_t"]
+        h[I32_PREV_VALID] = int(d["prev_f"] is not None)
+        h64[1:1 + len(U64_STATE)] = [train[k] for k in U64_STATE]
+        L, E = cfg["L"], cfg["E"]
+        prev = (torch.zeros(L, E) if d["prev_f"] is None else _float_tensor(d["prev_f"], "prev_f", (L, E), path))
+        body += [_float_tensor(d["adam_m"], "adam_m", (P,), path), _float_tensor(d["adam_v"], "adam_v", (P,), path),
+                 prev.reshape(-1)]
+    try:
+        head = (struct.pack("<%di" % N_I32, *h) + struct.pack("<%df" % N_F32, *hp) +
+                struct.pack("<%dQ" % N_U64, *h64))
+    except (struct.error, TypeError) as e:
+        raise ConvertError("'%s': a header field does not fit its type (%s)" % (path, e))
+    return [head] + [t.numpy().astype("<f4").tobytes() for t in body]
+
+
+def write_file(path, chunks):
+    """Writes to PATH.tmp, fsyncs, renames over PATH (as the C writer does)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise ConvertError("cannot write '%s': %s" % (path, e.strerror or e))
+
+
+def load_torch_file(path):
+    try:
+        return torch.load(path, map_location="cpu")
+    except OSError as e:
+        raise ConvertError("cannot read '%s': %s" % (path, e.strerror or e))
+    except Exception as e:  # torch raises many kinds on a foreign file
+        raise ConvertError("'%s' is not a torch file (%s)" % (path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+
+
+def model_from_torch(d, dtype, path="IN.pt"):
+    """The dev/model.py model of a to-torch dict (parameters only), in dtype."""
+    m = M.UniPool(make_config(d["config"]), dtype=dtype)
+    with torch.no_grad():
+        for name, p in m.ordered_params():
+            p.copy_(d["state_dict"][name])
+    return m
+
+
+# ---- check --------------------------------------------------------------------------------------
+
+def read_batch(pattern, B, T, V):
+    """The first B rows of T+1 tokens of the shards matching pattern, in file order, as
+    infer_unipool reads them (train_unipool.c: shard_header, loader_init, loader_next).
+    Returns inputs, targets (B, T) int64."""
+    files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else ([pattern] if os.path.exists(pattern) else [])
+    if not files:
+        raise ConvertError("no files match '%s'" % pattern)
+    shards = []
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(1024)
+                size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise ConvertError("cannot read shard '%s': %s" % (path, e.strerror or e))
+        if len(raw) != 1024:
+            raise ConvertError("shard '%s' is shorter than its 1024-byte header" % path)
+        h = struct.unpack("<256i", raw)
+        if h[0] != magic("SHARD_MAGIC"):
+            raise ConvertError("'%s' is not a token shard (magic %d, want %d)" % (path, h[0], magic("SHARD_MAGIC")))
+        if h[1] not in (magic("SHARD_VERSION_U16"), magic("SHARD_VERSION_U32")):
+            raise ConvertError("shard '%s' has version %d" % (path, h[1]))
+        if h[2] < 0:
+            raise ConvertError("shard '%s' has a negative token count" % path)
+        width = 2 if h[1] == magic("SHARD_VERSION_U16") else 4
+        if size != 1024 + h[2] * width:
+            raise ConvertError("shard '%s' is %d bytes, its header says %d" % (path, size, 1024 + h[2] * width))
+        if h[2] < T + 1:
+            raise ConvertError("shard '%s' holds %d tokens, fewer than one row of T+1 = %d" % (path, h[2], T + 1))
+        shards.append((path, h[2], width))
+    if sum((count - 1) // T for _, count, _ in shards) < B:
+        raise ConvertError("the shards hold fewer than one batch of %d rows of T+1 = %d tokens" % (B, T + 1))
+    rows = []
+    for path, count, width in shards:
+        tok = np.fromfile(path, dtype="<u2" if width == 2 else "<u4", offset=1024).astype(np.int64)
+        if (tok >= V).any():
+            raise ConvertError("shard '%s': token %d is >= the vocabulary size %d" % (path, tok.max(), V))
+        for r in range((count - 1) // T):
+            if len(rows) == B:
+                break
+            rows.append(tok[r * T:r * T + T + 1])
+    rows = torch.from_numpy(np.stack(rows))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def torch_loss(model, inputs, targets):
+    """Mean CE of one batch, evaluation mode; the stale statistic must come back untouched."""
+    before = model.prev_f
+    with torch.no_grad():
+        ce = float(model(inputs, targets, train=False).ce)
+    assert model.prev_f is before, "an evaluation pass changed the stale statistic"
+    return ce
+
+
+def c_loss(ckpt, shard, B, T):
+    if not os.access(INFER, os.X_OK):
+        raise ConvertError("%s is not built; run make in %s" % (INFER, ROOT))
+    cmd = [INFER, "eval", "-c", ckpt, "-i", shard, "-b", str(B), "-t", str(T), "-n", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error")]
+    if r.returncode != 0:
+        raise ConvertError("infer_unipool failed (exit %d): %s" % (r.returncode, lines[-1] if lines else r.stderr.strip()[-300:]))
+    m = re.search(r"loss (\S+), perplexity", r.stdout)
+    if not m:
+        raise ConvertError("cannot find the loss in infer_unipool's output: %r" % r.stdout[-300:])
+    return float(m.group(1))
+
+
+def check(ckpt, shard, B=2, T=None, out=sys.stdout):
+    """Compares the PyTorch losses (float64, float32) of the first batch with infer_unipool's.
+    Returns (ok, {"c": loss, "float64": loss, "float32": loss, "rel64": ..., "rel32": ...})."""
+    ck = read_checkpoint(ckpt)
+    cfg = ck["config"]
+    if T is None:
+        T = ck["train"]["T"] if ck["train"]["T"] > 0 else 64
+    if B < 1 or T < 1:
+        raise ConvertError("-b and -t must be positive")
+    if T > cfg["maxT"]:
+        raise ConvertError("-t %d exceeds the model's maxT %d" % (T, cfg["maxT"]))
+    inputs, targets = read_batch(shard, B, T, cfg["V"])
+    res = {}
+    for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+        res[name] = torch_loss(build_model(ck, dtype), inputs, targets)
+    res["c"] = c_loss(ckpt, shard, B, T)
+    ok = True
+    print("check %s on %s: first batch of %d x %d tokens" % (ckpt, shard, B, T), file=out)
+    print("  infer_unipool (C, float32)  loss %.6f" % res["c"], file=out)
+    for name in ("float64", "float32"):
+        ref = res[name]
+        rel = abs(res["c"] - ref) / abs(ref) if ref != 0 else (0.0 if res["c"] == 0 else math.inf)
+        good = abs(res["c"] - ref) <= REL_TOL * abs(ref) + PRINT_ABS  # False for NaN
+        res["rel" + name[-2:]] = rel
+        ok = ok and good
+        print("  PyTorch %s             loss %.9f  relative difference %.2e  %s"
+              % (name, ref, rel, "ok" if good else "TOO LARGE"), file=out)
+    print("%s (tolerance %g relative)" % ("OK" if ok else "FAIL", REL_TOL), file=out)
+    return ok, res
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="dev/convert.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("to-torch", help="checkpoint -> torch file")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p = sub.add_parser("to-ckpt", help="torch file -> checkpoint")
+    p.add_argument("pt")
+    p.add_argument("out")
+    p = sub.add_parser("check", help="PyTorch loss vs infer_unipool's on the first batch")
+    p.add_argument("ckpt")
+    p.add_argument("shard")
+    p.add_argument("-b", type=int, default=2, help="rows [2]")
+    p.add_argument("-t", type=int, default=None, help="sequence length [the checkpoint's T, or 64]")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "to-torch":
+            ck = read_checkpoint(a.ckpt)
+            d = to_torch(ck)
+            try:
+                torch.save(d, a.out)
+            except OSError as e:
+                raise ConvertError("cannot write '%s': %s" % (a.out, e.strerror or e))
+            print("%s -> %s (%s)" % (a.ckpt, a.out, "with training state" if ck["has_state"] else "parameters only"))
+        elif a.cmd == "to-ckpt":
+            d = load_torch_file(a.pt)
+            write_file(a.out, checkpoint_bytes(d, a.pt))
+            print("%s -> %s (%s)" % (a.pt, a.out, "with training state" if "adam_m" in d else "parameters only"))
+        else:
+            ok, _ = check(a.ckpt, a.shard, a.b, a.t)
+            return 0 if ok else 1
+    except ConvertError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
