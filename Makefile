@@ -32,19 +32,26 @@ $(DATA): dev/data/fetch_sotu.py prepro_pile.py gpt2_bpe.py
 data: $(DATA)
 
 # The default run: a small UniPool model on the default corpus, about 10 minutes on 2 cores.
-TRAIN_FLAGS ?= -p tiny -o pool -b 16 -t 128 -n 240 -l 2e-3 -w 20 -v 60 -S 120 -K 0 -O out/default
+TRAIN_FLAGS ?= -p tiny -o pool -b 16 -t 128 -n 400 -l 2e-3 -w 30 -v 100 -S 200 -K 400 -O out/default
 train: train_unipool $(DATA)
 	./train_unipool $(TRAIN_FLAGS)
 
 # Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline.
-test: $(PROGS)
+test: $(PROGS) $(DATA)
 	./test_unipool
 	$(PY) dev/test_model.py
 	$(PY) dev/test_train.py
+	$(PY) dev/test_convert.py
 	$(PY) dev/test_data.py
 
+# Speed and memory figures (dev/bench/run.sh prints them all); never part of make test.
+dev/bench/bench: dev/bench/bench.c train_unipool.c
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+bench: dev/bench/bench
+	dev/bench/run.sh
+
 clean:
-	rm -rf $(PROGS) fuzz_readers fuzz_corpus
+	rm -rf $(PROGS) dev/bench/bench fuzz_readers fuzz_corpus
 
 
 # A short libFuzzer run over the shard and checkpoint readers (clang; CI runs it).
@@ -54,4 +61,4 @@ fuzz:
 	rm -rf fuzz_corpus && $(PY) dev/fuzz/seeds.py fuzz_corpus
 	ASAN_OPTIONS=detect_leaks=0 ./fuzz_readers -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=2 -artifact_prefix=./fuzz- fuzz_corpus
 
-.PHONY: all data train test clean fuzz
+.PHONY: all data train test bench clean fuzz

@@ -351,11 +351,15 @@ def ordered_map(fn, items, workers):
 # output
 
 def write_file(path, parts):
+    """Writes the byte strings to PATH.tmp, fsyncs and renames it over PATH, so
+    an interrupted write keeps what PATH held (dev/convert.py uses it too)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             for p in parts:
                 f.write(p)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -461,24 +465,17 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(s):
-    try:
-        v = int(s.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not an integer" % s)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, got %d" % v)
-    return v
-
-
-def nonneg_int(s):
-    try:
-        v = int(s.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not an integer" % s)
-    if v < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more, got %d" % v)
-    return v
+def int_at_least(lo):
+    """An argparse type: an integer (underscores allowed) of at least lo."""
+    def parse(s):
+        try:
+            v = int(s.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not an integer" % s)
+        if v < lo:
+            raise argparse.ArgumentTypeError("must be at least %d, got %d" % (lo, v))
+        return v
+    return parse
 
 
 def parse_args(argv):
@@ -490,12 +487,12 @@ def parse_args(argv):
                    help="local .jsonl.zst/.jsonl files or http(s) URLs, read in this order")
     p.add_argument("-o", "--out", help="output folder (default: data/NAME under the repo)")
     p.add_argument("--name", default="pile", help="shard file prefix (default: pile)")
-    p.add_argument("--shard-size", type=positive_int, default=100_000_000,
+    p.add_argument("--shard-size", type=int_at_least(1), default=100_000_000,
                    help="tokens per train shard (default: 100000000)")
-    p.add_argument("--val-tokens", type=nonneg_int, default=10_000_000,
+    p.add_argument("--val-tokens", type=int_at_least(0), default=10_000_000,
                    help="validation tokens: whole documents from the start of the stream until at "
                         "least this many (default: 10000000; 0 = no val shard)")
-    p.add_argument("-j", "--workers", type=positive_int, default=os.cpu_count() or 1,
+    p.add_argument("-j", "--workers", type=int_at_least(1), default=os.cpu_count() or 1,
                    help="tokenizer processes (default: number of cores); output is the same for any")
     p.add_argument("--pile-set", action="append", metavar="NAME",
                    help="keep only documents whose meta.pile_set_name is NAME (repeatable)")

@@ -2157,14 +2157,17 @@ static void pool_stats(const uint64_t *counts, int n, int *unused, double *max_s
     *entropy = n > 1 ? h / log((double)n) : 1.0;
 }
 
-/* Unigram baseline: the cross-entropy of the val rows' targets under the
-   token frequencies of the first train shard (add-one smoothed). A model
-   that has learned anything beyond frequencies goes below it. */
-static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, int B, int V) {
+/* Unigram baselines: the token frequencies of the first train shard
+   (add-one smoothed) as a model. Returns the cross-entropy of the val rows'
+   targets under it; *train_ce gets that of the shard itself. A model that
+   has learned anything beyond frequencies goes below them. */
+static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, int B, int V, double *train_ce) {
     double *cnt = calloc_check(V, sizeof(double)), total = V;
     loader_load_shard(train, 0);
     for (size_t i = 0; i < train->count[0]; i++) cnt[train->tokens[i]] += 1.0;
     for (int i = 0; i < V; i++) total += cnt[i];
+    *train_ce = 0.0;
+    for (int i = 0; i < V; i++) *train_ce -= cnt[i] / train->count[0] * log((cnt[i] + 1.0) / total);
     int T = val->T, *rows = malloc_check((size_t)B * (T + 1) * sizeof(int));
     double loss = 0.0;
     loader_seek(val, 0, 0, 0);
@@ -2249,8 +2252,8 @@ int main(int argc, char **argv) {
     printf("data: %d train shards (%s), %d val shards (%s)\n", train.n, paths.train, val.n, paths.val);
     print_memory(&m, &tc);
     if (resume) printf("resumed from %s at step %d\n", resume, st.step);
-    double unigram = unigram_baseline(&train, &val, tc.val_batches, tc.B, cfg.V);
-    printf("unigram baseline (val): %.4f\n", unigram);
+    double unigram_train, unigram = unigram_baseline(&train, &val, tc.val_batches, tc.B, cfg.V, &unigram_train);
+    printf("unigram baseline: %.4f on train, %.4f on val\n", unigram_train, unigram);
 
     char logpath[4096], ckpath[4096 + 32];
     snprintf(logpath, sizeof logpath, "%s/log.jsonl", paths.out);

@@ -50,6 +50,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from magic import magic  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))
+from prepro_pile import UserError, write_file  # noqa: E402
 
 import torch  # noqa: E402
 import model as M  # noqa: E402
@@ -82,8 +84,8 @@ REL_TOL = 1e-5
 PRINT_ABS = 5e-7
 
 
-class ConvertError(Exception):
-    """Bad input; the CLI prints it as one line 'error: ...' and exits 1."""
+# Bad input: the CLI prints it as one line 'error: ...' and exits 1 (prepro_pile's UserError).
+ConvertError = UserError
 
 
 # ---- checks mirrored from train_unipool.c -----------------------------------------------------
@@ -260,11 +262,14 @@ def checkpoint_bytes(d, path="IN.pt"):
     P = params.numel()
     has_state = "adam_m" in d
     train = dict(d.get("train") or {})
-    if "train" not in d:
-        # no training configuration: what check and infer_unipool would take without -b/-t
-        train = {"B": 2, "T": min(64, cfg["maxT"])}
-        print("warning: '%s' has no training configuration; the checkpoint gets B 2, T %d and zeros"
-              % (path, train["T"]), file=sys.stderr)
+    missing = [k for k in TRAIN_CONFIG_KEYS if k not in train]
+    if missing:
+        # B and T as check and infer_unipool take them without -b/-t; zeros for the rest
+        defaults = {k: 0 for k in TRAIN_CONFIG_KEYS}
+        defaults.update(B=2, T=min(64, cfg["maxT"]))
+        train = {**defaults, **train}
+        print("warning: '%s' lacks the training configuration field(s) %s; they are written as B 2, T %d, "
+              "others 0" % (path, " ".join(missing), defaults["T"]), file=sys.stderr)
     if has_state:
         for key in ["adam_v", "adam_t", "step", "prev_f"]:
             if key not in d:
@@ -298,24 +303,6 @@ def checkpoint_bytes(d, path="IN.pt"):
     except (struct.error, TypeError) as e:
         raise ConvertError("'%s': a header field does not fit its type (%s)" % (path, e))
     return [head] + [t.numpy().astype("<f4").tobytes() for t in body]
-
-
-def write_file(path, chunks):
-    """Writes to PATH.tmp, fsyncs, renames over PATH (as the C writer does)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise ConvertError("cannot write '%s': %s" % (path, e.strerror or e))
 
 
 def load_torch_file(path):
@@ -406,9 +393,10 @@ def c_loss(ckpt, shard, B, T):
     return float(m.group(1))
 
 
-def check(ckpt, shard, B=2, T=None, out=sys.stdout):
+def check(ckpt, shard, B=2, T=None, out=None):
     """Compares the PyTorch losses (float64, float32) of the first batch with infer_unipool's.
     Returns (ok, {"c": loss, "float64": loss, "float32": loss, "rel64": ..., "rel32": ...})."""
+    out = out or sys.stdout
     ck = read_checkpoint(ckpt)
     cfg = ck["config"]
     if T is None:

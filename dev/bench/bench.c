@@ -1,0 +1,146 @@
+/*
+dev/bench/bench.c: speed and memory figures for this machine (never a test).
+
+  ./bench peak                 fp32 FMA peak: a register-only FMA loop, 1 thread and all threads
+  ./bench gemm                 GEMM GFLOP/s on the 182M model's shapes, forward and both backward products
+  ./bench step [train flags]   training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
+                               e.g. ./bench step -p 182m -o layer -b 4 -t 1024 -n 3
+
+MFU counts 6 x (active matmul parameters) x tokens plus causal attention,
+6 x L x T x C per token (forward QK and AV, each 2 T/2 C flops, times 3 for
+the backward), against the peak that `peak` measures with all threads.
+Active matmul parameters: everything a token multiplies by (attention, the
+router, K experts per layer, the LM head), not the embedding lookup or norms.
+*/
+#define UNIPOOL_NO_MAIN
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../../train_unipool.c"
+
+#include <sys/resource.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+// 12 independent FMA chains per thread: enough to fill two FMA pipes of 4-cycle latency.
+static double fma_peak(int threads) {
+    long n = 200000000;
+    double t0 = now_seconds();
+#pragma omp parallel num_threads(threads)
+    {
+        v8 m = (v8){0} + 0.9999f, c = (v8){0} + 1e-7f, a[12];
+        for (int i = 0; i < 12; i++) a[i] = m * (0.1f * (i + 1));
+        for (long r = 0; r < n; r++) {
+            for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;
+            __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]), "+x"(a[6]),
+                             "+x"(a[7]), "+x"(a[8]), "+x"(a[9]), "+x"(a[10]), "+x"(a[11]));
+        }
+        float s = 0;
+        for (int i = 0; i < 12; i++) s += a[i][0];
+        if (s == 12345.0f) printf("%g", s);  // keep the result alive
+    }
+    return 2.0 * 8 * 12 * n * threads / (now_seconds() - t0) / 1e9;
+}
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static double peak_all(void) { return fma_peak(max_threads()); }
+
+static void bench_gemm(void) {
+    // (M, K, N) of the 182M model at B*T = 4096: attention, experts (vanilla ~512 tokens each, UniPool ~43), LM head
+    static const struct { const char *what; int M, K, N; } shapes[] = {
+        {"wq/wo 4096x768x768", 4096, 768, 768},   {"wk/wv 4096x768x256", 4096, 768, 256},
+        {"fc1 vanilla 512x768x6144", 512, 768, 6144}, {"fc2 vanilla 512x3072x768", 512, 3072, 768},
+        {"fc1 UniPool 43x768x6144", 43, 768, 6144}, {"fc2 UniPool 43x3072x768", 43, 3072, 768},
+        {"lm_head 4096x768x51200", 4096, 768, 51200},
+    };
+    double peak = peak_all();
+    printf("peak %.1f GFLOP/s (%d threads)\n", peak, max_threads());
+    printf("%-28s %10s %10s %10s   (GFLOP/s; %% of peak)\n", "shape (M x K x N)", "forward", "d input", "d weight");
+    Rng rng = {1};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int M = shapes[s].M, K = shapes[s].K, N = shapes[s].N;
+        float *x = malloc_check((size_t)M * K * 4), *w = malloc_check((size_t)N * K * 4), *y = malloc_check((size_t)M * N * 4);
+        float *dx = calloc_check((size_t)M * K, 4), *dw = calloc_check((size_t)N * K, 4);
+        for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (float)rng_normal(&rng);
+        for (size_t i = 0; i < (size_t)N * K; i++) w[i] = (float)rng_normal(&rng);
+        double fl = 2.0 * M * K * N, best[3] = {0, 0, 0};
+        for (int rep = 0; rep < 3; rep++) {
+            double t0 = now_seconds();
+            matmul_forward(y, x, w, M, K, N);
+            double t1 = now_seconds();
+            gemm(dx, (Mat){y, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
+            double t2 = now_seconds();
+            gemm(dw, (Mat){y, 1, (size_t)N}, (Mat){x, (size_t)K, 1}, N, K, M, 1);
+            double t3 = now_seconds(), r[3] = {fl / (t1 - t0), fl / (t2 - t1), fl / (t3 - t2)};
+            for (int i = 0; i < 3; i++) best[i] = fmax(best[i], r[i] / 1e9);
+        }
+        printf("%-28s %6.1f %2.0f%% %6.1f %2.0f%% %6.1f %2.0f%%\n", shapes[s].what, best[0], 100 * best[0] / peak,
+               best[1], 100 * best[1] / peak, best[2], 100 * best[2] / peak);
+        free(x), free(w), free(y), free(dx), free(dw);
+    }
+}
+
+static void bench_step(int argc, char **argv) {
+    Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
+                  .router_eps = 1e-8f};
+    TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 3, .seed = 1,
+                      .opt = {.lr = 1e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
+    Paths paths = {0};
+    cfg.L = presets[0].L, cfg.C = presets[0].C, cfg.NH = presets[0].NH, cfg.NKV = presets[0].NKV, cfg.F = presets[0].F;
+    int model_flags;
+    apply_flags(argc, argv, &cfg, &tc, &paths, &model_flags, 1);
+    cfg.router_c = cfg.router == ROUTER_NORM ? norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED) : 1.0f;
+    Model m;
+    model_build(&m, &cfg);
+    model_init(&m, 1);
+    act_alloc(&m, tc.B * tc.T);
+    print_memory(&m, &tc);
+    size_t ntok = (size_t)tc.n_micro * tc.B * (tc.T + 1);
+    int *tokens = malloc_check(ntok * sizeof(int));
+    Rng rng = {2};
+    for (size_t i = 0; i < ntok; i++) tokens[i] = (int)(rng_u64(&rng) % cfg.V);
+    const Config *c = &cfg;
+    double matmul_params = active_params(&m) - (double)c->Vp * c->C - (2.0 * c->L + 1) * c->C - c->L;
+    double per_token = 6.0 * matmul_params + 6.0 * c->L * tc.T * c->C, tokens_step = (double)tc.n_micro * tc.B * tc.T;
+    double peak = peak_all(), best = 1e30, sum = 0.0;
+    for (int s = 0; s <= tc.steps; s++) {  // step 0 warms up
+        double t0 = now_seconds();
+        StepStats st = step_gradients(&m, tokens, tc.n_micro, tc.B, tc.T);
+        step_update(&m, &tc.opt, tc.opt.lr, st.grad_norm);
+        double dt = now_seconds() - t0;
+        if (s > 0) best = fmin(best, dt), sum += dt;
+    }
+    double med = sum / tc.steps, gflops = per_token * tokens_step / med / 1e9;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("step: %s L %d C %d G %d E %d K %d | B %d T %d x %d | %.0f ms/step (mean of %d; best %.0f) | %.0f tok/s | "
+           "%.1f GFLOP/s | MFU %.1f%% of %.0f | peak RSS %.2f GiB | %.1fM active matmul params\n",
+           c->G == c->L ? "vanilla" : c->G == 1 ? "UniPool" : "grouped", c->L, c->C, c->G, c->E, c->K, tc.B, tc.T,
+           tc.n_micro, med * 1e3, tc.steps, best * 1e3, tokens_step / med, gflops, 100 * gflops / peak, peak,
+           ru.ru_maxrss / 1048576.0, matmul_params / 1e6);
+    free(tokens);
+    model_free(&m);
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2) {
+        fprintf(stderr, "usage: ./bench peak | gemm | step [train_unipool model and batch flags, -n steps]\n");
+        return EXIT_USAGE;
+    }
+    if (!strcmp(argv[1], "peak")) {
+        printf("fp32 FMA peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", fma_peak(1), peak_all(), max_threads());
+    } else if (!strcmp(argv[1], "gemm")) {
+        bench_gemm();
+    } else if (!strcmp(argv[1], "step")) {
+        bench_step(argc - 1, argv + 1);
+    } else {
+        usage_error("unknown command '%s'", argv[1]);
+    }
+    return 0;
+}

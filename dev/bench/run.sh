@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every speed and memory figure of the README, measured side by side in one
+# run on this machine: the FMA peak, the GEMM kernels on the 182M shapes, and
+# training steps of C and of the PyTorch reference at the same configuration,
+# batch and threads, with their tokens/s ratio. Takes about 15 minutes; the
+# 182M runs need 16 GiB of memory. Usage: dev/bench/run.sh [THREADS]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+THREADS=${1:-2}
+export OMP_NUM_THREADS=$THREADS
+make -s dev/bench/bench
+echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB;" \
+     "$(gcc --version | head -1); $THREADS threads"
+./dev/bench/bench peak | tee /tmp/unipool_peak.txt
+PEAK=$(sed -n 's/.*, \([0-9.]*\) GFLOP\/s on [0-9]* threads/\1/p' /tmp/unipool_peak.txt)
+./dev/bench/bench gemm
+pair() {  # C and PyTorch at the same settings, then the ratio of tokens/s
+    c=$(./dev/bench/bench step "$@" -n "$N")
+    t=$(/usr/bin/python3 dev/bench/bench_torch.py "$@" -n "$N" --threads "$THREADS" --peak "$PEAK")
+    echo "$c"; echo "$t"
+    /usr/bin/python3 -c "import re,sys; f=lambda s: float(re.search(r'\| (\d+) tok/s', s).group(1)); \
+print('ratio: C / PyTorch tokens/s = %.2f' % (f(sys.argv[1]) / f(sys.argv[2])))" "$c" "$t"
+}
+N=5; pair -p tiny -o layer -b 16 -t 128
+N=5; pair -p tiny -o pool -b 16 -t 128
+N=3; pair -p 182m -o layer -b 4 -t 256
+N=3; pair -p 182m -o pool -b 4 -t 256
+echo "182M vanilla at B*T = 4096 (the memory target):"
+./dev/bench/bench step -p 182m -o layer -b 4 -t 1024 -n 2
