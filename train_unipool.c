@@ -354,29 +354,34 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 
 #define GM_MR 6      // register tile: rows of A
 #define GM_NR 16     // register tile: columns of B (two 8-float vectors)
-#define GM_KC 256    // depth of a packed block: an A panel stays in L1, a B panel in L2
-#define GM_NC 3072   // columns of B packed at once
+#define GM_KC 256    // depth of a block: a packed B panel (KC x NR) stays in L1
+#define GM_MC 144    // rows of A per block: a packed A block (MC x KC) stays in L2
+#define GM_NC 3072   // columns of B per block: a packed B block (KC x NC) stays in L3
+#define GM_SMALL 128 // an operand multiplied by fewer rows or columns than this is read in place, not packed
 
 typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
 
-/* The register tile: acc (MR,NR) = sum over kc of a column of the A panel
-   times a row of the B panel. With gcc or clang it is written in vector
-   extensions: 12 accumulators in registers, B rows loaded once, A values
-   broadcast straight from memory (a broadcast from a register would take a
-   slot of an FMA port). Elsewhere plain C computes the same sums in the
-   same order. */
+/* The register tile: acc (MR,NR) = sum over kc of column k of A times row k
+   of B, with A's rows at a[i] (step ak along k) and B's rows step bk apart.
+   Packed panels have ak = MR, bk = NR; an operand read in place has its own
+   strides. With gcc or clang it is written in vector extensions: 12
+   accumulators in registers, B rows loaded once, A values broadcast straight
+   from memory (a broadcast from a register would take a slot of an FMA
+   port). Elsewhere plain C computes the same sums in the same order. */
 #if defined(__GNUC__)
 typedef float v8f __attribute__((vector_size(32)));
 
-static inline void gemm_tile(float acc_out[GM_MR][GM_NR], const float *restrict a, const float *restrict b, int kc) {
+static inline void gemm_tile(float acc_out[GM_MR][GM_NR], const float *const a[GM_MR], size_t ak,
+                             const float *restrict b, size_t bk, int kc) {
     v8f acc[GM_MR][2];
     memset(acc, 0, sizeof acc);
-    for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR) {
+    for (int k = 0; k < kc; k++, b += bk) {
         v8f b0, b1;
         memcpy(&b0, b, sizeof b0);
         memcpy(&b1, b + 8, sizeof b1);
         for (int i = 0; i < GM_MR; i++) {
-            v8f ai = {a[i], a[i], a[i], a[i], a[i], a[i], a[i], a[i]};
+            float x = a[i][k * ak];
+            v8f ai = {x, x, x, x, x, x, x, x};
             acc[i][0] += ai * b0;
             acc[i][1] += ai * b1;
         }
@@ -384,11 +389,12 @@ static inline void gemm_tile(float acc_out[GM_MR][GM_NR], const float *restrict 
     memcpy(acc_out, acc, sizeof acc);
 }
 #else
-static inline void gemm_tile(float acc[GM_MR][GM_NR], const float *restrict a, const float *restrict b, int kc) {
+static inline void gemm_tile(float acc[GM_MR][GM_NR], const float *const a[GM_MR], size_t ak,
+                             const float *restrict b, size_t bk, int kc) {
     memset(acc, 0, sizeof(float) * GM_MR * GM_NR);
-    for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR)
+    for (int k = 0; k < kc; k++, b += bk)
         for (int i = 0; i < GM_MR; i++)
-            for (int j = 0; j < GM_NR; j++) acc[i][j] += a[i] * b[j];
+            for (int j = 0; j < GM_NR; j++) acc[i][j] += a[i][k * ak] * b[j];
 }
 #endif
 
@@ -424,31 +430,51 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
     }
 }
 
-static void gemm(float *C, Mat A, Mat B, int M, int N, int K, int add) {
+/* C (M,N) [+]= A (M,K) B (K,N), element (r, c) of C at C[r crs + c ccs].
+   Blocks: KC-deep slices of A and B; B in blocks of NC columns (packed into
+   NR-wide panels, read from L3), A in blocks of MC rows (packed into MR-high
+   panels, kept in L2 by the thread that works on that block). An operand
+   that meets fewer than GM_SMALL rows or columns of the other is read in
+   place instead (packing it would cost as much as the product): B when M is
+   small and its rows are contiguous, A when N is small and its rows are. */
+static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, int K, int add) {
     static float *apack, *bpack;
     static size_t acap, bcap;
-    int mp = (M + GM_MR - 1) / GM_MR;  // row panels of A
-    float *ap = gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * GM_KC);
+    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && M < GM_SMALL;
+    int mp = (M + GM_MR - 1) / GM_MR, nmc = (M + GM_MC - 1) / GM_MC;
+    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * GM_KC);
     float *bp = gemm_buffer(&bpack, &bcap, (size_t)(GM_NC + GM_NR) * GM_KC);
-    Mat Bt = {B.p, B.cs, B.rs};  // B's columns are the rows of its panels
     for (int n0 = 0; n0 < N; n0 += GM_NC) {
         int nc = N - n0 < GM_NC ? N - n0 : GM_NC, np = (nc + GM_NR - 1) / GM_NR;
-        Bt.p = B.p + (size_t)n0 * B.cs;
+        int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
+        Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};  // B's columns are its panels' rows
         for (int k0 = 0; k0 < K; k0 += GM_KC) {
             int kc = K - k0 < GM_KC ? K - k0 : GM_KC, accumulate = add || k0 > 0;
-            pack_panels(bp, Bt, nc, k0, kc, GM_NR);
-            pack_panels(ap, A, M, k0, kc, GM_MR);
-            // tiles: B panels outer, so each thread keeps its B panel hot while A panels stream past
+            if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
+            if (!a_direct) pack_panels(ap, A, M, k0, kc, GM_MR);
+            // tiles: blocks of A rows outermost, so a thread keeps its A block in L2 across all B panels
 #pragma omp parallel for schedule(static)
-            for (int t = 0; t < np * mp; t++) {
-                int j = t / mp, i = t % mp;
-                float acc[GM_MR][GM_NR];
-                gemm_tile(acc, ap + (size_t)i * kc * GM_MR, bp + (size_t)j * kc * GM_NR, kc);
-                int r0 = i * GM_MR, c0 = n0 + j * GM_NR;
-                int mr = M - r0 < GM_MR ? M - r0 : GM_MR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
-                for (int ii = 0; ii < mr; ii++) {
-                    float *c = C + (size_t)(r0 + ii) * N + c0;
-                    for (int jj = 0; jj < nr; jj++) c[jj] = accumulate ? c[jj] + acc[ii][jj] : acc[ii][jj];
+            for (int t = 0; t < nmc * np; t++) {
+                int mb = t / np, j = t % np, c0 = n0 + j * GM_NR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
+                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (size_t)(j - inplace) * kc * GM_NR;
+                size_t bk = j < inplace ? B.rs : GM_NR;
+                int i1 = (mb + 1) * (GM_MC / GM_MR) < mp ? (mb + 1) * (GM_MC / GM_MR) : mp;
+                for (int i = mb * (GM_MC / GM_MR); i < i1; i++) {
+                    int r0 = i * GM_MR, mr = M - r0 < GM_MR ? M - r0 : GM_MR;
+                    const float *a[GM_MR];
+                    float acc[GM_MR][GM_NR];
+                    if (a_direct) {  // rows past M repeat the last one; their sums are dropped
+                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
+                        gemm_tile(acc, a, 1, b, bk, kc);
+                    } else {
+                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + (size_t)i * kc * GM_MR + ii;
+                        gemm_tile(acc, a, GM_MR, b, bk, kc);
+                    }
+                    for (int ii = 0; ii < mr; ii++)
+                        for (int jj = 0; jj < nr; jj++) {
+                            float *c = C + (size_t)(r0 + ii) * crs + (size_t)(c0 + jj) * ccs;
+                            *c = accumulate ? *c + acc[ii][jj] : acc[ii][jj];
+                        }
                 }
             }
         }
@@ -456,23 +482,26 @@ static void gemm(float *C, Mat A, Mat B, int M, int N, int K, int add) {
 }
 
 /* out (M,N) = inp (M,K) W^T, W (N,K): the forward of a linear map. A few
-   rows (decoding one token) are dot products straight off W: packing W
-   would cost more than the product. */
+   rows (decoding one token) are dot products straight off W. Up to
+   GM_SMALL rows (an expert's share of a batch) run as out^T = W inp^T, so
+   that W, the big operand, is read in place rather than packed. */
 static void matmul_forward(float *out, const float *inp, const float *w, int M, int K, int N) {
-    if (M >= GM_MR) {
-        gemm(out, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
-        return;
-    }
+    if (M >= GM_SMALL) {
+        gemm(out, (size_t)N, 1, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
+    } else if (M >= GM_MR) {
+        gemm(out, 1, (size_t)N, (Mat){w, (size_t)K, 1}, (Mat){inp, 1, (size_t)K}, N, M, K, 0);
+    } else {
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int m = 0; m < M; m++) out[(size_t)m * N + n] = dot(inp + (size_t)m * K, w + (size_t)n * K, K);
+        for (int n = 0; n < N; n++)
+            for (int m = 0; m < M; m++) out[(size_t)m * N + n] = dot(inp + (size_t)m * K, w + (size_t)n * K, K);
+    }
 }
 
-// dinp (M,K) += dout (M,N) W (may be NULL); dW (N,K) += dout^T inp
+// dinp (M,K) += dout (M,N) W; dW (N,K) += dout^T inp; either may be NULL
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                             int M, int K, int N) {
-    if (dinp) gemm(dinp, (Mat){dout, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
-    gemm(dw, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
+    if (dinp) gemm(dinp, (size_t)K, 1, (Mat){dout, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
+    if (dw) gemm(dw, (size_t)K, 1, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
 }
 
 // The naive twins the tests hold the fast kernels to.

@@ -20,22 +20,25 @@ router, K experts per layer, the LM head), not the embedding lookup or norms.
 
 typedef float v8 __attribute__((vector_size(32)));
 
-// 12 independent FMA chains per thread: enough to fill two FMA pipes of 4-cycle latency.
+// 12 independent FMA chains per thread (named variables: an array would live in memory), enough to fill
+// two FMA pipes of 4-cycle latency; the empty asm keeps the compiler from folding the loop away.
+#define FMA12(X) X(a0) X(a1) X(a2) X(a3) X(a4) X(a5) X(a6) X(a7) X(a8) X(a9) X(a10) X(a11)
 static double fma_peak(int threads) {
-    long n = 200000000;
+    long n = 100000000;
     double t0 = now_seconds();
 #pragma omp parallel num_threads(threads)
     {
-        v8 m = (v8){0} + 0.9999f, c = (v8){0} + 1e-7f, a[12];
-        for (int i = 0; i < 12; i++) a[i] = m * (0.1f * (i + 1));
+        v8 m = (v8){0} + 0.9999f, c = (v8){0} + 1e-7f;
+#define INIT(x) v8 x = m * 0.5f;
+        FMA12(INIT)
+#define STEP(x) x = x * m + c;
         for (long r = 0; r < n; r++) {
-            for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;
-            __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]), "+x"(a[6]),
-                             "+x"(a[7]), "+x"(a[8]), "+x"(a[9]), "+x"(a[10]), "+x"(a[11]));
+            FMA12(STEP)
+            __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6), "+x"(a7),
+                             "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
         }
-        float s = 0;
-        for (int i = 0; i < 12; i++) s += a[i][0];
-        if (s == 12345.0f) printf("%g", s);  // keep the result alive
+        v8 s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+        if (s[0] == 12345.0f) printf("%g", s[0]);  // keep the result alive
     }
     return 2.0 * 8 * 12 * n * threads / (now_seconds() - t0) / 1e9;
 }
@@ -48,7 +51,11 @@ static int max_threads(void) {
 #endif
 }
 
-static double peak_all(void) { return fma_peak(max_threads()); }
+static double peak_all(void) {  // the best of three: a peak is a maximum, noise only lowers it
+    double p = 0.0;
+    for (int i = 0; i < 3; i++) p = fmax(p, fma_peak(max_threads()));
+    return p;
+}
 
 static void bench_gemm(void) {
     // (M, K, N) of the 182M model at B*T = 4096: attention, experts (vanilla ~512 tokens each, UniPool ~43), LM head
@@ -73,9 +80,9 @@ static void bench_gemm(void) {
             double t0 = now_seconds();
             matmul_forward(y, x, w, M, K, N);
             double t1 = now_seconds();
-            gemm(dx, (Mat){y, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
+            matmul_backward(dx, NULL, y, x, w, M, K, N);
             double t2 = now_seconds();
-            gemm(dw, (Mat){y, 1, (size_t)N}, (Mat){x, (size_t)K, 1}, N, K, M, 1);
+            matmul_backward(NULL, dw, y, x, w, M, K, N);
             double t3 = now_seconds(), r[3] = {fl / (t1 - t0), fl / (t2 - t1), fl / (t3 - t2)};
             for (int i = 0; i < 3; i++) best[i] = fmax(best[i], r[i] / 1e9);
         }
@@ -134,7 +141,7 @@ int main(int argc, char **argv) {
         return EXIT_USAGE;
     }
     if (!strcmp(argv[1], "peak")) {
-        printf("fp32 FMA peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", fma_peak(1), peak_all(), max_threads());
+        printf("fp32 FMA peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", fmax(fma_peak(1), fma_peak(1)), peak_all(), max_threads());
     } else if (!strcmp(argv[1], "gemm")) {
         bench_gemm();
     } else if (!strcmp(argv[1], "step")) {
