@@ -301,7 +301,8 @@ static void test_exp(void) {
 }
 
 static void test_attention(void) {
-    static const int cases[][5] = {{2, 13, 4, 2, 8}, {1, 9, 4, 4, 6}, {2, 16, 6, 1, 16}};  // B, T, NH, NKV, hd
+    // B, T, NH, NKV, hd: T past the 32-key blocks, hd past the 64-wide output chunks
+    static const int cases[][5] = {{2, 13, 4, 2, 8}, {1, 9, 4, 4, 6}, {2, 16, 6, 1, 16}, {1, 70, 2, 1, 64}, {2, 40, 2, 2, 96}};
     Rng rng = {2};
     char what[96];
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {

@@ -352,12 +352,21 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
    in the same order and each output has one owner, so the result does not
    depend on the thread count. */
 
-#define GM_MR 6      // register tile: rows of A
-#define GM_NR 16     // register tile: columns of B (two 8-float vectors)
-#define GM_KC 256    // depth of a block: a packed B panel (KC x NR) stays in L1
-#define GM_MC 144    // rows of A per block: a packed A block (MC x KC) stays in L2
-#define GM_NC 3072   // columns of B per block: a packed B block (KC x NC) stays in L3
-#define GM_SMALL 128 // an operand multiplied by fewer rows or columns than this is read in place, not packed
+// Block sizes, tuned on this machine with dev/bench (-DGM_KC=... overrides them).
+#define GM_MR 6          // register tile: rows of A
+#define GM_NR 16         // register tile: columns of B (two 8-float vectors)
+#ifndef GM_KC
+#define GM_KC 256        // depth of a block: a packed B panel (KC x NR) stays in L1
+#endif
+#ifndef GM_MC
+#define GM_MC 144        // rows of A per block, a multiple of MR: a packed A block (MC x KC) stays in L2
+#endif
+#ifndef GM_NC
+#define GM_NC 3072       // columns of B per block: a packed B block (KC x NC) stays in L3
+#endif
+#ifndef GM_SMALL
+#define GM_SMALL 128     // an operand multiplied by fewer rows or columns than this is read in place
+#endif
 
 typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
 
@@ -562,41 +571,94 @@ static void rope_apply(float *x, const float *cosv, const float *sinv, int N, in
 }
 
 /* Causal attention with grouped key/value heads; query head h reads kv head
-   h / (NH/NKV). The forward keeps only the output and each row's logsumexp
-   (online softmax), never the T x T matrix; the backward recomputes
-   p = exp(q.k/sqrt(hd) - lse) and uses ds = p (do.v - do.o). The queries
-   may start at position t0 (KV-cache decoding, B = 1): keys and values then
-   hold positions [0, t0 + T). */
+   h / (NH/NKV). Neither pass stores the T x T matrix: the work goes in
+   blocks of ATT_QB queries, whose scores S = Q K^T / sqrt(hd) (ATT_QB x keys)
+   live in a scratch block; the forward keeps each row's output and
+   logsumexp, the backward recomputes P = exp(S - lse) and uses
+   dS = P (dO V^T - rowsum(dO O)). Every product is a register-tiled matmul
+   (gemm_tile). Tasks are (batch, kv head) pairs: each transposes its K and V
+   once and alone writes their gradients. The queries may start at position
+   t0 (KV-cache decoding, B = 1): keys and values then hold [0, t0 + T). */
+
+#define ATT_QB 48  // queries per block, a multiple of GM_MR
+
+/* c (m,n) [+]= a (m,k) b (k,n), one thread: row r of a at a + r a_rs with
+   step a_ks along k, row k of b at b + k b_ks, row r of c at c + r c_rs.
+   A ragged last column panel is copied into tail (k x GM_NR) first. */
+static void tile_gemm(float *c, size_t c_rs, const float *a, size_t a_rs, size_t a_ks, const float *b,
+                      size_t b_ks, int m, int n, int k, int add, float *tail) {
+    for (int c0 = 0; c0 < n; c0 += GM_NR) {
+        int nr = n - c0 < GM_NR ? n - c0 : GM_NR;
+        const float *bp = b + c0;
+        size_t bk = b_ks;
+        if (nr < GM_NR) {
+            for (int kk = 0; kk < k; kk++)
+                for (int j = 0; j < GM_NR; j++) tail[(size_t)kk * GM_NR + j] = j < nr ? b[(size_t)kk * b_ks + c0 + j] : 0.0f;
+            bp = tail, bk = GM_NR;
+        }
+        for (int r0 = 0; r0 < m; r0 += GM_MR) {
+            int mr = m - r0 < GM_MR ? m - r0 : GM_MR;
+            const float *ap[GM_MR];
+            for (int i = 0; i < GM_MR; i++) ap[i] = a + (size_t)(r0 + (i < mr ? i : mr - 1)) * a_rs;
+            float acc[GM_MR][GM_NR];
+            gemm_tile(acc, ap, a_ks, bp, bk, k);
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nr; j++) {
+                    float *cc = c + (size_t)(r0 + i) * c_rs + c0 + j;
+                    *cc = add ? *cc + acc[i][j] : acc[i][j];
+                }
+        }
+    }
+}
+
+static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int S, int hd) {  // xt (hd,ld) = x (S,hd)^T
+    for (int s = 0; s < S; s++)
+        for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
+}
+
+/* Scores of queries q0 .. q0+m-1 (absolute positions pos0 + q0 + r) against
+   keys 0 .. n-1, scaled; keys past a query's position are -inf. */
+static void att_block_scores(float *s, size_t ld, const float *q, size_t qs, const float *kt, size_t kld, int m, int n,
+                             int hd, int pos, float scale, float *tail) {
+    tile_gemm(s, ld, q, qs, 1, kt, kld, m, n, hd, 0, tail);
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < n; j++) s[(size_t)r * ld + j] = j <= pos + r ? s[(size_t)r * ld + j] * scale : -INFINITY;
+}
+
 static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                               int B, int T, int t0, int NH, int NKV, int hd) {
     // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
     float scale = 1.0f / sqrtf((float)hd);
-    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
-#pragma omp parallel for collapse(3) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < NH; h++) {
-                const float *qt = q + ((size_t)b * T + t) * qs + h * hd;
-                const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd;
-                const float *vb = v + (size_t)b * (t0 + T) * ks + (h / grp) * hd;
-                float *o = out + ((size_t)b * T + t) * qs + h * hd;
-                float m = -INFINITY, l = 0.0f;
-                for (int i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int s = 0; s <= t0 + t; s++) {
-                    float sc = dot(qt, kb + (size_t)s * ks, hd) * scale;
-                    if (sc > m) {  // a new maximum: rescale what is summed so far
-                        float corr = exp_fast(m - sc);
-                        l *= corr;
-                        for (int i = 0; i < hd; i++) o[i] *= corr;
-                        m = sc;
+    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV, S = t0 + T;
+    size_t ld = ((size_t)S + GM_NR - 1) / GM_NR * GM_NR;
+#pragma omp parallel
+    {
+        float *kt = calloc_check((size_t)hd * ld, sizeof(float)), *sb = malloc_check((size_t)ATT_QB * ld * sizeof(float));
+        float *tail = malloc_check(((size_t)ld + hd) * GM_NR * sizeof(float));
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int kh = 0; kh < NKV; kh++) {
+                const float *vb = v + (size_t)b * S * ks + kh * hd;
+                att_transpose(kt, ld, k + (size_t)b * S * ks + kh * hd, ks, S, hd);
+                for (int h = kh * grp; h < (kh + 1) * grp; h++)
+                    for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;  // keys the block's last query sees
+                        size_t qo = ((size_t)b * T + q0) * qs + h * hd;
+                        att_block_scores(sb, ld, q + qo, qs, kt, ld, m, n, hd, t0 + q0, scale, tail);
+                        for (int r = 0; r < m; r++) {  // softmax of each row, in place
+                            float *p = sb + (size_t)r * ld, mx = max_of(p, n);
+                            double sum = 0.0;
+                            for (int j = 0; j < n; j++) sum += (p[j] = exp_fast(p[j] - mx));
+                            for (int j = 0; j < n; j++) p[j] = (float)(p[j] / sum);
+                            lse[((size_t)b * T + q0 + r) * NH + h] = mx + (float)log(sum);
+                        }
+                        tile_gemm(out + qo, qs, sb, ld, 1, vb, ks, m, hd, n, 0, tail);
                     }
-                    float p = exp_fast(sc - m);
-                    l += p;
-                    axpy(o, p, vb + (size_t)s * ks, hd);
-                }
-                for (int i = 0; i < hd; i++) o[i] /= l;
-                lse[((size_t)b * T + t) * NH + h] = m + logf(l);
             }
+        free(kt);
+        free(sb);
+        free(tail);
+    }
 }
 
 static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
@@ -605,24 +667,49 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
     float scale = 1.0f / sqrtf((float)hd);
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
-    // one task per (batch, kv head): it alone writes that head's dk and dv
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int kh = 0; kh < NKV; kh++)
-            for (int h = kh * grp; h < (kh + 1) * grp; h++)
-                for (int t = 0; t < T; t++) {
-                    size_t qo = ((size_t)b * T + t) * qs + h * hd;
-                    const float *qt = q + qo, *dot_ = dout + qo;
-                    float D = dot(dot_, out + qo, hd), l = lse[((size_t)b * T + t) * NH + h];
-                    for (int s = 0; s <= t; s++) {
-                        size_t ko = ((size_t)b * T + s) * ks + kh * hd;
-                        float p = exp_fast(dot(qt, k + ko, hd) * scale - l);
-                        float ds = p * (dot(dot_, v + ko, hd) - D) * scale;
-                        axpy(dq + qo, ds, k + ko, hd);
-                        axpy(dk + ko, ds, qt, hd);
-                        axpy(dv + ko, p, dot_, hd);
+    size_t ld = ((size_t)T + GM_NR - 1) / GM_NR * GM_NR, hl = (size_t)hd * ld;
+#pragma omp parallel
+    {
+        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dS
+        float *kt = calloc_check(4 * hl, sizeof(float)), *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl;
+        float *pb = malloc_check(2 * (size_t)ATT_QB * ld * sizeof(float)), *db = pb + (size_t)ATT_QB * ld;
+        float *tail = malloc_check(((size_t)ld + hd + ATT_QB) * GM_NR * sizeof(float));
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int kh = 0; kh < NKV; kh++) {
+                size_t ko = (size_t)b * T * ks + kh * hd;
+                att_transpose(kt, ld, k + ko, ks, T, hd);
+                att_transpose(vt, ld, v + ko, ks, T, hd);
+                memset(dkt, 0, 2 * hl * sizeof(float));
+                for (int h = kh * grp; h < (kh + 1) * grp; h++)
+                    for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = q0 + m;
+                        size_t qo = ((size_t)b * T + q0) * qs + h * hd;
+                        att_block_scores(pb, ld, q + qo, qs, kt, ld, m, n, hd, q0, scale, tail);
+                        tile_gemm(db, ld, dout + qo, qs, 1, vt, ld, m, n, hd, 0, tail);  // dP = dO V^T
+                        for (int r = 0; r < m; r++) {
+                            size_t row = (size_t)b * T + q0 + r;
+                            float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd), l = lse[row * NH + h];
+                            float *p = pb + (size_t)r * ld, *d = db + (size_t)r * ld;
+                            for (int j = 0; j < n; j++) {
+                                p[j] = exp_fast(p[j] - l);       // masked: exp_fast(-inf) ~ 1.6e-38
+                                d[j] = p[j] * (d[j] - D) * scale;  // dS
+                            }
+                        }
+                        tile_gemm(dq + qo, qs, db, ld, 1, k + ko, ks, m, hd, n, 1, tail);           // dQ += dS K
+                        tile_gemm(dkt, ld, q + qo, 1, qs, db, ld, hd, n, m, 1, tail);               // dK^T += Q^T dS
+                        tile_gemm(dvt, ld, dout + qo, 1, qs, pb, ld, hd, n, m, 1, tail);            // dV^T += dO^T P
                     }
-                }
+                for (int s = 0; s < T; s++)
+                    for (int i = 0; i < hd; i++) {
+                        dk[ko + (size_t)s * ks + i] += dkt[(size_t)i * ld + s];
+                        dv[ko + (size_t)s * ks + i] += dvt[(size_t)i * ld + s];
+                    }
+            }
+        free(kt);
+        free(pb);
+        free(tail);
+    }
 }
 
 // The naive twin: the full T x T probability matrix per head, as textbooks write it.
