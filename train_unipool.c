@@ -611,6 +611,19 @@ static void tile_gemm(float *c, size_t c_rs, const float *a, size_t a_rs, size_t
     }
 }
 
+/* A grow-only scratch buffer per thread: attention runs every layer, and a
+   fresh malloc of this size would be fresh pages from the kernel each time. */
+static float *thread_scratch(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t cap;
+    if (n > cap) {
+        free(buf);
+        buf = malloc_check(n * sizeof(float));
+        cap = n;
+    }
+    return buf;
+}
+
 static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int S, int hd) {  // xt (hd,ld) = x (S,hd)^T
     for (int s = 0; s < S; s++)
         for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
@@ -633,8 +646,10 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
     size_t ld = ((size_t)S + GM_NR - 1) / GM_NR * GM_NR;
 #pragma omp parallel
     {
-        float *kt = calloc_check((size_t)hd * ld, sizeof(float)), *sb = malloc_check((size_t)ATT_QB * ld * sizeof(float));
-        float *tail = malloc_check(((size_t)ld + hd) * GM_NR * sizeof(float));
+        // transposed K (hd,ld) with zero padding, a block of scores, the tail panel of tile_gemm
+        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)hd * GM_NR), *sb = kt + (size_t)hd * ld;
+        float *tail = sb + (size_t)ATT_QB * ld;
+        memset(kt, 0, (size_t)hd * ld * sizeof(float));
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int kh = 0; kh < NKV; kh++) {
@@ -655,9 +670,6 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
                         tile_gemm(out + qo, qs, sb, ld, 1, vb, ks, m, hd, n, 0, tail);
                     }
             }
-        free(kt);
-        free(sb);
-        free(tail);
     }
 }
 
@@ -671,9 +683,10 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
 #pragma omp parallel
     {
         // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dS
-        float *kt = calloc_check(4 * hl, sizeof(float)), *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl;
-        float *pb = malloc_check(2 * (size_t)ATT_QB * ld * sizeof(float)), *db = pb + (size_t)ATT_QB * ld;
-        float *tail = malloc_check(((size_t)ld + hd + ATT_QB) * GM_NR * sizeof(float));
+        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + ((size_t)ld + hd + ATT_QB) * GM_NR);
+        float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl, *db = pb + (size_t)ATT_QB * ld;
+        float *tail = db + (size_t)ATT_QB * ld;
+        memset(kt, 0, 2 * hl * sizeof(float));  // the zero padding of K^T and V^T
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int kh = 0; kh < NKV; kh++) {
@@ -706,9 +719,6 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
                         dv[ko + (size_t)s * ks + i] += dvt[(size_t)i * ld + s];
                     }
             }
-        free(kt);
-        free(pb);
-        free(tail);
     }
 }
 
