@@ -185,7 +185,7 @@ static void check_params(const char *dump, const char *part, const float *got, c
 
 // Replays one dump; returns 0, or -1 if it cannot be read.
 static int run_dump(const char *path) {
-    Dump d;
+    Dump d = {0};
     char msg[256];
     const char *err = dump_read(&d, path, msg, sizeof msg);
     if (err) {

@@ -24,6 +24,7 @@ Short names, the same everywhere:
   Vp padded vocab. Every tensor comment gives its shape in these names.
 */
 #define _POSIX_C_SOURCE 200809L  // glob, fsync, mkdir
+#define _DEFAULT_SOURCE          // madvise
 #include <errno.h>
 #include <glob.h>
 #include <math.h>
@@ -33,6 +34,7 @@ Short names, the same everywhere:
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -101,6 +103,23 @@ static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
     return p;
 }
 #define calloc_check(n, size) calloc_check_(n, size, __FILE__, __LINE__)
+
+/* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
+   activations), in 2 MiB-aligned blocks the kernel is asked to back with huge
+   pages: at 182M that is 4.8 million page faults fewer at start (about a
+   minute here), and fewer TLB misses in the matmuls. The advice may be
+   ignored; the memory is the same either way. */
+static void *calloc_big_(size_t size, const char *src, int line) {
+    size_t huge = (size_t)2 << 20, n = (size + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, n ? n : huge);
+    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]", size / 1048576.0, src, line);
+#ifdef MADV_HUGEPAGE
+    madvise(p, n, MADV_HUGEPAGE);
+#endif
+    memset(p, 0, n);
+    return p;
+}
+#define calloc_big(size) calloc_big_(size, __FILE__, __LINE__)
 
 // ----------------------------------------------------------------------------
 // Random numbers: splitmix64, small and fully determined by its seed.
@@ -1200,8 +1219,8 @@ static void model_build(Model *m, const Config *cfg) {
     m->cfg = *cfg;
     param_shapes(m->shapes, cfg);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) m->num_params += shape_numel(m->shapes[i]);
-    m->params_memory = calloc_check(m->num_params, sizeof(float));
-    m->grads_memory = calloc_check(m->num_params, sizeof(float));
+    m->params_memory = calloc_big(m->num_params * sizeof(float));
+    m->grads_memory = calloc_big(m->num_params * sizeof(float));
     param_point(&m->params, m->params_memory, m->shapes);
     param_point(&m->grads, m->grads_memory, m->shapes);
     int h2 = HD(cfg) / 2;
@@ -1265,7 +1284,7 @@ static void act_alloc(Model *m, int N) {
     for (size_t i = 0; i < nf; i++) total += fsizes[i] * sizeof(float);
     for (size_t i = 0; i < ni; i++) total += isizes[i] * sizeof(int);
     free(m->acts_memory);
-    char *mem = m->acts_memory = malloc_check(total);
+    char *mem = m->acts_memory = calloc_big(total);
     for (size_t i = 0; i < nf; i++) { *ff[i] = (float *)mem; mem += fsizes[i] * sizeof(float); }
     for (size_t i = 0; i < ni; i++) { *fi[i] = (int *)mem; mem += isizes[i] * sizeof(int); }
     m->acts_bytes = total;
@@ -1484,8 +1503,8 @@ static double vector_norm(const float *x, size_t n) {
      p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)                       */
 static void adamw_update(Model *m, const OptConfig *o, float lr) {
     if (!m->m_memory) {
-        m->m_memory = calloc_check(m->num_params, sizeof(float));
-        m->v_memory = calloc_check(m->num_params, sizeof(float));
+        m->m_memory = calloc_big(m->num_params * sizeof(float));
+        m->v_memory = calloc_big(m->num_params * sizeof(float));
     }
     m->adam_t++;
     float bc1 = 1.0f - (float)pow(o->b1, m->adam_t), bc2 = 1.0f - (float)pow(o->b2, m->adam_t);
@@ -1493,12 +1512,14 @@ static void adamw_update(Model *m, const OptConfig *o, float lr) {
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
         size_t n = shape_numel(m->shapes[i]);
         float decay = param_decay[i] ? 1.0f - lr * o->wd : 1.0f;
-        float *p = m->params_memory + off, *g = m->grads_memory + off, *mm = m->m_memory + off, *vv = m->v_memory + off;
+        float *restrict p = m->params_memory + off, *restrict mm = m->m_memory + off, *restrict vv = m->v_memory + off;
+        const float *restrict g = m->grads_memory + off;
+        const float b1 = o->b1, b2 = o->b2, eps = o->eps;
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < n; j++) {
-            mm[j] = o->b1 * mm[j] + (1.0f - o->b1) * g[j];
-            vv[j] = o->b2 * vv[j] + (1.0f - o->b2) * g[j] * g[j];
-            p[j] = p[j] * decay - lr * (mm[j] / bc1) / (sqrtf(vv[j] / bc2) + o->eps);
+            mm[j] = b1 * mm[j] + (1.0f - b1) * g[j];
+            vv[j] = b2 * vv[j] + (1.0f - b2) * g[j] * g[j];
+            p[j] = p[j] * decay - lr * (mm[j] / bc1) / (sqrtf(vv[j] / bc2) + eps);
         }
         off += n;
     }

@@ -142,14 +142,25 @@ class UniPool(torch.nn.Module):
 
     # ---- blocks ---------------------------------------------------------------
 
-    def attention(self, l, h):
-        """Causal GQA self-attention of layer l on normed input h (B, T, C)."""
+    def slices(self):
+        """Per-layer and per-expert views of the stacked parameters (name -> tuple of tensors).
+
+        One unbind per forward: indexing a stacked parameter inside the layer loop would make
+        autograd write a zero-filled gradient of the whole stack for every use (for the expert
+        pool at 182M, 1.8 GB per expert per layer); unbind's backward gathers the slices' own
+        gradients, each accumulated over all the layers that used it, into one stack.
+        """
+        return {name: p.unbind(0) for name, p in self.ordered_params()
+                if name not in ("wte", "final_norm", "lm_head")}
+
+    def attention(self, w, l, h):
+        """Causal GQA self-attention of layer l on normed input h (B, T, C); w: slices()."""
         cfg = self.cfg
         B, T, _ = h.shape
         hd = cfg.hd
-        q = (h @ self.wq[l].T).view(B, T, cfg.NH, hd).transpose(1, 2)    # (B, NH, T, hd)
-        k = (h @ self.wk[l].T).view(B, T, cfg.NKV, hd).transpose(1, 2)   # (B, NKV, T, hd)
-        v = (h @ self.wv[l].T).view(B, T, cfg.NKV, hd).transpose(1, 2)
+        q = (h @ w["wq"][l].T).view(B, T, cfg.NH, hd).transpose(1, 2)    # (B, NH, T, hd)
+        k = (h @ w["wk"][l].T).view(B, T, cfg.NKV, hd).transpose(1, 2)   # (B, NKV, T, hd)
+        v = (h @ w["wv"][l].T).view(B, T, cfg.NKV, hd).transpose(1, 2)
         cos, sin = rope_cos_sin(T, hd, cfg.rope_theta, h.dtype)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # query head i reads key/value head i // (NH / NKV)
@@ -159,23 +170,23 @@ class UniPool(torch.nn.Module):
         future = torch.ones(T, T, dtype=torch.bool).triu(1)
         att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
         o = (att @ v).transpose(1, 2).reshape(B, T, cfg.NH * hd)
-        return o @ self.wo[l].T
+        return o @ w["wo"][l].T
 
-    def route(self, l, h):
+    def route(self, w, l, h):
         """Router of layer l on normed tokens h (N, C): scores (N, E) with gradient, and routing."""
         cfg = self.cfg
-        z = h @ self.router[l].T
+        z = h @ w["router"][l].T
         if cfg.router == 0:
             scores, unit = z.softmax(dim=-1), None
         else:
             # NormRouter: sigma * c * relu(z / (||z|| + eps)), gradient through the norm too
             unit = z / (z.norm(dim=-1, keepdim=True) + cfg.router_eps)
-            scores = self.router_scale[l] * cfg.router_c * torch.relu(unit)
+            scores = w["router_scale"][l] * cfg.router_c * torch.relu(unit)
         chosen = top_k_lower_index(scores.detach(), cfg.K)
         return scores, LayerRouting(scores.detach(), chosen,
                                     None if unit is None else unit.detach())
 
-    def experts(self, l, h, scores, chosen):
+    def experts(self, w, l, h, scores, chosen):
         """sum over chosen j of score_j * fc2_j(silu(gate_j h) * up_j h), with the experts of
         pool l // (L/G)."""
         cfg = self.cfg
@@ -186,9 +197,9 @@ class UniPool(torch.nn.Module):
             if rows.numel() == 0:
                 continue
             e = pool * cfg.E + j
-            gate_up = h[rows] @ self.expert_fc1[e].T                     # (n, 2F)
+            gate_up = h[rows] @ w["expert_fc1"][e].T                     # (n, 2F)
             hidden = F.silu(gate_up[:, :cfg.F]) * gate_up[:, cfg.F:]
-            y = y.index_add(0, rows, scores[rows, j:j + 1] * (hidden @ self.expert_fc2[e].T))
+            y = y.index_add(0, rows, scores[rows, j:j + 1] * (hidden @ w["expert_fc2"][e].T))
         return y
 
     def aux_loss(self, f, P):
@@ -218,12 +229,13 @@ class UniPool(torch.nn.Module):
         assert T <= cfg.maxT
         N = B * T
         x = self.wte[idx]
+        w = self.slices()
         f_rows, P_rows, routing = [], [], []
         for l in range(cfg.L):
-            x = x + self.attention(l, rmsnorm(x, self.attn_norm[l], cfg.norm_eps))
-            h = rmsnorm(x, self.ffn_norm[l], cfg.norm_eps).reshape(N, cfg.C)
-            scores, r = self.route(l, h)
-            x = x + self.experts(l, h, scores, r.chosen).view(B, T, cfg.C)
+            x = x + self.attention(w, l, rmsnorm(x, w["attn_norm"][l], cfg.norm_eps))
+            h = rmsnorm(x, w["ffn_norm"][l], cfg.norm_eps).reshape(N, cfg.C)
+            scores, r = self.route(w, l, h)
+            x = x + self.experts(w, l, h, scores, r.chosen).view(B, T, cfg.C)
             counts = F.one_hot(r.chosen, cfg.E).sum(dim=(0, 1)).to(x.dtype)
             f_rows.append(counts / (cfg.K * N))
             P_rows.append(scores.mean(dim=0))
