@@ -403,6 +403,7 @@ static inline void gemm_tile(float acc_out[GM_MR][GM_NR], const float *const a[G
                              const float *restrict b, size_t bk, int kc) {
     v8f acc[GM_MR][2];
     memset(acc, 0, sizeof acc);
+#pragma GCC unroll 4
     for (int k = 0; k < kc; k++, b += bk) {
         v8f b0, b1;
         memcpy(&b0, b, sizeof b0);
@@ -425,6 +426,26 @@ static inline void gemm_tile(float acc[GM_MR][GM_NR], const float *const a[GM_MR
             for (int j = 0; j < GM_NR; j++) acc[i][j] += a[i][k * ak] * b[j];
 }
 #endif
+
+/* C rows r0.., columns c0.. [+]= the mr x nr corner of a tile; a full tile
+   into contiguous rows goes as whole rows (the loop vectorises). */
+static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR][GM_NR], int mr, int nr, int add) {
+    if (ccs == 1 && nr == GM_NR) {
+        for (int i = 0; i < mr; i++) {
+            float *restrict row = c + (size_t)i * crs;
+            if (add)
+                for (int j = 0; j < GM_NR; j++) row[j] += acc[i][j];
+            else
+                for (int j = 0; j < GM_NR; j++) row[j] = acc[i][j];
+        }
+        return;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float *x = c + (size_t)i * crs + (size_t)j * ccs;
+            *x = add ? *x + acc[i][j] : acc[i][j];
+        }
+}
 
 static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only scratch for the packed panels
     if (n > *cap) {
@@ -498,11 +519,7 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
                         for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + (size_t)i * kc * GM_MR + ii;
                         gemm_tile(acc, a, GM_MR, b, bk, kc);
                     }
-                    for (int ii = 0; ii < mr; ii++)
-                        for (int jj = 0; jj < nr; jj++) {
-                            float *c = C + (size_t)(r0 + ii) * crs + (size_t)(c0 + jj) * ccs;
-                            *c = accumulate ? *c + acc[ii][jj] : acc[ii][jj];
-                        }
+                    tile_store(C + (size_t)r0 * crs + (size_t)c0 * ccs, crs, ccs, acc, mr, nr, accumulate);
                 }
             }
         }
@@ -621,11 +638,7 @@ static void tile_gemm(float *c, size_t c_rs, const float *a, size_t a_rs, size_t
             for (int i = 0; i < GM_MR; i++) ap[i] = a + (size_t)(r0 + (i < mr ? i : mr - 1)) * a_rs;
             float acc[GM_MR][GM_NR];
             gemm_tile(acc, ap, a_ks, bp, bk, k);
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nr; j++) {
-                    float *cc = c + (size_t)(r0 + i) * c_rs + c0 + j;
-                    *cc = add ? *cc + acc[i][j] : acc[i][j];
-                }
+            tile_store(c + (size_t)r0 * c_rs + c0, c_rs, 1, acc, mr, nr, add);
         }
     }
 }

@@ -58,11 +58,14 @@ static double peak_all(void) {  // the best of three: a peak is a maximum, noise
 }
 
 static void bench_gemm(void) {
-    // (M, K, N) of the 182M model at B*T = 4096: attention, experts (vanilla ~512 tokens each, UniPool ~43), LM head
+    // (M, K, N) of the 182M model at B*T = 4096: attention, experts (vanilla ~512 tokens each, UniPool ~43;
+    // at B*T = 1024, 128 and 11), LM head
     static const struct { const char *what; int M, K, N; } shapes[] = {
         {"wq/wo 4096x768x768", 4096, 768, 768},   {"wk/wv 4096x768x256", 4096, 768, 256},
         {"fc1 vanilla 512x768x6144", 512, 768, 6144}, {"fc2 vanilla 512x3072x768", 512, 3072, 768},
+        {"fc1 vanilla 128x768x6144", 128, 768, 6144}, {"fc2 vanilla 128x3072x768", 128, 3072, 768},
         {"fc1 UniPool 43x768x6144", 43, 768, 6144}, {"fc2 UniPool 43x3072x768", 43, 3072, 768},
+        {"fc1 UniPool 11x768x6144", 11, 768, 6144}, {"fc2 UniPool 11x3072x768", 11, 3072, 768},
         {"lm_head 4096x768x51200", 4096, 768, 51200},
     };
     double peak = peak_all();
