@@ -427,6 +427,20 @@ static inline void gemm_tile(float acc[GM_MR][GM_NR], const float *const a[GM_MR
 }
 #endif
 
+/* Asks for the C lines a tile will update while the tile is being computed:
+   C is usually far bigger than the caches, and a tile's 6 row misses would
+   otherwise stall the store after every product. */
+static inline void tile_prefetch(const float *c, size_t crs, size_t ccs, int mr) {
+#if defined(__GNUC__)
+    for (int i = 0; i < mr; i++) {
+        __builtin_prefetch(c + (size_t)i * crs, 1);
+        __builtin_prefetch(c + (size_t)i * crs + (GM_NR - 1) * ccs, 1);
+    }
+#else
+    (void)c, (void)crs, (void)ccs, (void)mr;
+#endif
+}
+
 /* C rows r0.., columns c0.. [+]= the mr x nr corner of a tile; a full tile
    into contiguous rows goes as whole rows (the loop vectorises). */
 static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR][GM_NR], int mr, int nr, int add) {
@@ -490,7 +504,13 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
     static float *apack, *bpack;
     static size_t acap, bcap;
     int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && M < GM_SMALL;
-    int mp = (M + GM_MR - 1) / GM_MR, nmc = (M + GM_MC - 1) / GM_MC;
+    // panels of MR rows per A block: at most MC rows, and the blocks split evenly over the threads
+    int mp = (M + GM_MR - 1) / GM_MR, nth = 1;
+#ifdef _OPENMP
+    nth = omp_get_max_threads();
+#endif
+    int per = (mp + nth * (GM_MC / GM_MR) - 1) / (nth * (GM_MC / GM_MR)), mcp = (mp + nth * per - 1) / (nth * per);
+    int nmc = (mp + mcp - 1) / mcp;
     float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * GM_KC);
     float *bp = gemm_buffer(&bpack, &bcap, (size_t)(GM_NC + GM_NR) * GM_KC);
     for (int n0 = 0; n0 < N; n0 += GM_NC) {
@@ -507,11 +527,12 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
                 int mb = t / np, j = t % np, c0 = n0 + j * GM_NR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
                 const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (size_t)(j - inplace) * kc * GM_NR;
                 size_t bk = j < inplace ? B.rs : GM_NR;
-                int i1 = (mb + 1) * (GM_MC / GM_MR) < mp ? (mb + 1) * (GM_MC / GM_MR) : mp;
-                for (int i = mb * (GM_MC / GM_MR); i < i1; i++) {
+                int i1 = (mb + 1) * mcp < mp ? (mb + 1) * mcp : mp;
+                for (int i = mb * mcp; i < i1; i++) {
                     int r0 = i * GM_MR, mr = M - r0 < GM_MR ? M - r0 : GM_MR;
                     const float *a[GM_MR];
                     float acc[GM_MR][GM_NR];
+                    tile_prefetch(C + (size_t)r0 * crs + (size_t)c0 * ccs, crs, ccs, mr);
                     if (a_direct) {  // rows past M repeat the last one; their sums are dropped
                         for (int ii = 0; ii < GM_MR; ii++) a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
                         gemm_tile(acc, a, 1, b, bk, kc);
