@@ -21,6 +21,7 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -
      "$(gcc --version | head -1); $THREADS threads"
 ./dev/bench/bench peak | tee /tmp/unipool_peak.txt
 PEAK=$(sed -n 's/.*, \([0-9.]*\) GFLOP\/s on [0-9]* threads/\1/p' /tmp/unipool_peak.txt)
+export BENCH_PEAK=$PEAK  # every MFU below is against this one measurement
 ./dev/bench/bench gemm
 pair() {  # C and PyTorch at the same settings, then the ratio of tokens/s; $ENV: environment for both
     c=$(env $ENV ./dev/bench/bench step "$@" -n "$N")
