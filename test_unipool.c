@@ -329,7 +329,8 @@ static void test_attention(void) {
 }
 
 static void test_moe(void) {
-    static const int cases[][5] = {{23, 16, 12, 5, 2}, {40, 32, 20, 8, 1}, {7, 8, 4, 4, 3}};  // N, C, F, E, K
+    // N, C, F, E, K; the last case sends every token to one expert
+    static const int cases[][5] = {{23, 16, 12, 5, 2}, {40, 32, 20, 8, 1}, {7, 8, 4, 4, 3}, {9, 8, 4, 2, 1}};
     Rng rng = {3};
     char what[96];
     for (size_t cs = 0; cs < sizeof cases / sizeof *cases; cs++) {
@@ -354,8 +355,9 @@ static void test_moe(void) {
         float *dfc1_ref = calloc_check((size_t)E * 2 * F * C, 4), *dfc2_ref = calloc_check((size_t)E * C * F, 4);
         moe_forward(y, h, eout, xs, act, x, score, chosen, &d, fc1, fc2, N, C, F, E, K);
         moe_forward_naive(y_ref, x, score, chosen, fc1, fc2, N, C, F, E, K);
-        moe_backward(dx, dscore, dfc1, dfc2, xs, dxs, act, dact, dh, dy, h, eout, x, score, chosen, &d, fc1, fc2, N,
-                     C, F, E, K);
+        moe_backward(dx, dscore, eout, dact, dh, dxs, dy, h, score, chosen, &d, fc1, fc2, N, C, F, E, K);
+        int *rows = malloc_check((size_t)NK * sizeof(int));
+        moe_weight_grads(dfc1, dfc2, dh, act, dxs, xs, rows, h, eout, dact, x, d.order, d.offset, 1, N, N, C, F, E, K);
         moe_backward_naive(dx_ref, dscore_ref, dfc1_ref, dfc2_ref, dy, x, score, chosen, fc1, fc2, N, C, F, E, K);
         const char *names[5] = {"y", "dx", "dscore", "dfc1", "dfc2"};
         float *got[5] = {y, dx, dscore, dfc1, dfc2}, *ref[5] = {y_ref, dx_ref, dscore_ref, dfc1_ref, dfc2_ref};
@@ -364,6 +366,28 @@ static void test_moe(void) {
             snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d %s", N, C, F, E, K, names[i]);
             check(what, got[i], ref[i], flat(sizes[i]), TOL_TWIN);
         }
+        // a pool of two layers that routed alike: each expert's rows of both layers in one sum
+        // (in chunks of N*K rows: more than one when an expert has over half of them), twice the gradient
+        float *h2 = malloc_check((size_t)NK * 4 * F * 4), *eo2 = malloc_check((size_t)NK * 2 * C * 4);
+        float *da2 = malloc_check((size_t)NK * 2 * F * 4), *x2 = malloc_check((size_t)N * 2 * C * 4);
+        int *ord2 = malloc_check((size_t)NK * 2 * sizeof(int)), *off2 = malloc_check((size_t)(E + 1) * 2 * sizeof(int));
+        for (int j = 0; j < 2; j++) {
+            memcpy(h2 + (size_t)j * NK * 2 * F, h, (size_t)NK * 2 * F * 4);
+            memcpy(eo2 + (size_t)j * NK * C, eout, (size_t)NK * C * 4);
+            memcpy(da2 + (size_t)j * NK * F, dact, (size_t)NK * F * 4);
+            memcpy(x2 + (size_t)j * N * C, x, (size_t)N * C * 4);
+            memcpy(ord2 + (size_t)j * NK, d.order, (size_t)NK * sizeof(int));
+            memcpy(off2 + (size_t)j * (E + 1), d.offset, (size_t)(E + 1) * sizeof(int));
+        }
+        memset(dfc1, 0, (size_t)E * 2 * F * C * 4), memset(dfc2, 0, (size_t)E * C * F * 4);
+        moe_weight_grads(dfc1, dfc2, dh, act, dxs, xs, rows, h2, eo2, da2, x2, ord2, off2, 2, N, N, C, F, E, K);
+        for (size_t i = 0; i < (size_t)E * 2 * F * C; i++) dfc1_ref[i] *= 2;
+        for (size_t i = 0; i < (size_t)E * C * F; i++) dfc2_ref[i] *= 2;
+        for (int i = 3; i < 5; i++) {
+            snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d %s, pool of 2 layers", N, C, F, E, K, names[i]);
+            check(what, got[i], ref[i], flat(sizes[i]), TOL_TWIN);
+        }
+        free(h2), free(eo2), free(da2), free(x2), free(ord2), free(off2), free(rows);
         free(x), free(dy), free(fc1), free(fc2), free(score), free(chosen), free(ints), free(y), free(y_ref);
         free(h), free(eout), free(xs), free(dxs), free(act), free(dact), free(dh), free(dx), free(dscore);
         free(dfc1), free(dfc2), free(dx_ref), free(dscore_ref), free(dfc1_ref), free(dfc2_ref);

@@ -949,11 +949,13 @@ static void swiglu_forward(float *out, const float *h, int M, int F) {
 
 // da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a)
 static void swiglu_backward(float *dh, const float *dout, const float *h, int M, int F) {
-    // dh (M,2F) written, dout (M,F), h (M,2F)
+    // dh (M,2F) written, dout (M,F), h (M,2F); dh may be h (each row is copied before it is overwritten)
 #pragma omp parallel for schedule(static)
     for (int m = 0; m < M; m++) {
-        const float *a = h + (size_t)m * 2 * F, *b = a + F, *d = dout + (size_t)m * F;
-        float *da = dh + (size_t)m * 2 * F, *db = da + F;
+        const float *a = h + (size_t)m * 2 * F, *d = dout + (size_t)m * F;
+        if (dh == h) a = memcpy(thread_scratch(2 * (size_t)F), a, 2 * (size_t)F * sizeof(float));
+        const float *b = a + F;
+        float *restrict da = dh + (size_t)m * 2 * F, *restrict db = da + F;
         for (int i = 0; i < F; i++) {
             float sg = 1.0f / (1.0f + exp_fast(-a[i]));
             da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
@@ -1015,44 +1017,93 @@ static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, 
     }
 }
 
-// dgate_nk = dy_n . expert output; experts with no tokens cost nothing.
-static void moe_backward(float *dx, float *dscore, float *dfc1, float *dfc2, float *xs, float *dxs,
-                         float *act, float *dact, float *dh, const float *dy, const float *h,
-                         const float *eout, const float *x, const float *score, const int *chosen,
-                         const Dispatch *d, const float *fc1, const float *fc2, int N, int C, int F, int E,
-                         int K) {
-    // dx (N,C) +=, dscore (N,E) += at the chosen experts, dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
-    // scratch: xs, dxs (N*K,C), act, dact (N*K,F), dh (N*K,2F)
-    // saved by the forward: h (N*K,2F), eout (N*K,C); x (N,C), score (N,E), chosen (N,K)
+/* The backward of one layer's mixture, for its input and gates:
+     dgate_nk = dy_n . expert output, d(expert output) = gate dy_n,
+   then back through fc2, SwiGLU and fc1 to the gathered inputs. The experts'
+   weight gradients wait (moe_weight_grads): with a shared pool, one expert
+   serves every layer, and summing its rows of all layers in one product
+   writes its gradient once instead of once per layer. Experts with no tokens
+   cost nothing. */
+static void moe_backward(float *dx, float *dscore, float *eout, float *dact, float *dh, float *dxs,
+                         const float *dy, const float *h, const float *score, const int *chosen,
+                         const Dispatch *d, const float *fc1, const float *fc2, int N, int C, int F, int E, int K) {
+    // dx (N,C) +=, dscore (N,E) += at the chosen experts; eout (N*K,C): the expert outputs the
+    // forward saved, overwritten by their gradients; dact (N*K,F) written (kept for the weights)
+    // scratch: dh (N*K,2F), dxs (N*K,C); saved by the forward: h (N*K,2F); score (N,E), chosen (N,K)
     int NK = N * K;
-    float *deout = dxs;  // d(expert output) first; the same rows hold d(gathered x) later
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) {
-            int a = n * K + k, p = d->slot[a];
+            int a = n * K + k;
             const float *dyn = dy + (size_t)n * C;
-            float g = score[(size_t)n * E + chosen[a]];
-            dscore[(size_t)n * E + chosen[a]] += dot(dyn, eout + (size_t)p * C, C);
-            for (int i = 0; i < C; i++) deout[(size_t)p * C + i] = g * dyn[i];
+            float g = score[(size_t)n * E + chosen[a]], *eo = eout + (size_t)d->slot[a] * C;
+            dscore[(size_t)n * E + chosen[a]] += dot(dyn, eo, C);
+            for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
         }
-    swiglu_forward(act, h, NK, F);  // recomputed: cheaper than keeping it
     memset(dact, 0, (size_t)NK * F * sizeof(float));
     for (int e = 0; e < E; e++) {
         int p0 = d->offset[e], ne = d->offset[e + 1] - p0;
-        if (ne) matmul_backward(dact + (size_t)p0 * F, dfc2 + (size_t)e * C * F, deout + (size_t)p0 * C,
-                                act + (size_t)p0 * F, fc2 + (size_t)e * C * F, ne, F, C);
+        if (ne) matmul_backward(dact + (size_t)p0 * F, NULL, eout + (size_t)p0 * C, NULL, fc2 + (size_t)e * C * F,
+                                ne, F, C);
     }
     swiglu_backward(dh, dact, h, NK, F);
-    moe_gather(xs, x, d, NK, K, C);
     memset(dxs, 0, (size_t)NK * C * sizeof(float));
     for (int e = 0; e < E; e++) {
         int p0 = d->offset[e], ne = d->offset[e + 1] - p0;
-        if (ne) matmul_backward(dxs + (size_t)p0 * C, dfc1 + (size_t)e * 2 * F * C, dh + (size_t)p0 * 2 * F,
-                                xs + (size_t)p0 * C, fc1 + (size_t)e * 2 * F * C, ne, C, 2 * F);
+        if (ne) matmul_backward(dxs + (size_t)p0 * C, NULL, dh + (size_t)p0 * 2 * F, NULL, fc1 + (size_t)e * 2 * F * C,
+                                ne, C, 2 * F);
     }
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
+}
+
+/* One expert's weight gradients from R of its rows (rows[r] = layer j of the
+   pool times SK plus the dispatch position), gathered into the scratch:
+     dfc2 += d(out)^T act,   dfc1 += dh^T x,   act and dh recomputed from h. */
+static void expert_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs,
+                                const int *rows, int R, const float *h, const float *deout, const float *dact,
+                                const float *x, const int *order, size_t S, int C, int F, int K) {
+    // dfc1 (2F,C) +=, dfc2 (C,F) +=; scratch hs (R,2F), as (R,F), ds, xs (R,C)
+    size_t SK = S * K;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        size_t q = (size_t)rows[r], j = q / SK;  // row q of the pool's (layer, position) blocks
+        memcpy(hs + (size_t)r * 2 * F, h + q * 2 * F, 2 * (size_t)F * sizeof(float));
+        memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
+        memcpy(xs + (size_t)r * C, x + (j * S + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
+    }
+    swiglu_forward(as, hs, R, F);
+    matmul_backward(NULL, dfc2, ds, as, NULL, R, F, C);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) memcpy(as + (size_t)r * F, dact + (size_t)rows[r] * F, (size_t)F * sizeof(float));
+    swiglu_backward(hs, as, hs, R, F);
+    matmul_backward(NULL, dfc1, hs, xs, NULL, R, C, 2 * F);
+}
+
+/* The weight gradients of a pool's E experts, once its nl layers are all
+   backpropagated: each expert's rows of every layer, in layer then dispatch
+   order, in chunks of at most N*K rows (the scratch). Vanilla MoE is nl = 1. */
+static void moe_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs, int *rows,
+                             const float *h, const float *deout, const float *dact, const float *x,
+                             const int *order, const int *offset, int nl, size_t S, int N, int C, int F, int E,
+                             int K) {
+    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=; per layer j of the pool, blocks S rows apart:
+    // h (nl,S*K,2F), deout (nl,S*K,C), dact (nl,S*K,F), x (nl,S,C), order (nl,S*K), offset (nl,E+1)
+    size_t SK = S * K;
+    for (int e = 0; e < E; e++) {
+        float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
+        int R = 0;
+        for (int j = 0; j < nl; j++)
+            for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
+                rows[R++] = (int)(j * SK + p);
+                if (R == N * K) {
+                    expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, h, deout, dact, x, order, S, C, F, K);
+                    R = 0;
+                }
+            }
+        if (R) expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, h, deout, dact, x, order, S, C, F, K);
+    }
 }
 
 // The naive twin: every token through its experts one at a time, in double.
@@ -1200,7 +1251,7 @@ static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (
     X(xs,     NK * C)           /* (N*K,C) expert inputs gathered in dispatch order */ \
     X(dxs,    NK * C)           /* (N*K,C) */                                       \
     X(act,    NK * F)           /* (N*K,F) SwiGLU output */                         \
-    X(dact,   NK * F)           /* (N*K,F) */                                       \
+    X(dact,   LP * NK * F)      /* (L/G,N*K,F) per layer of the pool being backpropagated */ \
     X(dh,     NK * 2 * F)       /* (N*K,2F) */
 
 #define ACT_INT_TABLE(X)                                                           \
@@ -1209,7 +1260,8 @@ static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (
     X(chosen,  L * NK)          /* (L,N,K) expert index within the layer's pool */  \
     X(order,   L * NK)          /* (L,N*K) dispatch: assignment at each position */  \
     X(slot,    L * NK)          /* (L,N*K) dispatch: position of each assignment */ \
-    X(offset,  L * (E + 1))     /* (L,E+1) dispatch: first position of each expert */
+    X(offset,  L * (E + 1))     /* (L,E+1) dispatch: first position of each expert */ \
+    X(rows,    NK)              /* (N*K) a chunk of one expert's rows across its pool's layers */
 
 typedef struct {
 #define X_FIELD(name, size) float *name;
@@ -1300,7 +1352,7 @@ static void model_init(Model *m, uint64_t seed) {
 static void act_alloc(Model *m, int N) {
     const Config *c = &m->cfg;
     size_t L = c->L, C = c->C, Q = (size_t)c->NH * HD(c), KV = (size_t)c->NKV * HD(c), NH = c->NH;
-    size_t E = c->E, F = c->F, Vp = c->Vp, NK = (size_t)N * c->K;
+    size_t E = c->E, F = c->F, Vp = c->Vp, NK = (size_t)N * c->K, LP = c->L / c->G;
     size_t fsizes[] = {
 #define X_SIZE(name, size) size,
         ACT_TABLE(X_SIZE)
@@ -1460,7 +1512,7 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
 static void model_backward(Model *m, float scale) {
     const Config *c = &m->cfg;
     int B = m->B, T = m->T, N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, hd = HD(c);
-    int Q = c->NH * hd, KV = c->NKV * hd;
+    int Q = c->NH * hd, KV = c->NKV * hd, LP = L / c->G;  // LP layers per pool
     Acts *a = &m->acts;
     ParamTensors *p = &m->params, *g = &m->grads;
     size_t S = (size_t)m->maxN;  // rows per layer block, as in the forward
@@ -1480,10 +1532,15 @@ static void model_backward(Model *m, float scale) {
         for (int n = 0; n < N; n++)
             for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_backward(a->dln, a->dscore, g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->xs, a->dxs,
-                     a->act, a->dact, a->dh, a->dresid, a->h + lN * K * 2 * F, a->eout + lN * K * C,
-                     ln2, score, chosen, &d, p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E,
-                     K);
+        moe_backward(a->dln, a->dscore, a->eout + lN * K * C, a->dact + (size_t)(l % LP) * S * K * F, a->dh, a->dxs,
+                     a->dresid, a->h + lN * K * 2 * F, score, chosen, &d, p->expert_fc1 + e0 * 2 * F * C,
+                     p->expert_fc2 + e0 * C * F, N, C, F, E, K);
+        if (l % LP == 0) {  // the pool's first layer: all its layers are done, so its experts' weights
+            size_t f0 = (size_t)l * S;
+            moe_weight_grads(g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->dh, a->act, a->dxs, a->xs,
+                             a->rows, a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->dact, a->ln2 + f0 * C,
+                             a->order + f0 * K, a->offset + (size_t)l * (E + 1), LP, S, N, C, F, E, K);
+        }
         router_backward(a->dz, g->router_scale + l, a->dscore, z, score, p->router_scale[l], c, N);
         matmul_backward(a->dln, g->router + (size_t)l * E * C, a->dz, ln2, p->router + (size_t)l * E * C, N, C, E);
         rmsnorm_backward(a->dresid, g->ffn_norm + (size_t)l * C, a->dln, a->resmid + lN * C,
