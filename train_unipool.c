@@ -476,12 +476,17 @@ static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only sc
    contiguous, so a transposed operand packs as fast as a plain one. */
 static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) {
     int np = (rows + width - 1) / width;
-    if (X.rs == 1) {  // columns of X are contiguous: walk down 8 columns at a time
+    if (X.rs == 1) {  // columns of X are contiguous: each is cut into the panels' rows at depth k
 #pragma omp parallel for schedule(static)
-        for (int kb = 0; kb < kc; kb += 8)
-            for (int r = 0; r < np * width; r++)
-                for (int k = kb; k < kb + 8 && k < kc; k++)
-                    dst[((size_t)(r / width) * kc + k) * width + r % width] = r < rows ? X.p[r + (size_t)(k0 + k) * X.cs] : 0.0f;
+        for (int k = 0; k < kc; k++) {
+            const float *col = X.p + (size_t)(k0 + k) * X.cs;
+            for (int i = 0; i < np; i++) {
+                float *d = dst + ((size_t)i * kc + k) * width;
+                int r0 = i * width, n = rows - r0 < width ? rows - r0 : width;
+                for (int w = 0; w < n; w++) d[w] = col[r0 + w];
+                for (int w = n; w < width; w++) d[w] = 0.0f;
+            }
+        }
     } else {
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < np; i++)
