@@ -261,7 +261,7 @@ static void test_matmul(void) {
     // (M, K, N): edges of every tile size, K over one packed block (GM_KC), N over one column block (GM_NC)
     static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130},
                                     {9, 200, 131}, {7, 600, 37}, {3, 40, 3200}, {150, 70, 45}, {300, 300, 100},
-                                    {43, 96, 600}};
+                                    {43, 96, 600}, {200, 150, 500}};
     Rng rng = {1};
     char what[96];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {

@@ -384,7 +384,7 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 #define GM_NC 3072       // columns of B per block: a packed B block (KC x NC) stays in L3
 #endif
 #ifndef GM_SMALL
-#define GM_SMALL 128     // an operand multiplied by fewer rows or columns than this is read in place
+#define GM_SMALL 192     // an operand multiplied by fewer rows or columns than this is read in place
 #endif
 
 typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
@@ -568,11 +568,17 @@ static void matmul_forward(float *out, const float *inp, const float *w, int M, 
     }
 }
 
-// dinp (M,K) += dout (M,N) W; dW (N,K) += dout^T inp; either may be NULL
+/* dinp (M,K) += dout (M,N) W; dW (N,K) += dout^T inp; either may be NULL.
+   With few input features (K < GM_SMALL) the weight gradient runs as
+   dW^T = inp^T dout, so that dout, the big operand (the logits of a small
+   model), is read in place rather than packed. */
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                             int M, int K, int N) {
     if (dinp) gemm(dinp, (size_t)K, 1, (Mat){dout, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
-    if (dw) gemm(dw, (size_t)K, 1, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
+    if (dw && K < GM_SMALL && N >= GM_SMALL)
+        gemm(dw, 1, (size_t)K, (Mat){inp, 1, (size_t)K}, (Mat){dout, (size_t)N, 1}, K, N, M, 1);
+    else if (dw)
+        gemm(dw, (size_t)K, 1, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
 }
 
 // The naive twins the tests hold the fast kernels to.
