@@ -19,9 +19,12 @@ make -s dev/bench/bench
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB;" \
      "$(gcc --version | head -1); $THREADS threads"
-./dev/bench/bench peak | tee /tmp/unipool_peak.txt
-PEAK=$(sed -n 's/.*, \([0-9.]*\) GFLOP\/s on [0-9]* threads/\1/p' /tmp/unipool_peak.txt)
-export BENCH_PEAK=$PEAK  # every MFU below is against this one measurement
+# The peak is a maximum, and this VM now and then runs both threads on one core for seconds at a
+# time: the best of five measurements a few seconds apart.
+for i in 1 2 3 4 5; do ./dev/bench/bench peak; sleep 2; done | tee /tmp/unipool_peak.txt
+PEAK=$(sed -n 's/.*, \([0-9.]*\) GFLOP\/s on [0-9]* threads/\1/p' /tmp/unipool_peak.txt | sort -g | tail -1)
+echo "peak used for every MFU below: $PEAK GFLOP/s"
+export BENCH_PEAK=$PEAK
 ./dev/bench/bench gemm
 pair() {  # C and PyTorch at the same settings, then the ratio of tokens/s; $ENV: environment for both
     c=$(env $ENV ./dev/bench/bench step "$@" -n "$N")
