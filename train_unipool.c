@@ -1546,7 +1546,7 @@ static void model_backward(Model *m, float scale) {
         moe_backward(a->dln, a->dscore, a->eout + lN * K * C, a->dact + (size_t)(l % LP) * S * K * F, a->dh, a->dxs,
                      a->dresid, a->h + lN * K * 2 * F, score, chosen, &d, p->expert_fc1 + e0 * 2 * F * C,
                      p->expert_fc2 + e0 * C * F, N, C, F, E, K);
-        if (l % LP == 0) {  // the pool's first layer: all its layers are done, so its experts' weights
+        if (l % LP == 0) {  // the pool's first layer: all its layers are done, so now its experts' weights
             size_t f0 = (size_t)l * S;
             moe_weight_grads(g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->dh, a->act, a->dxs, a->xs,
                              a->rows, a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->dact, a->ln2 + f0 * C,
