@@ -106,8 +106,8 @@ static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
 
 /* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
    activations), in 2 MiB-aligned blocks the kernel is asked to back with huge
-   pages: at 182M that is 4.8 million page faults fewer at start (about a
-   minute here), and fewer TLB misses in the matmuls. The advice may be
+   pages: at 182M that is 4.8 million page faults fewer at start (about 30 s
+   of system time here), and fewer TLB misses in the matmuls. The advice may be
    ignored; the memory is the same either way. */
 static void *calloc_big_(size_t size, const char *src, int line) {
     size_t huge = (size_t)2 << 20, n = (size + huge - 1) / huge * huge;
