@@ -509,13 +509,10 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
     static float *apack, *bpack;
     static size_t acap, bcap;
     int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && M < GM_SMALL;
-    // panels of MR rows per A block: at most MC rows, and the blocks split evenly over the threads
-    int mp = (M + GM_MR - 1) / GM_MR, nth = 1;
-#ifdef _OPENMP
-    nth = omp_get_max_threads();
-#endif
-    int per = (mp + nth * (GM_MC / GM_MR) - 1) / (nth * (GM_MC / GM_MR)), mcp = (mp + nth * per - 1) / (nth * per);
-    int nmc = (mp + mcp - 1) / mcp;
+    // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
+    // threads' shares of the tiles are even; a few rows are one block and the threads split B
+    int mp = (M + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
+    int mcp = (mp + nmc - 1) / nmc;
     float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * GM_KC);
     float *bp = gemm_buffer(&bpack, &bcap, (size_t)(GM_NC + GM_NR) * GM_KC);
     for (int n0 = 0; n0 < N; n0 += GM_NC) {
