@@ -258,10 +258,12 @@ static float *copy(const float *x, size_t n) {
 static const Tol TOL_TWIN = {0.0, 1e-5, 1e-5};
 
 static void test_matmul(void) {
-    // (M, K, N): edges of every tile size, K over one packed block (GM_KC), N over one column block (GM_NC)
+    // (M, K, N): edges of every tile size, K over one packed block (GM_KC) and over one row read in
+    // place (GM_KROW), N over one column block (GM_NC, and GM_NC / 4 for few rows), B rows 4 KiB apart
     static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130},
                                     {9, 200, 131}, {7, 600, 37}, {3, 40, 3200}, {150, 70, 45}, {300, 300, 100},
-                                    {43, 96, 600}, {200, 150, 500}};
+                                    {43, 96, 600}, {200, 150, 500}, {20, GM_KROW + 104, 40}, {50, 64, 1700},
+                                    {10, 1024, 50}};
     Rng rng = {1};
     char what[96];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
@@ -329,8 +331,13 @@ static void test_attention(void) {
 }
 
 static void test_moe(void) {
-    // N, C, F, E, K; the last case sends every token to one expert
-    static const int cases[][5] = {{23, 16, 12, 5, 2}, {40, 32, 20, 8, 1}, {7, 8, 4, 4, 3}, {9, 8, 4, 2, 1}};
+    // N, C, F, E, K, and how many tokens go to expert 0 first (K = 1): the fourth case sends every
+    // token to one expert, the last gives expert 0 enough rows to run on all threads (expert_matmuls)
+    static const int cases[][6] = {{23, 16, 12, 5, 2, 0},
+                                   {40, 32, 20, 8, 1, 0},
+                                   {7, 8, 4, 4, 3, 0},
+                                   {9, 8, 4, 2, 1, 0},
+                                   {GM_SMALL + 60, 16, 8, 6, 1, GM_SMALL}};
     Rng rng = {3};
     char what[96];
     for (size_t cs = 0; cs < sizeof cases / sizeof *cases; cs++) {
@@ -340,7 +347,7 @@ static void test_moe(void) {
         float *score = randn((size_t)N * E, 1, &rng);
         int *chosen = malloc_check((size_t)NK * sizeof(int));
         for (int n = 0; n < N; n++)  // K distinct experts per token, unevenly; the last expert gets none
-            for (int k = 0; k < K; k++) chosen[n * K + k] = (n * 7 + n / 3 + k) % (E - 1);
+            for (int k = 0; k < K; k++) chosen[n * K + k] = n < cases[cs][5] ? 0 : (n * 7 + n / 3 + k) % (E - 1);
         int *ints = malloc_check((2 * (size_t)NK + E + 1) * sizeof(int));
         Dispatch d = {ints, ints + NK, ints + 2 * NK};
         moe_dispatch(&d, chosen, NK, E);

@@ -383,6 +383,9 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 #ifndef GM_NC
 #define GM_NC 3072       // columns of B per block: a packed B block (KC x NC) stays in L3
 #endif
+#ifndef GM_KROW
+#define GM_KROW 4096     // depth of a block when A is read in place: a B panel (KROW x NR) stays in L2
+#endif
 #ifndef GM_SMALL
 #define GM_SMALL 192     // an operand multiplied by fewer rows or columns than this is read in place
 #endif
@@ -504,23 +507,30 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
    panels, kept in L2 by the thread that works on that block). An operand
    that meets fewer than GM_SMALL rows or columns of the other is read in
    place instead (packing it would cost as much as the product): B when M is
-   small and its rows are contiguous, A when N is small and its rows are. */
+   small and its rows are contiguous (and not 4 KiB apart), A when N is small
+   and its rows are. */
 static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, int K, int add) {
-    static float *apack, *bpack;
-    static size_t acap, bcap;
-    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && M < GM_SMALL;
+    static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (expert_matmuls)
+    static _Thread_local size_t acap, bcap;
+    // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
+    // would evict itself before the next rows of A come to use it, so it is packed
+    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && M < GM_SMALL && B.rs % 1024 != 0;
     // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
     // threads' shares of the tiles are even; a few rows are one block and the threads split B
     int mp = (M + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
     int mcp = (mp + nmc - 1) / nmc;
-    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * GM_KC);
-    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(GM_NC + GM_NR) * GM_KC);
-    for (int n0 = 0; n0 < N; n0 += GM_NC) {
-        int nc = N - n0 < GM_NC ? N - n0 : GM_NC, np = (nc + GM_NR - 1) / GM_NR;
+    // An A read in place goes whole rows at a time, up to KROW (long runs from memory, which the
+    // prefetcher follows); with few rows of A, a block of B is sized for L2 rather than L3
+    int kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : GM_KC, ncb = M < GM_SMALL ? GM_NC / 4 : GM_NC;
+    ncb = N < ncb ? (N + GM_NR - 1) / GM_NR * GM_NR : ncb;
+    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * kcb);
+    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb + GM_NR) * kcb);
+    for (int n0 = 0; n0 < N; n0 += ncb) {
+        int nc = N - n0 < ncb ? N - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
         int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
         Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};  // B's columns are its panels' rows
-        for (int k0 = 0; k0 < K; k0 += GM_KC) {
-            int kc = K - k0 < GM_KC ? K - k0 : GM_KC, accumulate = add || k0 > 0;
+        for (int k0 = 0; k0 < K; k0 += kcb) {
+            int kc = K - k0 < kcb ? K - k0 : kcb, accumulate = add || k0 > 0;
             if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
             if (!a_direct) pack_panels(ap, A, M, k0, kc, GM_MR);
             // tiles: blocks of A rows outermost, so a thread keeps its A block in L2 across all B panels
@@ -999,21 +1009,47 @@ static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int
     for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
 }
 
+/* The experts' products of one layer, each over its block of sorted rows:
+   y_e = x_e W_e^T (forward: x rows of K, y rows of N) or y_e += x_e W_e
+   (backward for the input: x rows of N, y rows of K), W (E,N,K). Experts
+   with fewer than GM_SMALL rows (a UniPool expert meets a dozen tokens of a
+   layer) run one per thread, largest first: split across threads, such a
+   product would wait at dozens of barriers for microseconds of work each.
+   The rest run in turn, each on all threads. A product computes the same
+   sums whichever threads run it, so the result does not depend on them. */
+static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int K, int N,
+                           int backward) {
+    size_t ys = backward ? (size_t)K : (size_t)N, xs = backward ? (size_t)N : (size_t)K;
+    int by_size[E];  // experts by rows, descending (insertion sort: E is at most a few hundred)
+    for (int e = 0; e < E; e++) {
+        int i = e, ne = offset[e + 1] - offset[e];
+        for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--) by_size[i] = by_size[i - 1];
+        by_size[i] = e;
+    }
+    for (int big = 1; big >= 0; big--) {
+#pragma omp parallel for schedule(dynamic) if (!big)
+        for (int i = 0; i < E; i++) {
+            int e = by_size[i], p0 = offset[e], ne = offset[e + 1] - p0;
+            if (ne == 0 || (ne >= GM_SMALL) != big) continue;
+            float *ye = y + (size_t)p0 * ys;
+            const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * N * K;
+            if (backward)
+                matmul_backward(ye, NULL, xe, NULL, we, ne, K, N);
+            else
+                matmul_forward(ye, xe, we, ne, K, N);
+        }
+    }
+}
+
 static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, const float *x,
                         const float *score, const int *chosen, const Dispatch *d, const float *fc1,
                         const float *fc2, int N, int C, int F, int E, int K) {
     // y (N,C) out; saved: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
     // x (N,C), score (N,E), chosen (N,K), fc1 (E,2F,C), fc2 (E,C,F)
     moe_gather(xs, x, d, N * K, K, C);
-    for (int e = 0; e < E; e++) {
-        int p0 = d->offset[e], ne = d->offset[e + 1] - p0;
-        if (ne) matmul_forward(h + (size_t)p0 * 2 * F, xs + (size_t)p0 * C, fc1 + (size_t)e * 2 * F * C, ne, C, 2 * F);
-    }
+    expert_matmuls(h, xs, fc1, d->offset, E, C, 2 * F, 0);
     swiglu_forward(act, h, N * K, F);
-    for (int e = 0; e < E; e++) {
-        int p0 = d->offset[e], ne = d->offset[e + 1] - p0;
-        if (ne) matmul_forward(eout + (size_t)p0 * C, act + (size_t)p0 * F, fc2 + (size_t)e * C * F, ne, F, C);
-    }
+    expert_matmuls(eout, act, fc2, d->offset, E, F, C, 0);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float *yn = y + (size_t)n * C;
@@ -1049,18 +1085,10 @@ static void moe_backward(float *dx, float *dscore, float *eout, float *dact, flo
             for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
         }
     memset(dact, 0, (size_t)NK * F * sizeof(float));
-    for (int e = 0; e < E; e++) {
-        int p0 = d->offset[e], ne = d->offset[e + 1] - p0;
-        if (ne) matmul_backward(dact + (size_t)p0 * F, NULL, eout + (size_t)p0 * C, NULL, fc2 + (size_t)e * C * F,
-                                ne, F, C);
-    }
+    expert_matmuls(dact, eout, fc2, d->offset, E, F, C, 1);
     swiglu_backward(dh, dact, h, NK, F);
     memset(dxs, 0, (size_t)NK * C * sizeof(float));
-    for (int e = 0; e < E; e++) {
-        int p0 = d->offset[e], ne = d->offset[e + 1] - p0;
-        if (ne) matmul_backward(dxs + (size_t)p0 * C, NULL, dh + (size_t)p0 * 2 * F, NULL, fc1 + (size_t)e * 2 * F * C,
-                                ne, C, 2 * F);
-    }
+    expert_matmuls(dxs, dh, fc1, d->offset, E, C, 2 * F, 1);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
@@ -1581,26 +1609,31 @@ typedef struct { float lr, b1, b2, eps, wd, clip; } OptConfig;
 #define NORM_CHUNK 65536
 
 /* L2 norm of a long vector, in double, summed in fixed chunks and then in
-   chunk order: the same bits for any thread count. */
+   chunk order: the same bits for any thread count. Within a chunk, 8 partial
+   sums (element i into sum i mod 8) let the loop run in vector registers
+   instead of waiting on one chain of additions. */
 static double vector_norm(const float *x, size_t n) {
     size_t nc = (n + NORM_CHUNK - 1) / NORM_CHUNK;
     double *part = malloc_check(nc * sizeof(double)), sum = 0.0;
 #pragma omp parallel for schedule(static)
     for (size_t ch = 0; ch < nc; ch++) {
-        size_t end = (ch + 1) * NORM_CHUNK < n ? (ch + 1) * NORM_CHUNK : n;
-        double s = 0.0;
-        for (size_t i = ch * NORM_CHUNK; i < end; i++) s += (double)x[i] * x[i];
-        part[ch] = s;
+        size_t i = ch * NORM_CHUNK, end = (ch + 1) * NORM_CHUNK < n ? (ch + 1) * NORM_CHUNK : n;
+        double s[8] = {0};
+        for (; i + 8 <= end; i += 8)
+            for (int l = 0; l < 8; l++) s[l] += (double)x[i + l] * x[i + l];
+        for (; i < end; i++) s[0] += (double)x[i] * x[i];
+        part[ch] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     }
     for (size_t ch = 0; ch < nc; ch++) sum += part[ch];
     free(part);
     return sqrt(sum);
 }
 
-/*   m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2
+/*   g = gscale grad                     (the clipping factor, folded into this pass)
+     m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2
      p -= lr wd p                        (tensors the table marks for decay)
      p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)                       */
-static void adamw_update(Model *m, const OptConfig *o, float lr) {
+static void adamw_update(Model *m, const OptConfig *o, float lr, float gscale) {
     if (!m->m_memory) {
         m->m_memory = calloc_big(m->num_params * sizeof(float));
         m->v_memory = calloc_big(m->num_params * sizeof(float));
@@ -1616,8 +1649,9 @@ static void adamw_update(Model *m, const OptConfig *o, float lr) {
         const float b1 = o->b1, b2 = o->b2, eps = o->eps;
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < n; j++) {
-            mm[j] = b1 * mm[j] + (1.0f - b1) * g[j];
-            vv[j] = b2 * vv[j] + (1.0f - b2) * g[j] * g[j];
+            float gj = g[j] * gscale;
+            mm[j] = b1 * mm[j] + (1.0f - b1) * gj;
+            vv[j] = b2 * vv[j] + (1.0f - b2) * gj * gj;
             p[j] = p[j] * decay - lr * (mm[j] / bc1) / (sqrtf(vv[j] / bc2) + eps);
         }
         off += n;
@@ -1659,12 +1693,8 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
 
 // The update half: if clip > 0 and clip / (norm + 1e-6) < 1, scale the gradient by it; then AdamW.
 static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm) {
-    if (o->clip > 0.0f) {
-        float s = (float)(o->clip / (grad_norm + 1e-6));
-        if (s < 1.0f)
-            for (size_t i = 0; i < m->num_params; i++) m->grads_memory[i] *= s;
-    }
-    adamw_update(m, o, lr);
+    float s = o->clip > 0.0f ? (float)(o->clip / (grad_norm + 1e-6)) : 1.0f;
+    adamw_update(m, o, lr, s < 1.0f ? s : 1.0f);
 }
 
 // ----------------------------------------------------------------------------
