@@ -299,13 +299,23 @@ static inline float exp_fast(float x) {
     return p * scale;
 }
 
-// sum_i exp(x[i] - shift), in 8 double partial sums: 50,000 terms stay exact to ~1e-9.
-static inline double sum_exp(const float *x, int n, float shift) {
+/* sum_i exp(x[i] - shift), in 8 double partial sums: 50,000 terms stay
+   exact to ~1e-9. The terms are stored in out (which may be x) unless it is
+   NULL. */
+static inline double sum_exp(float *out, const float *x, int n, float shift) {
     double acc[8] = {0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += exp_fast(x[i + j] - shift);
-    for (; i < n; i++) acc[0] += exp_fast(x[i] - shift);
+        for (int j = 0; j < 8; j++) {
+            float e = exp_fast(x[i + j] - shift);
+            if (out) out[i + j] = e;
+            acc[j] += e;
+        }
+    for (; i < n; i++) {
+        float e = exp_fast(x[i] - shift);
+        if (out) out[i] = e;
+        acc[0] += e;
+    }
     double s = 0.0;
     for (int j = 0; j < 8; j++) s += acc[j];
     return s;
@@ -695,6 +705,17 @@ static float *thread_scratch(size_t n) {
     return buf;
 }
 
+/* Row stride of the blocks over S keys (and of the copies of K and V, S =
+   hd): S rounded up to whole panels, plus one panel, so that rows are not a
+   multiple of 1 KiB apart (which would put a panel's rows in a few L1 sets,
+   evicting each other: K and V as the model stores them are NKV hd floats
+   apart, 1 KiB at 182M). */
+static size_t att_ld(int S) { return ((size_t)S + GM_NR - 1) / GM_NR * GM_NR + GM_NR; }
+
+static void att_copy(float *y, size_t ld, const float *x, size_t stride, int S, int hd) {  // y (S,ld) = x (S,hd)
+    for (int s = 0; s < S; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
+}
+
 static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int S, int hd) {  // xt (hd,ld) = x (S,hd)^T
     for (int s = 0; s < S; s++)
         for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
@@ -714,18 +735,19 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
     // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
     float scale = 1.0f / sqrtf((float)hd);
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV, S = t0 + T;
-    size_t ld = ((size_t)S + GM_NR - 1) / GM_NR * GM_NR;
+    size_t ld = att_ld(S), lv = att_ld(hd);
 #pragma omp parallel
     {
-        // transposed K (hd,ld) with zero padding, a block of scores, the tail panel of tile_gemm
-        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)hd * GM_NR), *sb = kt + (size_t)hd * ld;
-        float *tail = sb + (size_t)ATT_QB * ld;
+        // transposed K (hd,ld) with zero padding, V (S,hd) at row stride lv, a block of scores, the
+        // tail panel of tile_gemm
+        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)S * lv + (size_t)hd * GM_NR);
+        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)S * lv, *tail = sb + (size_t)ATT_QB * ld;
         memset(kt, 0, (size_t)hd * ld * sizeof(float));
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int kh = 0; kh < NKV; kh++) {
-                const float *vb = v + (size_t)b * S * ks + kh * hd;
                 att_transpose(kt, ld, k + (size_t)b * S * ks + kh * hd, ks, S, hd);
+                att_copy(vb, lv, v + (size_t)b * S * ks + kh * hd, ks, S, hd);
                 for (int h = kh * grp; h < (kh + 1) * grp; h++)
                     for (int q0 = 0; q0 < T; q0 += ATT_QB) {
                         int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;  // keys the block's last query sees
@@ -733,12 +755,12 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
                         att_block_scores(sb, ld, q + qo, qs, kt, ld, m, n, hd, t0 + q0, scale, tail);
                         for (int r = 0; r < m; r++) {  // softmax of each row, in place
                             float *p = sb + (size_t)r * ld, mx = max_of(p, n);
-                            double sum = 0.0;
-                            for (int j = 0; j < n; j++) sum += (p[j] = exp_fast(p[j] - mx));
-                            for (int j = 0; j < n; j++) p[j] = (float)(p[j] / sum);
+                            double sum = sum_exp(p, p, n, mx);
+                            float inv = (float)(1.0 / sum);
+                            for (int j = 0; j < n; j++) p[j] *= inv;
                             lse[((size_t)b * T + q0 + r) * NH + h] = mx + (float)log(sum);
                         }
-                        tile_gemm(out + qo, qs, sb, ld, 1, vb, ks, m, hd, n, 0, tail);
+                        tile_gemm(out + qo, qs, sb, ld, 1, vb, lv, m, hd, n, 0, tail);
                     }
             }
     }
@@ -750,13 +772,14 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
     float scale = 1.0f / sqrtf((float)hd);
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
-    size_t ld = ((size_t)T + GM_NR - 1) / GM_NR * GM_NR, hl = (size_t)hd * ld;
+    size_t ld = att_ld(T), hl = (size_t)hd * ld, lv = att_ld(hd);
 #pragma omp parallel
     {
-        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dS
-        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + ((size_t)ld + hd + ATT_QB) * GM_NR);
+        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dS,
+        // K (T,hd) at row stride lv
+        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + (size_t)T * lv + ((size_t)ld + hd + ATT_QB) * GM_NR);
         float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl, *db = pb + (size_t)ATT_QB * ld;
-        float *tail = db + (size_t)ATT_QB * ld;
+        float *kb = db + (size_t)ATT_QB * ld, *tail = kb + (size_t)T * lv;
         memset(kt, 0, 2 * hl * sizeof(float));  // the zero padding of K^T and V^T
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
@@ -764,6 +787,7 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
                 size_t ko = (size_t)b * T * ks + kh * hd;
                 att_transpose(kt, ld, k + ko, ks, T, hd);
                 att_transpose(vt, ld, v + ko, ks, T, hd);
+                att_copy(kb, lv, k + ko, ks, T, hd);
                 memset(dkt, 0, 2 * hl * sizeof(float));
                 for (int h = kh * grp; h < (kh + 1) * grp; h++)
                     for (int q0 = 0; q0 < T; q0 += ATT_QB) {
@@ -780,7 +804,7 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
                                 d[j] = p[j] * (d[j] - D) * scale;  // dS
                             }
                         }
-                        tile_gemm(dq + qo, qs, db, ld, 1, k + ko, ks, m, hd, n, 1, tail);           // dQ += dS K
+                        tile_gemm(dq + qo, qs, db, ld, 1, kb, lv, m, hd, n, 1, tail);               // dQ += dS K
                         tile_gemm(dkt, ld, q + qo, 1, qs, db, ld, hd, n, m, 1, tail);               // dK^T += Q^T dS
                         tile_gemm(dvt, ld, dout + qo, 1, qs, pb, ld, hd, n, m, 1, tail);            // dV^T += dO^T P
                     }
@@ -1220,7 +1244,7 @@ static double crossentropy_forward(float *losses, float *lse, const float *logit
     for (int n = 0; n < N; n++) {
         const float *lg = logits + (size_t)n * Vp;
         float mx = max_of(lg, V);
-        lse[n] = mx + (float)log(sum_exp(lg, V, mx));
+        lse[n] = mx + (float)log(sum_exp(NULL, lg, V, mx));
         losses[n] = lse[n] - lg[targets[n]];
     }
     double mean = 0.0;
