@@ -706,11 +706,15 @@ static float *thread_scratch(size_t n) {
 }
 
 /* Row stride of the blocks over S keys (and of the copies of K and V, S =
-   hd): S rounded up to whole panels, plus one panel, so that rows are not a
-   multiple of 1 KiB apart (which would put a panel's rows in a few L1 sets,
-   evicting each other: K and V as the model stores them are NKV hd floats
-   apart, 1 KiB at 182M). */
-static size_t att_ld(int S) { return ((size_t)S + GM_NR - 1) / GM_NR * GM_NR + GM_NR; }
+   hd): S rounded up to whole panels (a panel row is one 64-byte line), and
+   to an odd number of them, so that a panel's rows fall in every L1 set. A
+   stride of a power-of-two lines puts them in a few sets, where they evict
+   each other: K and V as the model stores them are NKV hd floats apart,
+   1 KiB at 182M, and a T = 1024 block's rows 4 KiB. */
+static size_t att_ld(int S) {
+    size_t panels = ((size_t)S + GM_NR - 1) / GM_NR;
+    return (panels | 1) * GM_NR;
+}
 
 static void att_copy(float *y, size_t ld, const float *x, size_t stride, int S, int hd) {  // y (S,ld) = x (S,hd)
     for (int s = 0; s < S; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
