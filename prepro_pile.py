@@ -46,6 +46,7 @@ Errors print one line `error: ...` and exit 1 (2 for bad usage).
 import argparse
 import array
 import collections
+import concurrent.futures
 import errno
 import json
 import multiprocessing
@@ -326,25 +327,25 @@ def batches(paths):
 
 def ordered_map(fn, items, workers):
     """Like Pool.imap (results in input order) but reads at most a few batches
-    ahead, so memory stays bounded on huge inputs. workers == 1: no processes."""
+    ahead, so memory stays bounded on huge inputs. workers == 1: no processes.
+    On an error (a full disk, Ctrl-C) queued batches are cancelled and the few
+    running ones finish: Pool.terminate() here could deadlock on the queue lock
+    of a worker it killed."""
     if workers == 1:
         for it in items:
             yield fn(it)
         return
-    ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(workers)
+    ex = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("fork"))
     try:
         pending = collections.deque()
         for it in items:
-            pending.append(pool.apply_async(fn, (it,)))
+            pending.append(ex.submit(fn, it))
             if len(pending) >= 3 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
-        pool.close()
+            yield pending.popleft().result()
     finally:
-        pool.terminate()
-        pool.join()
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------

@@ -123,8 +123,10 @@ def js_encode(texts):
 def run_prepro(*args, env=None):
     e = dict(os.environ)
     e.update(env or {})
+    # A timeout so a hang (once: a worker pool deadlocked on a full disk) fails the test
+    # instead of stalling the suite; every run here takes seconds.
     return subprocess.run([PY, PREPRO] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=e)
+                          stderr=subprocess.PIPE, text=True, env=e, timeout=300)
 
 
 def read_shard(path):
