@@ -259,11 +259,12 @@ static const Tol TOL_TWIN = {0.0, 1e-5, 1e-5};
 
 static void test_matmul(void) {
     // (M, K, N): edges of every tile size, K over one packed block (GM_KC) and over one row read in
-    // place (GM_KROW), N over one column block (GM_NC, and GM_NC / 4 for few rows), B rows 4 KiB apart
+    // place (GM_KROW), N over one column block (GM_NC, and GM_NC / 4 for few rows), B rows 4 KiB apart,
+    // M on both sides of GM_SMALL (both operands packed from there)
     static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130},
                                     {9, 200, 131}, {7, 600, 37}, {3, 40, 3200}, {150, 70, 45}, {300, 300, 100},
                                     {43, 96, 600}, {200, 150, 500}, {20, GM_KROW + 104, 40}, {50, 64, 1700},
-                                    {10, 1024, 50}};
+                                    {10, 1024, 50}, {GM_SMALL + 8, 150, 500}, {GM_SMALL + 44, 300, 100}};
     Rng rng = {1};
     char what[96];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
@@ -332,12 +333,15 @@ static void test_attention(void) {
 
 static void test_moe(void) {
     // N, C, F, E, K, and how many tokens go to expert 0 first (K = 1): the fourth case sends every
-    // token to one expert, the last gives expert 0 enough rows to run on all threads (expert_matmuls)
+    // token to one expert, the fifth gives expert 0 over half the rows, so that it runs on all threads
+    // (expert_matmuls) while the small ones run with a thread each; they are read in place (GM_SMALL),
+    // the last has SwiGLU rows longer than swiglu_backward's chunk
     static const int cases[][6] = {{23, 16, 12, 5, 2, 0},
                                    {40, 32, 20, 8, 1, 0},
                                    {7, 8, 4, 4, 3, 0},
                                    {9, 8, 4, 2, 1, 0},
-                                   {GM_SMALL + 60, 16, 8, 6, 1, GM_SMALL}};
+                                   {GM_SMALL + 60, 16, 8, 6, 1, GM_SMALL},
+                                   {11, 8, 2 * SWIGLU_CHUNK + 40, 3, 2, 0}};
     Rng rng = {3};
     char what[96];
     for (size_t cs = 0; cs < sizeof cases / sizeof *cases; cs++) {
@@ -354,17 +358,19 @@ static void test_moe(void) {
         float *y = malloc_check((size_t)N * C * 4), *y_ref = malloc_check((size_t)N * C * 4);
         float *h = malloc_check((size_t)NK * 2 * F * 4), *eout = malloc_check((size_t)NK * C * 4);
         float *xs = malloc_check((size_t)NK * C * 4), *dxs = malloc_check((size_t)NK * C * 4);
-        float *act = malloc_check((size_t)NK * F * 4), *dact = malloc_check((size_t)NK * F * 4);
-        float *dh = malloc_check((size_t)NK * 2 * F * 4);
+        float *act = malloc_check((size_t)NK * F * 4), *act_kept = malloc_check((size_t)NK * F * 4);
+        float *hs = malloc_check((size_t)NK * 2 * F * 4);
         float *dx = calloc_check((size_t)N * C, 4), *dscore = calloc_check((size_t)N * E, 4);
         float *dfc1 = calloc_check((size_t)E * 2 * F * C, 4), *dfc2 = calloc_check((size_t)E * C * F, 4);
         float *dx_ref = calloc_check((size_t)N * C, 4), *dscore_ref = calloc_check((size_t)N * E, 4);
         float *dfc1_ref = calloc_check((size_t)E * 2 * F * C, 4), *dfc2_ref = calloc_check((size_t)E * C * F, 4);
         moe_forward(y, h, eout, xs, act, x, score, chosen, &d, fc1, fc2, N, C, F, E, K);
         moe_forward_naive(y_ref, x, score, chosen, fc1, fc2, N, C, F, E, K);
-        moe_backward(dx, dscore, eout, dact, dh, dxs, dy, h, score, chosen, &d, fc1, fc2, N, C, F, E, K);
+        moe_backward(dx, dscore, eout, h, act_kept, dxs, dy, score, chosen, &d, fc1, fc2, N, C, F, E, K);
+        snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: backward's SwiGLU output = forward's, bit for bit", N, C, F, E, K);
+        check_true(what, !memcmp(act_kept, act, (size_t)NK * F * 4), "");
         int *rows = malloc_check((size_t)NK * sizeof(int));
-        moe_weight_grads(dfc1, dfc2, dh, act, dxs, xs, rows, h, eout, dact, x, d.order, d.offset, 1, N, N, C, F, E, K);
+        moe_weight_grads(dfc1, dfc2, hs, act, dxs, xs, rows, h, eout, act_kept, x, d.order, d.offset, 1, N, N, C, F, E, K);
         moe_backward_naive(dx_ref, dscore_ref, dfc1_ref, dfc2_ref, dy, x, score, chosen, fc1, fc2, N, C, F, E, K);
         const char *names[5] = {"y", "dx", "dscore", "dfc1", "dfc2"};
         float *got[5] = {y, dx, dscore, dfc1, dfc2}, *ref[5] = {y_ref, dx_ref, dscore_ref, dfc1_ref, dfc2_ref};
@@ -376,27 +382,27 @@ static void test_moe(void) {
         // a pool of two layers that routed alike: each expert's rows of both layers in one sum
         // (in chunks of N*K rows: more than one when an expert has over half of them), twice the gradient
         float *h2 = malloc_check((size_t)NK * 4 * F * 4), *eo2 = malloc_check((size_t)NK * 2 * C * 4);
-        float *da2 = malloc_check((size_t)NK * 2 * F * 4), *x2 = malloc_check((size_t)N * 2 * C * 4);
+        float *ak2 = malloc_check((size_t)NK * 2 * F * 4), *x2 = malloc_check((size_t)N * 2 * C * 4);
         int *ord2 = malloc_check((size_t)NK * 2 * sizeof(int)), *off2 = malloc_check((size_t)(E + 1) * 2 * sizeof(int));
         for (int j = 0; j < 2; j++) {
             memcpy(h2 + (size_t)j * NK * 2 * F, h, (size_t)NK * 2 * F * 4);
             memcpy(eo2 + (size_t)j * NK * C, eout, (size_t)NK * C * 4);
-            memcpy(da2 + (size_t)j * NK * F, dact, (size_t)NK * F * 4);
+            memcpy(ak2 + (size_t)j * NK * F, act_kept, (size_t)NK * F * 4);
             memcpy(x2 + (size_t)j * N * C, x, (size_t)N * C * 4);
             memcpy(ord2 + (size_t)j * NK, d.order, (size_t)NK * sizeof(int));
             memcpy(off2 + (size_t)j * (E + 1), d.offset, (size_t)(E + 1) * sizeof(int));
         }
         memset(dfc1, 0, (size_t)E * 2 * F * C * 4), memset(dfc2, 0, (size_t)E * C * F * 4);
-        moe_weight_grads(dfc1, dfc2, dh, act, dxs, xs, rows, h2, eo2, da2, x2, ord2, off2, 2, N, N, C, F, E, K);
+        moe_weight_grads(dfc1, dfc2, hs, act, dxs, xs, rows, h2, eo2, ak2, x2, ord2, off2, 2, N, N, C, F, E, K);
         for (size_t i = 0; i < (size_t)E * 2 * F * C; i++) dfc1_ref[i] *= 2;
         for (size_t i = 0; i < (size_t)E * C * F; i++) dfc2_ref[i] *= 2;
         for (int i = 3; i < 5; i++) {
             snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d %s, pool of 2 layers", N, C, F, E, K, names[i]);
             check(what, got[i], ref[i], flat(sizes[i]), TOL_TWIN);
         }
-        free(h2), free(eo2), free(da2), free(x2), free(ord2), free(off2), free(rows);
+        free(h2), free(eo2), free(ak2), free(x2), free(ord2), free(off2), free(rows);
         free(x), free(dy), free(fc1), free(fc2), free(score), free(chosen), free(ints), free(y), free(y_ref);
-        free(h), free(eout), free(xs), free(dxs), free(act), free(dact), free(dh), free(dx), free(dscore);
+        free(h), free(eout), free(xs), free(dxs), free(act), free(act_kept), free(hs), free(dx), free(dscore);
         free(dfc1), free(dfc2), free(dx_ref), free(dscore_ref), free(dfc1_ref), free(dfc2_ref);
     }
 }

@@ -983,31 +983,42 @@ static float norm_router_c(int E, int K, long draws, uint64_t seed) {
 }
 
 // SwiGLU: h = [a; b] (2F), out = silu(a) * b, silu(a) = a sigmoid(a)
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+
 static void swiglu_forward(float *out, const float *h, int M, int F) {
     // out (M,F), h (M,2F)
 #pragma omp parallel for schedule(static)
     for (int m = 0; m < M; m++) {
         const float *a = h + (size_t)m * 2 * F, *b = a + F;
         float *o = out + (size_t)m * F;
-        for (int i = 0; i < F; i++) o[i] = a[i] / (1.0f + exp_fast(-a[i])) * b[i];
+        for (int i = 0; i < F; i++) o[i] = a[i] * sigmoid(a[i]) * b[i];
     }
 }
 
-// da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a)
-static void swiglu_backward(float *dh, const float *dout, const float *h, int M, int F) {
-    // dh (M,2F) written, dout (M,F), h (M,2F); dh may be h (each row is copied before it is overwritten)
+/* da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a);
+   and the forward's output again, act = silu(a) b (the same bits), which
+   the weight gradient of fc2 needs. In place: dh may be h and act may be
+   dout. Each element is read before it is written, but a vectorised loop
+   may not assume so; inputs go through a small copy. */
+#define SWIGLU_CHUNK 256
+static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M, int F) {
+    // dh (M,2F) written, act (M,F) written, dout (M,F), h (M,2F)
 #pragma omp parallel for schedule(static)
-    for (int m = 0; m < M; m++) {
-        const float *a = h + (size_t)m * 2 * F, *d = dout + (size_t)m * F;
-        if (dh == h) a = memcpy(thread_scratch(2 * (size_t)F), a, 2 * (size_t)F * sizeof(float));
-        const float *b = a + F;
-        float *restrict da = dh + (size_t)m * 2 * F, *restrict db = da + F;
-        for (int i = 0; i < F; i++) {
-            float sg = 1.0f / (1.0f + exp_fast(-a[i]));
-            da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
-            db[i] = d[i] * a[i] * sg;
+    for (int m = 0; m < M; m++)
+        for (int i0 = 0; i0 < F; i0 += SWIGLU_CHUNK) {
+            int n = F - i0 < SWIGLU_CHUNK ? F - i0 : SWIGLU_CHUNK;
+            float a[SWIGLU_CHUNK], b[SWIGLU_CHUNK], d[SWIGLU_CHUNK];
+            memcpy(a, h + (size_t)m * 2 * F + i0, n * sizeof(float));
+            memcpy(b, h + (size_t)m * 2 * F + F + i0, n * sizeof(float));
+            memcpy(d, dout + (size_t)m * F + i0, n * sizeof(float));
+            float *restrict da = dh + (size_t)m * 2 * F + i0, *restrict db = da + F, *restrict o = act + (size_t)m * F + i0;
+            for (int i = 0; i < n; i++) {
+                float sg = sigmoid(a[i]), silu = a[i] * sg;
+                da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
+                db[i] = d[i] * silu;
+                o[i] = silu * b[i];
+            }
         }
-    }
 }
 
 /* The mixture of one layer, dropless: y_n = sum_k gate_nk expert_{chosen_nk}(x_n).
@@ -1040,11 +1051,13 @@ static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int
 /* The experts' products of one layer, each over its block of sorted rows:
    y_e = x_e W_e^T (forward: x rows of K, y rows of N) or y_e += x_e W_e
    (backward for the input: x rows of N, y rows of K), W (E,N,K). Experts
-   with fewer than GM_SMALL rows (a UniPool expert meets a dozen tokens of a
-   layer) run one per thread, largest first: split across threads, such a
-   product would wait at dozens of barriers for microseconds of work each.
-   The rest run in turn, each on all threads. A product computes the same
-   sums whichever threads run it, so the result does not depend on them. */
+   with more rows than a thread's share of the layer's run in turn, each on
+   all threads; the rest run one per thread, largest first, which keeps the
+   threads about equally busy. Split across threads, a product of a few dozen
+   rows (a UniPool expert's tokens of a layer) would wait at dozens of
+   barriers for microseconds of work each, and even one of a few hundred
+   rows loses a tenth of its time to them. A product computes the same sums
+   whichever threads run it, so the result does not depend on them. */
 static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int K, int N,
                            int backward) {
     size_t ys = backward ? (size_t)K : (size_t)N, xs = backward ? (size_t)N : (size_t)K;
@@ -1054,11 +1067,17 @@ static void expert_matmuls(float *y, const float *x, const float *w, const int *
         for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--) by_size[i] = by_size[i - 1];
         by_size[i] = e;
     }
+#ifdef _OPENMP
+    int threads = omp_get_max_threads();
+#else
+    int threads = 1;
+#endif
+    int share = (offset[E] + threads - 1) / threads;  // rows per thread
     for (int big = 1; big >= 0; big--) {
 #pragma omp parallel for schedule(dynamic) if (!big)
         for (int i = 0; i < E; i++) {
             int e = by_size[i], p0 = offset[e], ne = offset[e + 1] - p0;
-            if (ne == 0 || (ne >= GM_SMALL) != big) continue;
+            if (ne == 0 || (ne > share) != big) continue;
             float *ye = y + (size_t)p0 * ys;
             const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * N * K;
             if (backward)
@@ -1094,14 +1113,15 @@ static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, 
    then back through fc2, SwiGLU and fc1 to the gathered inputs. The experts'
    weight gradients wait (moe_weight_grads): with a shared pool, one expert
    serves every layer, and summing its rows of all layers in one product
-   writes its gradient once instead of once per layer. Experts with no tokens
-   cost nothing. */
-static void moe_backward(float *dx, float *dscore, float *eout, float *dact, float *dh, float *dxs,
-                         const float *dy, const float *h, const float *score, const int *chosen,
-                         const Dispatch *d, const float *fc1, const float *fc2, int N, int C, int F, int E, int K) {
-    // dx (N,C) +=, dscore (N,E) += at the chosen experts; eout (N*K,C): the expert outputs the
-    // forward saved, overwritten by their gradients; dact (N*K,F) written (kept for the weights)
-    // scratch: dh (N*K,2F), dxs (N*K,C); saved by the forward: h (N*K,2F); score (N,E), chosen (N,K)
+   writes its gradient once instead of once per layer. What that product
+   needs stays in place of what this one no longer does: d h over h, and
+   SwiGLU's output act, recomputed. Experts with no tokens cost nothing. */
+static void moe_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs,
+                         const float *dy, const float *score, const int *chosen, const Dispatch *d,
+                         const float *fc1, const float *fc2, int N, int C, int F, int E, int K) {
+    // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten for
+    // the weight gradients: eout (N*K,C) the expert outputs -> their gradients, h (N*K,2F) -> d h;
+    // act (N*K,F) written; scratch dxs (N*K,C); score (N,E), chosen (N,K)
     int NK = N * K;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
@@ -1112,48 +1132,51 @@ static void moe_backward(float *dx, float *dscore, float *eout, float *dact, flo
             dscore[(size_t)n * E + chosen[a]] += dot(dyn, eo, C);
             for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
         }
-    memset(dact, 0, (size_t)NK * F * sizeof(float));
-    expert_matmuls(dact, eout, fc2, d->offset, E, F, C, 1);
-    swiglu_backward(dh, dact, h, NK, F);
+    memset(act, 0, (size_t)NK * F * sizeof(float));
+    expert_matmuls(act, eout, fc2, d->offset, E, F, C, 1);  // d act, until SwiGLU's backward
+    swiglu_backward(h, act, act, h, NK, F);
     memset(dxs, 0, (size_t)NK * C * sizeof(float));
-    expert_matmuls(dxs, dh, fc1, d->offset, E, C, 2 * F, 1);
+    expert_matmuls(dxs, h, fc1, d->offset, E, C, 2 * F, 1);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
 }
 
 /* One expert's weight gradients from R of its rows (rows[r] = layer j of the
-   pool times SK plus the dispatch position), gathered into the scratch:
-     dfc2 += d(out)^T act,   dfc1 += dh^T x,   act and dh recomputed from h. */
+   pool times SK plus the dispatch position):
+     dfc2 += d(out)^T act,   dfc1 += dh^T x.
+   Rows that are one run (vanilla: an expert's rows of its one layer) are read
+   in place; rows of several layers are gathered into the scratch first, and
+   the inputs x always are. */
 static void expert_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs,
-                                const int *rows, int R, const float *h, const float *deout, const float *dact,
+                                const int *rows, int R, const float *dh, const float *deout, const float *act,
                                 const float *x, const int *order, size_t S, int C, int F, int K) {
     // dfc1 (2F,C) +=, dfc2 (C,F) +=; scratch hs (R,2F), as (R,F), ds, xs (R,C)
-    size_t SK = S * K;
+    size_t SK = S * K, q0 = (size_t)rows[0];
+    int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < R; r++) {
         size_t q = (size_t)rows[r], j = q / SK;  // row q of the pool's (layer, position) blocks
-        memcpy(hs + (size_t)r * 2 * F, h + q * 2 * F, 2 * (size_t)F * sizeof(float));
-        memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
+        if (!run) {
+            memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
+            memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
+            memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
+        }
         memcpy(xs + (size_t)r * C, x + (j * S + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
     }
-    swiglu_forward(as, hs, R, F);
-    matmul_backward(NULL, dfc2, ds, as, NULL, R, F, C);
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) memcpy(as + (size_t)r * F, dact + (size_t)rows[r] * F, (size_t)F * sizeof(float));
-    swiglu_backward(hs, as, hs, R, F);
-    matmul_backward(NULL, dfc1, hs, xs, NULL, R, C, 2 * F);
+    matmul_backward(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
+    matmul_backward(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
 }
 
 /* The weight gradients of a pool's E experts, once its nl layers are all
    backpropagated: each expert's rows of every layer, in layer then dispatch
    order, in chunks of at most N*K rows (the scratch). Vanilla MoE is nl = 1. */
 static void moe_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs, int *rows,
-                             const float *h, const float *deout, const float *dact, const float *x,
+                             const float *dh, const float *deout, const float *act, const float *x,
                              const int *order, const int *offset, int nl, size_t S, int N, int C, int F, int E,
                              int K) {
     // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=; per layer j of the pool, blocks S rows apart:
-    // h (nl,S*K,2F), deout (nl,S*K,C), dact (nl,S*K,F), x (nl,S,C), order (nl,S*K), offset (nl,E+1)
+    // dh (nl,S*K,2F), deout (nl,S*K,C), act (nl,S*K,F), x (nl,S,C), order (nl,S*K), offset (nl,E+1)
     size_t SK = S * K;
     for (int e = 0; e < E; e++) {
         float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
@@ -1162,11 +1185,11 @@ static void moe_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, flo
             for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
                 rows[R++] = (int)(j * SK + p);
                 if (R == N * K) {
-                    expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, h, deout, dact, x, order, S, C, F, K);
+                    expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, dh, deout, act, x, order, S, C, F, K);
                     R = 0;
                 }
             }
-        if (R) expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, h, deout, dact, x, order, S, C, F, K);
+        if (R) expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, dh, deout, act, x, order, S, C, F, K);
     }
 }
 
@@ -1295,8 +1318,8 @@ static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (
     X(rstd2,  L * N)            /* (L,N) */                                         \
     X(z,      L * N * E)        /* (L,N,E) router logits */                         \
     X(score,  L * N * E)        /* (L,N,E) router scores; the chosen ones are the gates */ \
-    X(h,      L * NK * 2 * F)   /* (L,N*K,2F) expert fc1 output, in dispatch order */ \
-    X(eout,   L * NK * C)       /* (L,N*K,C) expert output before its gate, dispatch order */ \
+    X(h,      L * NK * 2 * F)   /* (L,N*K,2F) expert fc1 output, dispatch order; the backward makes it d h */ \
+    X(eout,   L * NK * C)       /* (L,N*K,C) expert output before its gate, dispatch order; then its gradient */ \
     X(lnf,    N * C)            /* (N,C) final norm output */                       \
     X(rstdf,  N)                /* (N) */                                           \
     X(logits, N * Vp)           /* (N,Vp); the backward turns them into d logits */  \
@@ -1315,8 +1338,8 @@ static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (
     X(xs,     NK * C)           /* (N*K,C) expert inputs gathered in dispatch order */ \
     X(dxs,    NK * C)           /* (N*K,C) */                                       \
     X(act,    NK * F)           /* (N*K,F) SwiGLU output */                         \
-    X(dact,   LP * NK * F)      /* (L/G,N*K,F) per layer of the pool being backpropagated */ \
-    X(dh,     NK * 2 * F)       /* (N*K,2F) */
+    X(act_pool, LP * NK * F)    /* (L/G,N*K,F) SwiGLU output of each layer of the pool being backpropagated */ \
+    X(hs,     NK * 2 * F)       /* (N*K,2F) an expert's d h rows of several layers, gathered */
 
 #define ACT_INT_TABLE(X)                                                           \
     X(inputs,  N)               /* (N) token ids */                                 \
@@ -1596,13 +1619,13 @@ static void model_backward(Model *m, float scale) {
         for (int n = 0; n < N; n++)
             for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_backward(a->dln, a->dscore, a->eout + lN * K * C, a->dact + (size_t)(l % LP) * S * K * F, a->dh, a->dxs,
-                     a->dresid, a->h + lN * K * 2 * F, score, chosen, &d, p->expert_fc1 + e0 * 2 * F * C,
-                     p->expert_fc2 + e0 * C * F, N, C, F, E, K);
+        moe_backward(a->dln, a->dscore, a->eout + lN * K * C, a->h + lN * K * 2 * F,
+                     a->act_pool + (size_t)(l % LP) * S * K * F, a->dxs, a->dresid, score, chosen, &d,
+                     p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E, K);
         if (l % LP == 0) {  // the pool's first layer: all its layers are done, so now its experts' weights
             size_t f0 = (size_t)l * S;
-            moe_weight_grads(g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->dh, a->act, a->dxs, a->xs,
-                             a->rows, a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->dact, a->ln2 + f0 * C,
+            moe_weight_grads(g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->hs, a->act, a->dxs, a->xs,
+                             a->rows, a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C,
                              a->order + f0 * K, a->offset + (size_t)l * (E + 1), LP, S, N, C, F, E, K);
         }
         router_backward(a->dz, g->router_scale + l, a->dscore, z, score, p->router_scale[l], c, N);
