@@ -1048,6 +1048,14 @@ static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int
     for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
 }
 
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 /* The experts' products of one layer, each over its block of sorted rows:
    y_e = x_e W_e^T (forward: x rows of K, y rows of N) or y_e += x_e W_e
    (backward for the input: x rows of N, y rows of K), W (E,N,K). Experts
@@ -1067,12 +1075,7 @@ static void expert_matmuls(float *y, const float *x, const float *w, const int *
         for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--) by_size[i] = by_size[i - 1];
         by_size[i] = e;
     }
-#ifdef _OPENMP
-    int threads = omp_get_max_threads();
-#else
-    int threads = 1;
-#endif
-    int share = (offset[E] + threads - 1) / threads;  // rows per thread
+    int share = (offset[E] + max_threads() - 1) / max_threads();  // rows per thread
     for (int big = 1; big >= 0; big--) {
 #pragma omp parallel for schedule(dynamic) if (!big)
         for (int i = 0; i < E; i++) {

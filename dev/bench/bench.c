@@ -43,14 +43,6 @@ static double fma_peak(int threads) {
     return 2.0 * 8 * 12 * n * threads / (now_seconds() - t0) / 1e9;
 }
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 static double peak_all(void) {  // the best of five: a peak is a maximum, noise only lowers it
     double p = 0.0;
     for (int i = 0; i < 5; i++) p = fmax(p, fma_peak(max_threads()));
