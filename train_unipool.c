@@ -490,10 +490,15 @@ static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only sc
     return *buf;
 }
 
+/* Packed panels are a cache line more than kc x width apart: a multiple of
+   4 KiB apart, the lines a pack writes at one depth k (one per panel) would
+   all fall in the same L1 set. */
+static size_t panel_stride(int kc, int width) { return (size_t)kc * width + GM_NR; }
+
 /* Packs rows [0, rows) and depth [k0, k0+kc) of X into panels of `width`
    rows, each k-major and zero-padded: panel i holds X(i*width + w, k0 + k) at
-   dst[(i kc + k) width + w]. The loop runs along whichever index of X is
-   contiguous, so a transposed operand packs as fast as a plain one. */
+   dst[i panel_stride + k width + w]. The loop runs along whichever index of X
+   is contiguous, so a transposed operand packs as fast as a plain one. */
 static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) {
     int np = (rows + width - 1) / width;
     if (X.rs == 1) {  // columns of X are contiguous: each is cut into the panels' rows at depth k
@@ -501,7 +506,7 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
         for (int k = 0; k < kc; k++) {
             const float *col = X.p + (size_t)(k0 + k) * X.cs;
             for (int i = 0; i < np; i++) {
-                float *d = dst + ((size_t)i * kc + k) * width;
+                float *d = dst + i * panel_stride(kc, width) + (size_t)k * width;
                 int r0 = i * width, n = rows - r0 < width ? rows - r0 : width;
                 for (int w = 0; w < n; w++) d[w] = col[r0 + w];
                 for (int w = n; w < width; w++) d[w] = 0.0f;
@@ -513,7 +518,7 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
             for (int k = 0; k < kc; k++)
                 for (int w = 0; w < width; w++) {
                     int r = i * width + w;
-                    dst[((size_t)i * kc + k) * width + w] = r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
+                    dst[i * panel_stride(kc, width) + (size_t)k * width + w] = r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
                 }
     }
 }
@@ -542,11 +547,14 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
     int mp = (M + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
     int mcp = (mp + nmc - 1) / nmc;
     // An A read in place goes whole rows at a time, up to KROW (long runs from memory, which the
-    // prefetcher follows); with few rows of A, a block of B is sized for L2 rather than L3
-    int kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : GM_KC, ncb = M < GM_SMALL ? GM_NC / 4 : GM_NC;
+    // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
+    // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
+    // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
+    int few = M < GM_SMALL, kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
+    int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
     ncb = N < ncb ? (N + GM_NR - 1) / GM_NR * GM_NR : ncb;
-    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * GM_MR * kcb);
-    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb + GM_NR) * kcb);
+    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
+    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb / GM_NR + 1) * panel_stride(kcb, GM_NR));
     for (int n0 = 0; n0 < N; n0 += ncb) {
         int nc = N - n0 < ncb ? N - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
         int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
@@ -559,7 +567,7 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
 #pragma omp parallel for schedule(static)
             for (int t = 0; t < nmc * np; t++) {
                 int mb = t / np, j = t % np, c0 = n0 + j * GM_NR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
-                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (size_t)(j - inplace) * kc * GM_NR;
+                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (j - inplace) * panel_stride(kc, GM_NR);
                 size_t bk = j < inplace ? B.rs : GM_NR;
                 int i1 = (mb + 1) * mcp < mp ? (mb + 1) * mcp : mp;
                 for (int i = mb * mcp; i < i1; i++) {
@@ -576,7 +584,7 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
                         size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= M ? GM_MR * A.rs : 0;
                         gemm_tile(acc, a, 1, b, bk, kc, pa, pb);
                     } else {
-                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + (size_t)i * kc * GM_MR + ii;
+                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + i * panel_stride(kc, GM_MR) + ii;
                         if (j < inplace)
                             gemm_tile(acc, a, GM_MR, b, bk, kc, 0, pb);
                         else
