@@ -543,7 +543,8 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
     static _Thread_local size_t acap, bcap;
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
     // would evict itself before the next rows of A come to use it, so it is packed
-    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && M < GM_SMALL && B.rs % 1024 != 0;
+    int few = M < GM_SMALL;  // few rows of A
+    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
     // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
     // threads' shares of the tiles are even; a few rows are one block and the threads split B
     int mp = (M + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
@@ -552,7 +553,7 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
     // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
     // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
     // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
-    int few = M < GM_SMALL, kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
+    int kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
     int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
     ncb = N < ncb ? (N + GM_NR - 1) / GM_NR * GM_NR : ncb;
     float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
