@@ -2,7 +2,8 @@
 dev/bench/bench.c: speed and memory figures for this machine (never a test).
 
   ./bench peak                 fp32 FMA peak: a register-only FMA loop, 1 thread and all threads
-  ./bench gemm                 GEMM GFLOP/s on the 182M model's shapes, forward and both backward products
+  ./bench gemm                 GEMM GFLOP/s on the 182M model's shapes, forward and both backward products,
+                               experts as training runs them, and the memory read bandwidth
   ./bench step [train flags]   training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
                                e.g. ./bench step -p 182m -o layer -b 4 -t 1024 -n 3
 
@@ -56,41 +57,93 @@ static double peak_for_mfu(void) {
     return e && atof(e) > 0 ? atof(e) : peak_all();
 }
 
+/* Read bandwidth from memory, GB/s, all threads: a sum over a buffer far
+   bigger than the caches, 4 vector accumulators per thread; the best of five. */
+static double read_bandwidth(void) {
+    size_t n = (size_t)1 << 28;  // 1 GiB of floats
+    const v8 *a = calloc_big(n * sizeof(float));  // zeros: the sum is of no interest, only its reads
+    double best = 0.0, keep = 0.0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = now_seconds();
+#pragma omp parallel reduction(+ : keep)
+        {
+            v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+#pragma omp for schedule(static)
+            for (size_t i = 0; i < n / 32; i++)  // 4 vectors, 128 bytes
+                s0 += a[4 * i], s1 += a[4 * i + 1], s2 += a[4 * i + 2], s3 += a[4 * i + 3];
+            keep += (s0 + s1 + s2 + s3)[0];
+        }
+        best = fmax(best, n * sizeof(float) / (now_seconds() - t0) / 1e9);
+    }
+    if (keep == 1.0) printf("%g", keep);  // keep the sums alive
+    free((void *)a);
+    return best;
+}
+
+// Uniform values in [-1, 1) from a hash of the index (gigabytes of them: rng_normal would take a minute).
+static void fill(float *p, size_t n, uint64_t seed) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) p[i] = (float)(((i + seed) * 0x9e3779b97f4a7c15ULL) >> 40) / 8388608.0f - 1.0f;
+}
+
+/* The 182M model's products at B*T = 4096 and 1024, each as training runs it.
+   A plain product (attention, LM head) is one call on all threads. Experts
+   run as a layer's set (expert_matmuls: E experts of M rows each, one per
+   thread when they are small), and each expert's weight gradient is one
+   product over its rows of all the layers that share it (moe_weight_grads:
+   M for vanilla, 12 M for UniPool's pool of twelve layers). An expert's
+   weights come from memory for M rows in the forward and d input: at most
+   M * bandwidth / 2 FLOP/s (2 M flops per 4-byte weight), printed where it is
+   below the peak. */
 static void bench_gemm(void) {
-    // (M, K, N) of the 182M model at B*T = 4096: attention, experts (vanilla ~512 tokens each, UniPool ~43;
-    // at B*T = 1024, 128 and 11), LM head
-    static const struct { const char *what; int M, K, N; } shapes[] = {
-        {"wq/wo 4096x768x768", 4096, 768, 768},   {"wk/wv 4096x768x256", 4096, 768, 256},
-        {"fc1 vanilla 512x768x6144", 512, 768, 6144}, {"fc2 vanilla 512x3072x768", 512, 3072, 768},
-        {"fc1 vanilla 128x768x6144", 128, 768, 6144}, {"fc2 vanilla 128x3072x768", 128, 3072, 768},
-        {"fc1 UniPool 43x768x6144", 43, 768, 6144}, {"fc2 UniPool 43x3072x768", 43, 3072, 768},
-        {"fc1 UniPool 11x768x6144", 11, 768, 6144}, {"fc2 UniPool 11x3072x768", 11, 3072, 768},
-        {"lm_head 4096x768x51200", 4096, 768, 51200},
+    static const struct { const char *what; int M, K, N, E, layers; } shapes[] = {
+        {"wq/wo 4096x768x768", 4096, 768, 768, 0, 0},           {"wk/wv 4096x768x256", 4096, 768, 256, 0, 0},
+        {"fc1 vanilla 8 x 512x768x6144", 512, 768, 6144, 8, 1}, {"fc2 vanilla 8 x 512x3072x768", 512, 3072, 768, 8, 1},
+        {"fc1 vanilla 8 x 128x768x6144", 128, 768, 6144, 8, 1}, {"fc2 vanilla 8 x 128x3072x768", 128, 3072, 768, 8, 1},
+        {"fc1 UniPool 96 x 43x768x6144", 43, 768, 6144, 96, 12}, {"fc2 UniPool 96 x 43x3072x768", 43, 3072, 768, 96, 12},
+        {"fc1 UniPool 96 x 11x768x6144", 11, 768, 6144, 96, 12}, {"fc2 UniPool 96 x 11x3072x768", 11, 3072, 768, 96, 12},
+        {"lm_head 4096x768x51200", 4096, 768, 51200, 0, 0},     {"lm_head 1024x768x51200", 1024, 768, 51200, 0, 0},
     };
-    double peak = peak_for_mfu();
-    printf("peak %.1f GFLOP/s (%d threads)\n", peak, max_threads());
-    printf("%-28s %10s %10s %10s   (GFLOP/s; %% of peak)\n", "shape (M x K x N)", "forward", "d input", "d weight");
-    Rng rng = {1};
+    double peak = peak_for_mfu(), bw = read_bandwidth();
+    printf("peak %.1f GFLOP/s, memory read %.1f GB/s (%d threads)\n", peak, bw, max_threads());
+    printf("%-30s %12s %12s %12s %12s  (GFLOP/s, %% of peak; best of 3)\n", "shape (E x M x K x N)", "forward",
+           "d input", "d weight", "memory bound");
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-        int M = shapes[s].M, K = shapes[s].K, N = shapes[s].N;
-        float *x = malloc_check((size_t)M * K * 4), *w = malloc_check((size_t)N * K * 4), *y = malloc_check((size_t)M * N * 4);
-        float *dx = calloc_check((size_t)M * K, 4), *dw = calloc_check((size_t)N * K, 4);
-        for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (float)rng_normal(&rng);
-        for (size_t i = 0; i < (size_t)N * K; i++) w[i] = (float)rng_normal(&rng);
-        double fl = 2.0 * M * K * N, best[3] = {0, 0, 0};
+        int M = shapes[s].M, K = shapes[s].K, N = shapes[s].N, E = shapes[s].E ? shapes[s].E : 1;
+        int R = shapes[s].E ? M * shapes[s].layers : M;  // rows of a weight gradient
+        size_t wn = (size_t)E * N * K, xn = (size_t)E * M * K, yn = (size_t)E * M * N;
+        // as training allocates them: 2 MiB blocks, huge pages where the kernel gives them
+        float *w = calloc_big(wn * 4), *dw = calloc_big(wn * 4), *x = calloc_big(xn * 4), *y = calloc_big(yn * 4);
+        size_t gxn = (size_t)E * R * K, gyn = (size_t)E * R * N;  // each expert's rows of all its layers
+        float *dx = calloc_big(xn * 4), *gx = calloc_big(gxn * 4), *gy = calloc_big(gyn * 4);
+        fill(w, wn, 1), fill(x, xn, 2), fill(gx, gxn, 3), fill(gy, gyn, 4);
+        int offset[E + 1];
+        for (int e = 0; e <= E; e++) offset[e] = e * M;
+        double fl = 2.0 * M * K * N * E, flw = 2.0 * R * K * N * E, best[3] = {0, 0, 0};
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now_seconds();
-            matmul_forward(y, x, w, M, K, N);
+            if (shapes[s].E)
+                expert_matmuls(y, x, w, offset, E, K, N, 0);
+            else
+                matmul_forward(y, x, w, M, K, N);
             double t1 = now_seconds();
-            matmul_backward(dx, NULL, y, x, w, M, K, N);
+            if (shapes[s].E)
+                expert_matmuls(dx, y, w, offset, E, K, N, 1);
+            else
+                matmul_backward(dx, NULL, y, x, w, M, K, N);
             double t2 = now_seconds();
-            matmul_backward(NULL, dw, y, x, w, M, K, N);
-            double t3 = now_seconds(), r[3] = {fl / (t1 - t0), fl / (t2 - t1), fl / (t3 - t2)};
+            for (int e = 0; e < E; e++)
+                matmul_backward(NULL, dw + (size_t)e * N * K, gy + (size_t)e * R * N, gx + (size_t)e * R * K, NULL, R, K, N);
+            double t3 = now_seconds(), r[3] = {fl / (t1 - t0), fl / (t2 - t1), flw / (t3 - t2)};
             for (int i = 0; i < 3; i++) best[i] = fmax(best[i], r[i] / 1e9);
         }
-        printf("%-28s %6.1f %2.0f%% %6.1f %2.0f%% %6.1f %2.0f%%\n", shapes[s].what, best[0], 100 * best[0] / peak,
+        printf("%-30s %6.1f (%2.0f%%) %6.1f (%2.0f%%) %6.1f (%2.0f%%)", shapes[s].what, best[0], 100 * best[0] / peak,
                best[1], 100 * best[1] / peak, best[2], 100 * best[2] / peak);
-        free(x), free(w), free(y), free(dx), free(dw);
+        double bound = M * bw / 2;
+        if (bound < peak)
+            printf(" %6.1f (%2.0f%%)", bound, 100 * bound / peak);
+        printf("\n");
+        free(w), free(dw), free(x), free(y), free(dx), free(gx), free(gy);
     }
 }
 

@@ -35,8 +35,8 @@ print('ratio: C / PyTorch tokens/s = %.2f' % (f(sys.argv[1]) / f(sys.argv[2])))"
 }
 ENV=$KEEP N=5 pair -p tiny -o layer -b 16 -t 128
 ENV=$KEEP N=5 pair -p tiny -o pool -b 16 -t 128
-ENV=$HUGE N=2 pair -p 182m -o layer -b 4 -t 256
-ENV=$HUGE N=2 pair -p 182m -o pool -b 4 -t 256
+ENV=$HUGE N=3 pair -p 182m -o layer -b 4 -t 256
+ENV=$HUGE N=3 pair -p 182m -o pool -b 4 -t 256
 echo "182M at B*T = 4096 (the memory target is for vanilla):"
 ./dev/bench/bench step -p 182m -o layer -b 4 -t 1024 -n 2
 ./dev/bench/bench step -p 182m -o pool -b 4 -t 1024 -n 2
