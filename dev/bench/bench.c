@@ -2,6 +2,7 @@
 dev/bench/bench.c: speed and memory figures for this machine (never a test).
 
   ./bench peak                 fp32 FMA peak: a register-only FMA loop, 1 thread and all threads
+  ./bench bandwidth            memory read bandwidth, all threads (this VM's neighbours move it by half)
   ./bench gemm                 GEMM GFLOP/s on the 182M model's shapes, forward and both backward products,
                                experts as training runs them, and the memory read bandwidth
   ./bench step [train flags]   training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
@@ -192,11 +193,13 @@ static void bench_step(int argc, char **argv) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 2) {
-        fprintf(stderr, "usage: ./bench peak | gemm | step [train_unipool model and batch flags, -n steps]\n");
+        fprintf(stderr, "usage: ./bench peak | bandwidth | gemm | step [train_unipool model and batch flags, -n steps]\n");
         return EXIT_USAGE;
     }
     if (!strcmp(argv[1], "peak")) {
         printf("fp32 FMA peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", fmax(fma_peak(1), fma_peak(1)), peak_all(), max_threads());
+    } else if (!strcmp(argv[1], "bandwidth")) {
+        printf("memory read: %.1f GB/s on %d threads\n", read_bandwidth(), max_threads());
     } else if (!strcmp(argv[1], "gemm")) {
         bench_gemm();
     } else if (!strcmp(argv[1], "step")) {

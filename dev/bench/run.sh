@@ -2,7 +2,7 @@
 # Every speed and memory figure of the README, measured side by side in one
 # run on this machine: the FMA peak, the GEMM kernels on the 182M shapes, and
 # training steps of C and of the PyTorch reference at the same configuration,
-# batch and threads, with their tokens/s ratio. Takes about 30 minutes; the
+# batch and threads, with their tokens/s ratio. Takes about 35 minutes; the
 # 182M runs need 16 GiB of memory. Usage: dev/bench/run.sh [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,10 +33,19 @@ pair() {  # C and PyTorch at the same settings, then the ratio of tokens/s; $ENV
     /usr/bin/python3 -c "import re,sys; f=lambda s: float(re.search(r'\| (\d+) tok/s', s).group(1)); \
 print('ratio: C / PyTorch tokens/s = %.2f' % (f(sys.argv[1]) / f(sys.argv[2])))" "$c" "$t"
 }
+./dev/bench/bench bandwidth
 ENV=$KEEP N=5 pair -p tiny -o layer -b 16 -t 128
 ENV=$KEEP N=5 pair -p tiny -o pool -b 16 -t 128
 ENV=$HUGE N=3 pair -p 182m -o layer -b 4 -t 256
 ENV=$HUGE N=3 pair -p 182m -o pool -b 4 -t 256
-echo "182M at B*T = 4096 (the memory target is for vanilla):"
-./dev/bench/bench step -p 182m -o layer -b 4 -t 1024 -n 2
-./dev/bench/bench step -p 182m -o pool -b 4 -t 1024 -n 2
+./dev/bench/bench bandwidth
+echo "182M at B*T = 4096 (the memory target is for vanilla), vanilla and UniPool alternated twice:"
+: > /tmp/unipool_4096.txt
+for round in 1 2; do
+    ./dev/bench/bench step -p 182m -o layer -b 4 -t 1024 -n 1 | tee -a /tmp/unipool_4096.txt
+    ./dev/bench/bench step -p 182m -o pool -b 4 -t 1024 -n 1 | tee -a /tmp/unipool_4096.txt
+done
+/usr/bin/python3 -c "import re; s = open('/tmp/unipool_4096.txt').read(); \
+ms = lambda k: sum(map(float, re.findall(k + r' .*?\| (\d+) ms/step', s))); \
+print('UniPool / vanilla tokens/s at B*T = 4096, both rounds: %.2f' % (ms('vanilla') / ms('UniPool')))"
+./dev/bench/bench bandwidth
