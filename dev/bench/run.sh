@@ -2,7 +2,7 @@
 # Every speed and memory figure of the README, measured side by side in one
 # run on this machine: the FMA peak, the GEMM kernels on the 182M shapes, and
 # training steps of C and of the PyTorch reference at the same configuration,
-# batch and threads, with their tokens/s ratio. Takes about 35 minutes; the
+# batch and threads, with their tokens/s ratio. Takes about 20 minutes; the
 # 182M runs need 16 GiB of memory. Usage: dev/bench/run.sh [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
