@@ -192,11 +192,14 @@ static void bench_step(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    const char *usage = "usage: ./bench peak | bandwidth | gemm | step [train_unipool model and batch flags, -n steps]\n";
     if (argc < 2) {
-        fprintf(stderr, "usage: ./bench peak | bandwidth | gemm | step [train_unipool model and batch flags, -n steps]\n");
+        fputs(usage, stderr);
         return EXIT_USAGE;
     }
-    if (!strcmp(argv[1], "peak")) {
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+        fputs(usage, stdout);
+    } else if (!strcmp(argv[1], "peak")) {
         printf("fp32 FMA peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", fmax(fma_peak(1), fma_peak(1)), peak_all(), max_threads());
     } else if (!strcmp(argv[1], "bandwidth")) {
         printf("memory read: %.1f GB/s on %d threads\n", read_bandwidth(), max_threads());
