@@ -88,9 +88,9 @@ static void fill(float *p, size_t n, uint64_t seed) {
 }
 
 /* The 182M model's products at B*T = 4096 and 1024, each as training runs it.
-   A plain product (attention, LM head) is one call on all threads. Experts
-   run as a layer's set (expert_matmuls: E experts of M rows each, one per
-   thread when they are small), and each expert's weight gradient is one
+   Experts run as a layer's set (expert_matmuls: E experts of M rows each,
+   one per thread when they are small); a plain product (attention, LM head)
+   is a set of one, which runs on all threads. Each weight gradient is one
    product over its rows of all the layers that share it (moe_weight_grads:
    M for vanilla, 12 M for UniPool's pool of twelve layers). An expert's
    weights come from memory for M rows in the forward and d input: at most
@@ -98,20 +98,20 @@ static void fill(float *p, size_t n, uint64_t seed) {
    below the peak. */
 static void bench_gemm(void) {
     static const struct { const char *what; int M, K, N, E, layers; } shapes[] = {
-        {"wq/wo 4096x768x768", 4096, 768, 768, 0, 0},           {"wk/wv 4096x768x256", 4096, 768, 256, 0, 0},
+        {"wq/wo 4096x768x768", 4096, 768, 768, 1, 1},           {"wk/wv 4096x768x256", 4096, 768, 256, 1, 1},
         {"fc1 vanilla 8 x 512x768x6144", 512, 768, 6144, 8, 1}, {"fc2 vanilla 8 x 512x3072x768", 512, 3072, 768, 8, 1},
         {"fc1 vanilla 8 x 128x768x6144", 128, 768, 6144, 8, 1}, {"fc2 vanilla 8 x 128x3072x768", 128, 3072, 768, 8, 1},
         {"fc1 UniPool 96 x 43x768x6144", 43, 768, 6144, 96, 12}, {"fc2 UniPool 96 x 43x3072x768", 43, 3072, 768, 96, 12},
         {"fc1 UniPool 96 x 11x768x6144", 11, 768, 6144, 96, 12}, {"fc2 UniPool 96 x 11x3072x768", 11, 3072, 768, 96, 12},
-        {"lm_head 4096x768x51200", 4096, 768, 51200, 0, 0},     {"lm_head 1024x768x51200", 1024, 768, 51200, 0, 0},
+        {"lm_head 4096x768x51200", 4096, 768, 51200, 1, 1},     {"lm_head 1024x768x51200", 1024, 768, 51200, 1, 1},
     };
     double peak = peak_for_mfu(), bw = read_bandwidth();
     printf("peak %.1f GFLOP/s, memory read %.1f GB/s (%d threads)\n", peak, bw, max_threads());
     printf("%-30s %12s %12s %12s %12s  (GFLOP/s, %% of peak; best of 3)\n", "shape (E x M x K x N)", "forward",
            "d input", "d weight", "memory bound");
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-        int M = shapes[s].M, K = shapes[s].K, N = shapes[s].N, E = shapes[s].E ? shapes[s].E : 1;
-        int R = shapes[s].E ? M * shapes[s].layers : M;  // rows of a weight gradient
+        int M = shapes[s].M, K = shapes[s].K, N = shapes[s].N, E = shapes[s].E;
+        int R = M * shapes[s].layers;  // rows of a weight gradient
         size_t wn = (size_t)E * N * K, xn = (size_t)E * M * K, yn = (size_t)E * M * N;
         // as training allocates them: 2 MiB blocks, huge pages where the kernel gives them
         float *w = calloc_big(wn * 4), *dw = calloc_big(wn * 4), *x = calloc_big(xn * 4), *y = calloc_big(yn * 4);
@@ -123,15 +123,9 @@ static void bench_gemm(void) {
         double fl = 2.0 * M * K * N * E, flw = 2.0 * R * K * N * E, best[3] = {0, 0, 0};
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now_seconds();
-            if (shapes[s].E)
-                expert_matmuls(y, x, w, offset, E, K, N, 0);
-            else
-                matmul_forward(y, x, w, M, K, N);
+            expert_matmuls(y, x, w, offset, E, K, N, 0);
             double t1 = now_seconds();
-            if (shapes[s].E)
-                expert_matmuls(dx, y, w, offset, E, K, N, 1);
-            else
-                matmul_backward(dx, NULL, y, x, w, M, K, N);
+            expert_matmuls(dx, y, w, offset, E, K, N, 1);
             double t2 = now_seconds();
             for (int e = 0; e < E; e++)
                 matmul_backward(NULL, dw + (size_t)e * N * K, gy + (size_t)e * R * N, gx + (size_t)e * R * K, NULL, R, K, N);
