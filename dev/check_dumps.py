@@ -2,9 +2,11 @@
 
     /usr/bin/python3 dev/check_dumps.py [--dumps DIR]
 
-Header, hparams, tokens and initial params must match exactly; the computed
-sections (logits, stats, grads, final) per element to within 2 float32 ulps or
-1e-6 relative, whichever is looser. Exits 0 when every file matches, else 1
+Header, hparams, tokens and initial params must match exactly, and so must the
+sigmoid router's final expert bias (float32 steps of +-bias_rate decided by
+integer counts: once the routing agrees, no rounding can differ); the other
+computed sections (logits, stats, grads, final) per element to within 2
+float32 ulps or 1e-6 relative, whichever is looser. Exits 0 when every file matches, else 1
 with one line per failing file.
 """
 import argparse
@@ -18,7 +20,7 @@ import torch
 from make_dumps import CASES, DEFAULT_OUT, make_case
 from read_dump import load_dump
 
-EXACT = ["header_raw", "hparams_raw", "tokens", "params"]
+EXACT = ["header_raw", "hparams_raw", "tokens", "params", "bias"]   # "bias": router 2 only
 COMPUTED = ["logits", "stats", "grads", "final"]
 MAX_ULPS = 2
 MAX_REL = 1e-6
@@ -39,8 +41,8 @@ def compare(ref_path, new_path):
     except (OSError, ValueError) as e:
         return str(e), ""
     new = load_dump(new_path)
-    for key in EXACT:
-        if ref[key].tobytes() != new[key].tobytes():
+    for key in EXACT:   # equal headers: both files hold the same sections
+        if key in ref and ref[key].tobytes() != new[key].tobytes():
             return f"{key} differ", ""
     worst_key, worst_index, worst_ratio = None, 0, 0.0
     for key in COMPUTED:

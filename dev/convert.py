@@ -7,8 +7,10 @@ against the PyTorch reference model (dev/model.py).
     dev/convert.py check    CKPT SHARD [-b B] [-t T]
 
 to-torch writes a torch file holding
-    "config":      the model Config (dev/model.py) as a dict
+    "config":      the model Config (dev/model.py) as a dict, bias_rate included
     "state_dict":  the float32 model's state_dict()
+    "expert_bias": with the sigmoid router (router 2) only, its (L, E) float32
+                   expert bias
     "train":       the training configuration of the header (B T n_micro steps
                    warmup val_every val_batches sample_every gen_tokens
                    ckpt_every keep seed lr b1 b2 eps wd clip lr_floor), and with
@@ -67,10 +69,12 @@ I32_TRAIN = ["B", "T", "n_micro", "steps", "warmup", "val_every", "val_batches",
 I32_STEP, I32_ADAM_T, I32_PREV_VALID = 27, 28, 29                                              # state only
 F32_CONFIG = ["alpha", "norm_eps", "rope_theta", "router_c", "router_eps"]                     # hp[0..4]
 F32_TRAIN = ["lr", "b1", "b2", "eps", "wd", "clip", "lr_floor"]                                # hp[5..11]
+F32_BIAS_RATE = 12                                                                             # hp[12]
+CONFIG_KEYS = I32_CONFIG + F32_CONFIG + ["bias_rate"]
 U64_SEED = 0                                                                                   # h64[0]
 U64_STATE = ["epoch", "shard", "row", "sampler"]                                               # h64[1..4], state only
 TRAIN_CONFIG_KEYS = I32_TRAIN + ["seed"] + F32_TRAIN
-assert [f.name for f in dataclasses.fields(M.Config)] == I32_CONFIG + F32_CONFIG, \
+assert [f.name for f in dataclasses.fields(M.Config)] == CONFIG_KEYS, \
     "dev/model.py's Config fields no longer match the checkpoint header"
 
 # check: largest accepted |C loss - PyTorch loss|, relative to the PyTorch loss. The C model
@@ -109,10 +113,14 @@ def config_error(c):
         return "the number of pools G must divide L"
     if c["E"] < 1 or c["K"] < 1 or c["K"] > c["E"]:
         return "need 1 <= K <= E"
-    if c["router"] not in (0, 1):
-        return "router must be 0 or 1"
+    if c["router"] not in (0, 1, 2):
+        return "router must be 0, 1 or 2"
     if c["aux"] < 0 or c["aux"] > 3:
         return "aux must be 0..3"
+    if c["router"] == 2 and c["aux"] != 0:
+        return "the sigmoid router balances with its expert bias, not an aux loss (aux must be none)"
+    if not (0.0 <= c["bias_rate"] <= 1.0):
+        return "the expert bias rate must be in [0, 1]"
     if not (c["norm_eps"] > 0) or not (c["rope_theta"] > 0):
         return "norm_eps and rope_theta must be > 0"
     return None
@@ -123,9 +131,12 @@ def make_config(cfg_dict):
 
 
 def checkpoint_size(cfg_dict, has_state):
-    """Bytes of a checkpoint: header, parameters, and with the state m, v and the (L, E) statistic."""
+    """Bytes of a checkpoint: header, parameters, the (L, E) expert bias with the sigmoid router,
+    and with the state m, v and the (L, E) statistic."""
     P = M.num_params(make_config(cfg_dict))
-    return HEADER_BYTES + 4 * P * (3 if has_state else 1) + (4 * cfg_dict["L"] * cfg_dict["E"] if has_state else 0)
+    LE = cfg_dict["L"] * cfg_dict["E"]
+    return (HEADER_BYTES + 4 * P * (3 if has_state else 1) + (4 * LE if cfg_dict["router"] == 2 else 0) +
+            (4 * LE if has_state else 0))
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -133,7 +144,8 @@ def checkpoint_size(cfg_dict, has_state):
 def read_checkpoint(path, warn=True):
     """Reads and checks a checkpoint as train_unipool.c's checkpoint_header() and
     checkpoint_read_body() do. Returns a dict: config, train, has_state, params (float32 numpy,
-    buffer order) and with the state step, adam_t, prev_valid, adam_m, adam_v, prev_f ((L, E))."""
+    buffer order), with the sigmoid router expert_bias ((L, E)), and with the state step, adam_t,
+    prev_valid, adam_m, adam_v, prev_f ((L, E))."""
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -152,6 +164,7 @@ def read_checkpoint(path, warn=True):
                                    % (path, h[1], magic("CKPT_VERSION")))
             cfg = dict(zip(I32_CONFIG, h[3:3 + len(I32_CONFIG)]))
             cfg.update(zip(F32_CONFIG, hp[0:len(F32_CONFIG)]))
+            cfg["bias_rate"] = hp[F32_BIAS_RATE]
             err = config_error(cfg)
             if err:
                 raise ConvertError("checkpoint '%s' holds a bad configuration (%s); it is damaged" % (path, err))
@@ -167,6 +180,9 @@ def read_checkpoint(path, warn=True):
             LE = cfg["L"] * cfg["E"]
             ck = {"config": cfg, "train": train, "has_state": has_state,
                   "params": np.frombuffer(f.read(4 * P), dtype="<f4").astype(np.float32)}
+            if cfg["router"] == 2:
+                ck["expert_bias"] = np.frombuffer(f.read(4 * LE), dtype="<f4").astype(np.float32).reshape(
+                    cfg["L"], cfg["E"])
             if has_state:
                 train.update(zip(U64_STATE, h64[1:1 + len(U64_STATE)]))
                 ck["step"], ck["adam_t"], ck["prev_valid"] = h[I32_STEP], h[I32_ADAM_T], h[I32_PREV_VALID]
@@ -186,7 +202,7 @@ def _warn_unkept(path, raw, has_state, ck):
     with an invalid statistic, the statistic). The C reader ignores them, so do we, but say so:
     they do not survive a conversion."""
     words = [(4 * i, 4) for i in range(3 + len(I32_CONFIG) + len(I32_TRAIN) + 3, N_I32)]
-    words += [(N_I32 * 4 + 4 * i, 4) for i in range(len(F32_CONFIG) + len(F32_TRAIN), N_F32)]
+    words += [(N_I32 * 4 + 4 * i, 4) for i in range(F32_BIAS_RATE + 1, N_F32)]
     words += [(N_I32 * 4 + N_F32 * 4 + 8 * i, 8) for i in range(1 + len(U64_STATE), N_U64)]
     if not has_state:
         words += [(4 * i, 4) for i in (I32_STEP, I32_ADAM_T, I32_PREV_VALID)]
@@ -207,9 +223,12 @@ def _warn_unkept(path, raw, has_state, ck):
 
 
 def build_model(ck, dtype):
-    """The dev/model.py model of a checkpoint, its parameters loaded, prev_f set from the stale statistic."""
+    """The dev/model.py model of a checkpoint, its parameters and expert bias loaded, prev_f set from the
+    stale statistic."""
     m = M.UniPool(make_config(ck["config"]), dtype=dtype)
     M.load_params(m, torch.from_numpy(ck["params"]))
+    if "expert_bias" in ck:
+        m.expert_bias = torch.from_numpy(ck["expert_bias"].copy())
     if ck["has_state"] and ck["prev_valid"]:
         m.prev_f = torch.from_numpy(ck["prev_f"]).to(dtype)
     return m
@@ -221,6 +240,8 @@ def to_torch(ck):
     """The torch-file dict of a checkpoint read by read_checkpoint()."""
     model = build_model(ck, torch.float32)
     out = {"config": dict(ck["config"]), "state_dict": model.state_dict(), "train": dict(ck["train"])}
+    if "expert_bias" in ck:
+        out["expert_bias"] = model.expert_bias
     if ck["has_state"]:
         out["adam_m"] = torch.from_numpy(ck["adam_m"].copy())
         out["adam_v"] = torch.from_numpy(ck["adam_v"].copy())
@@ -245,8 +266,8 @@ def checkpoint_bytes(d, path="IN.pt"):
     if not isinstance(d, dict) or "config" not in d or "state_dict" not in d:
         raise ConvertError("'%s' is not a torch file written by convert.py to-torch (no config / state_dict)" % path)
     cfg = d["config"]
-    if not isinstance(cfg, dict) or set(cfg) != set(I32_CONFIG + F32_CONFIG):
-        raise ConvertError("'%s': config must hold exactly the fields %s" % (path, " ".join(I32_CONFIG + F32_CONFIG)))
+    if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
+        raise ConvertError("'%s': config must hold exactly the fields %s" % (path, " ".join(CONFIG_KEYS)))
     err = config_error(cfg)
     if err:
         raise ConvertError("'%s' holds a bad configuration (%s)" % (path, err))
@@ -260,6 +281,10 @@ def checkpoint_bytes(d, path="IN.pt"):
             raise ConvertError("'%s': state_dict lacks %s" % (path, name))
     params = torch.cat([_float_tensor(sd[name], name, shape, path).reshape(-1) for name, shape in shapes])
     P = params.numel()
+    L, E = cfg["L"], cfg["E"]
+    if ("expert_bias" in d) != (cfg["router"] == 2):
+        raise ConvertError("'%s': expert_bias goes with the sigmoid router (router 2) and only with it; router is %d"
+                           % (path, cfg["router"]))
     has_state = "adam_m" in d
     train = dict(d.get("train") or {})
     missing = [k for k in TRAIN_CONFIG_KEYS if k not in train]
@@ -287,13 +312,15 @@ def checkpoint_bytes(d, path="IN.pt"):
     hp[0:len(F32_CONFIG)] = [cfg[k] for k in F32_CONFIG]
     h[16:16 + len(I32_TRAIN)] = [train.get(k, 0) for k in I32_TRAIN]
     hp[5:5 + len(F32_TRAIN)] = [train.get(k, 0.0) for k in F32_TRAIN]
+    hp[F32_BIAS_RATE] = cfg["bias_rate"]
     h64[U64_SEED] = train.get("seed", 0)
     body = [params]
+    if "expert_bias" in d:
+        body.append(_float_tensor(d["expert_bias"], "expert_bias", (L, E), path).reshape(-1))
     if has_state:
         h[I32_STEP], h[I32_ADAM_T] = d["step"], d["adam_t"]
         h[I32_PREV_VALID] = int(d["prev_f"] is not None)
         h64[1:1 + len(U64_STATE)] = [train[k] for k in U64_STATE]
-        L, E = cfg["L"], cfg["E"]
         prev = (torch.zeros(L, E) if d["prev_f"] is None else _float_tensor(d["prev_f"], "prev_f", (L, E), path))
         body += [_float_tensor(d["adam_m"], "adam_m", (P,), path), _float_tensor(d["adam_v"], "adam_v", (P,), path),
                  prev.reshape(-1)]
@@ -315,11 +342,13 @@ def load_torch_file(path):
 
 
 def model_from_torch(d, dtype, path="IN.pt"):
-    """The dev/model.py model of a to-torch dict (parameters only), in dtype."""
+    """The dev/model.py model of a to-torch dict (parameters and expert bias), in dtype."""
     m = M.UniPool(make_config(d["config"]), dtype=dtype)
     with torch.no_grad():
         for name, p in m.ordered_params():
             p.copy_(d["state_dict"][name])
+    if "expert_bias" in d:
+        m.expert_bias = d["expert_bias"].to(torch.float32).clone()
     return m
 
 

@@ -5,7 +5,9 @@
 Each case is a tiny model trained for a few steps in float64, from float32
 hparams, tokens and initial weights drawn with numpy's frozen RandomState, so
 that a second run writes byte-identical files. Weights are re-drawn (next seed)
-until no float32 implementation can reasonably route or clip differently.
+until no float32 implementation can reasonably route or clip differently, and,
+for the sigmoid router, until the expert bias moves a choice and some count
+sits exactly on its layer's mean (where the bias must not move).
 """
 import argparse
 import os
@@ -14,11 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model import (AdamW, UniPool, accumulate_grads, clip_grads, flatten_grads, flatten_params,
-                   load_params, param_shapes)
-from read_dump import (HEADER_FIELDS, HEADER_INTS, HPARAM_FIELDS, HPARAM_FLOATS, MAGIC, VERSION,
-                       config_from)
+                   load_params, param_shapes, top_k_lower_index, update_expert_bias)
+from read_dump import (HEADER_FIELDS, HEADER_INTS, HPARAM_FIELDS, HPARAM_FLOATS, MAGIC, SECTIONS,
+                       VERSION, config_from)
 from router_c import estimate_router_c
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dumps")
@@ -29,13 +32,16 @@ MIN_UNIT_LOGIT = 1e-5     # |z / (||z|| + eps)|, NormRouter
 MIN_CLIP_DISTANCE = 0.01  # |norm - grad_clip| / grad_clip
 MAX_DRAWS = 100
 
+# The computed sections, in file order.
+SECTION_ORDER = [name for name, _ in SECTIONS if name not in ("params", "tokens")]
+
 ROUTER_C_DRAWS = 100_000
 ROUTER_C_SEED = 1125
 
 # Base tiny configuration: model fields of Config, then the training fields. F = 20 keeps
 # the suite small (2F, C, F and hd all differ); grad_clip = 20 is far above every norm.
 BASE = dict(V=61, Vp=64, maxT=16, L=4, C=32, NH=4, NKV=2, F=20, G=4, E=4, K=1, router=0, aux=1,
-            alpha=1e-2, norm_eps=1e-5, rope_theta=1e6, router_eps=1e-8,
+            alpha=1e-2, norm_eps=1e-5, rope_theta=1e6, router_eps=1e-8, bias_rate=0.0,
             B=2, T=8, n_micro=1, n_steps=2, lr=1e-2, b1=0.9, b2=0.95, eps=1e-5, wd=0.0,
             grad_clip=20.0)
 
@@ -68,6 +74,13 @@ CASES = [
     Case("weight_decay", dict(L=2, G=2, E=4, K=1, router=0, aux=1, wd=0.1, lr=3e-2, n_steps=3)),
     # B = 3, T = 5: odd sizes
     Case("softmax_poolaux_cur", dict(G=1, E=8, K=1, router=0, aux=3, n_micro=2, B=3, T=5)),
+    # the sigmoid router: bias steps of 0.02, against score gaps of a few hundredths, move
+    # choices from the second step on; 32 tokens a step over E = 4 (64 choices over E = 8 in
+    # the pool) give an integer mean, so counts on it occur
+    Case("sigmoid_bias_top1", dict(G=4, E=4, K=1, router=2, aux=0, bias_rate=0.02, n_micro=2,
+                                   n_steps=4)),
+    Case("sigmoid_bias_top2_pool", dict(G=1, E=8, K=2, router=2, aux=0, bias_rate=0.02,
+                                        n_micro=2, n_steps=3)),
 ]
 
 
@@ -79,7 +92,7 @@ def make_header(case):
 
 
 def make_hparams(case):
-    """float32[64]; router_c is estimated for the NormRouter and 1 for the softmax router."""
+    """float32[64]; router_c is estimated for the NormRouter and 1 for the other routers."""
     values = {k: case.setting(k) for k in HPARAM_FIELDS if k != "router_c"}
     values["router_c"] = 1.0
     if case.setting("router") == 1:
@@ -112,7 +125,7 @@ def routing_problems(cfg, outputs):
     for out in outputs:
         for l, r in enumerate(out.routing):
             if cfg.E > cfg.K:
-                top = torch.sort(r.scores, dim=-1, descending=True).values
+                top = torch.sort(r.ranked, dim=-1, descending=True).values
                 kth, next_ = top[:, cfg.K - 1], top[:, cfg.K]
                 gap = kth - next_
                 if cfg.router == 1:   # both 0 after the relu: the lower-index rule decides
@@ -126,8 +139,9 @@ def routing_problems(cfg, outputs):
 
 def run_training(cfg, hparams, params, tokens, dtype=torch.float64):
     """Train as SPEC section 5 says, from float32 hparams (dict), params and tokens
-    (n_steps, n_micro, B, T+1). Returns the computed dump sections as float64 arrays and,
-    per step, (grad norm, clipped, [Output] of the micro-batches)."""
+    (n_steps, n_micro, B, T+1). Returns the computed dump sections as float64 arrays ("bias"
+    for the sigmoid router only) and, per step, (grad norm, clipped, [Output] of the
+    micro-batches, expert bias (L, E) float32 after the step)."""
     h = {k: float(v) for k, v in hparams.items()}
     model = UniPool(cfg, dtype=dtype)
     load_params(model, torch.from_numpy(np.asarray(params, dtype=np.float64)).to(dtype))
@@ -141,20 +155,58 @@ def run_training(cfg, hparams, params, tokens, dtype=torch.float64):
             grads = flatten_grads(model).clone()
         norm, clipped = clip_grads(model, h["grad_clip"])
         opt.step()
+        if cfg.router == 2:
+            update_expert_bias(model)
         n = len(outputs)
         stats += [sum(float(o.ce) for o in outputs) / n,
                   sum(float(o.aux) for o in outputs) / n, norm]
-        steps.append((norm, clipped, outputs))
+        steps.append((norm, clipped, outputs, model.expert_bias.clone()))
     computed = {"logits": logits.reshape(-1), "stats": torch.tensor(stats, dtype=torch.float64),
                 "grads": grads, "final": flatten_params(model)}
+    if cfg.router == 2:
+        computed["bias"] = model.expert_bias.reshape(-1)
     return {k: v.double().numpy() for k, v in computed.items()}, steps
+
+
+def bias_moved_choices(cfg, steps):
+    """(token, layer) choices over the run whose chosen set the expert bias changed."""
+    moved = 0
+    for _, _, outputs, _ in steps:
+        for out in outputs:
+            for r in out.routing:
+                plain = top_k_lower_index(r.scores, cfg.K).sort(dim=-1).values
+                moved += int((r.chosen.sort(dim=-1).values != plain).any(dim=-1).sum())
+    return moved
+
+
+def bias_problems(cfg, steps):
+    """Reasons to re-draw a sigmoid-router case: the bias never changes a choice, or no count
+    ever sits exactly on its layer's mean (float32(sum) / float32(E)), so that sign(0) = 0
+    goes untested. Raises if a bias entry on such a tie moved."""
+    problems = []
+    if bias_moved_choices(cfg, steps) == 0:
+        problems.append("the expert bias changes no choice")
+    ties = 0
+    before = torch.zeros(cfg.L, cfg.E, dtype=torch.float32)
+    for step, (_, _, outputs, after) in enumerate(steps):
+        counts = torch.stack([sum(F.one_hot(out.routing[l].chosen, cfg.E).sum(dim=(0, 1))
+                                  for out in outputs) for l in range(cfg.L)]).to(torch.float32)
+        mean = counts.sum(dim=1, keepdim=True) / torch.tensor(cfg.E, dtype=torch.float32)
+        on_mean = counts == mean
+        if not torch.equal(after[on_mean], before[on_mean]):
+            raise RuntimeError(f"step {step}: a bias whose count is its layer's mean moved")
+        ties += int(on_mean.sum())
+        before = after
+    if ties == 0:
+        problems.append("no count on its layer's mean")
+    return problems
 
 
 def redraw_problems(case, cfg, grad_clip, steps):
     """Reasons to re-draw: float32 could route differently, or clip differently, or clipping
-    does not do what the case wants."""
-    problems = []
-    for step, (norm, clipped, outputs) in enumerate(steps):
+    does not do what the case wants, or (sigmoid router) bias_problems()."""
+    problems = bias_problems(cfg, steps) if cfg.router == 2 else []
+    for step, (norm, clipped, outputs, _) in enumerate(steps):
         problems += routing_problems(cfg, outputs)
         if grad_clip > 0 and abs(norm - grad_clip) <= MIN_CLIP_DISTANCE * grad_clip:
             problems.append(f"step {step}: grad norm {norm:.4g} near grad_clip")
@@ -169,7 +221,8 @@ def case_seed(case):
 
 
 def make_case(case, out_dir):
-    """Draw, check and write one case. Returns (weight draws needed, stats as (n_steps, 3))."""
+    """Draw, check and write one case. Returns (weight draws needed, stats as (n_steps, 3),
+    choices the expert bias changed: bias_moved_choices(), None without the sigmoid router)."""
     header, hparams = make_header(case), make_hparams(case)
     cfg = config_from(dict(zip(HEADER_FIELDS, map(int, header))), dict(zip(HPARAM_FIELDS, hparams)))
     shape = [case.setting(k) for k in ("n_steps", "n_micro", "B")] + [case.setting("T") + 1]
@@ -185,10 +238,11 @@ def make_case(case, out_dir):
         raise RuntimeError(f"{case.name}: no acceptable draw in {MAX_DRAWS}: {problems[0]}")
     computed = {k: v.astype("<f4") for k, v in computed.items()}
     with open(os.path.join(out_dir, case.name + ".bin"), "wb") as f:
-        for part in (header, hparams, params, tokens, computed["logits"], computed["stats"],
-                     computed["grads"], computed["final"]):
+        for part in [header, hparams, params, tokens] + [computed[k] for k in SECTION_ORDER
+                                                         if k in computed]:
             f.write(part.tobytes())
-    return draw, computed["stats"].reshape(-1, 3)
+    moved = bias_moved_choices(cfg, steps) if cfg.router == 2 else None
+    return draw, computed["stats"].reshape(-1, 3), moved
 
 
 def main():
@@ -202,9 +256,10 @@ def main():
         parser.error(f"no case {args.only!r}; cases: {', '.join(c.name for c in CASES)}")
     os.makedirs(args.out, exist_ok=True)
     for case in cases:
-        draws, stats = make_case(case, args.out)
+        draws, stats, moved = make_case(case, args.out)
         steps = "; ".join(f"ce {ce:.4f} aux {aux:.4g} norm {norm:.3f}" for ce, aux, norm in stats)
-        print(f"{case.name}: {draws} draw(s); {steps}", flush=True)
+        bias = "" if moved is None else f"; the bias changed {moved} choice(s)"
+        print(f"{case.name}: {draws} draw(s); {steps}{bias}", flush=True)
 
 
 if __name__ == "__main__":

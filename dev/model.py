@@ -27,13 +27,14 @@ class Config:
     G: int             # expert pools
     E: int             # experts per pool
     K: int             # experts chosen per token
-    router: int = 0    # 0 softmax router, 1 NormRouter
+    router: int = 0    # 0 softmax router, 1 NormRouter, 2 sigmoid router with expert bias
     aux: int = 0       # 0 none, 1 per layer, 2 pool/previous counts, 3 pool/current counts
     alpha: float = 1e-2
     norm_eps: float = 1e-5
     rope_theta: float = 1e6
     router_c: float = 1.0
     router_eps: float = 1e-8
+    bias_rate: float = 0.0   # sigmoid router: expert-bias step per training step
 
     @property
     def hd(self):
@@ -41,10 +42,13 @@ class Config:
         return self.C // self.NH
 
     def validate(self):
-        """The SPEC's divisibility and range constraints."""
+        """The SPEC's divisibility and range constraints; the sigmoid router balances through
+        its bias and runs without an aux loss."""
         assert self.Vp >= self.V and self.C % self.NH == 0 and self.hd % 2 == 0
         assert self.NH % self.NKV == 0 and self.L % self.G == 0
-        assert 1 <= self.K <= self.E and self.router in (0, 1) and self.aux in (0, 1, 2, 3)
+        assert 1 <= self.K <= self.E and self.router in (0, 1, 2) and self.aux in (0, 1, 2, 3)
+        assert self.router != 2 or self.aux == 0, "the sigmoid router runs with aux = 0"
+        assert self.bias_rate >= 0, "bias_rate must be >= 0"
 
 
 # The parameter tensors in buffer order, SPEC section 2. Linear maps are (out, in).
@@ -108,7 +112,8 @@ def top_k_lower_index(scores, K):
 @dataclass
 class LayerRouting:
     """What one layer's router did, detached: for tests and the dump re-draw rule."""
-    scores: torch.Tensor     # (N, E) gate scores
+    scores: torch.Tensor     # (N, E) the SPEC's scores: softmax, NormRouter or plain sigmoid
+    ranked: torch.Tensor     # (N, E) what the top-K ranks: scores, + bias[l] for the sigmoid router
     chosen: torch.Tensor     # (N, K) chosen experts, best first
     unit: torch.Tensor       # (N, E) z / (||z|| + eps) for the NormRouter, else None
 
@@ -125,7 +130,10 @@ class UniPool(torch.nn.Module):
     """The SPEC model. Parameters are registered in PARAM_TABLE order under their names.
 
     State beyond the parameters: prev_f, the (L, E) routed fractions f of the
-    previous training micro-batch, used by aux = 2 (None until the first one).
+    previous training micro-batch, used by aux = 2 (None until the first one);
+    for the sigmoid router, expert_bias, float32 (L, E), and expert_counts, the
+    (L, E) counts of the training micro-batches since the last bias update
+    (update_expert_bias). Both exist, unused, for the other routers too.
     """
 
     def __init__(self, cfg, dtype=torch.float32):
@@ -135,6 +143,8 @@ class UniPool(torch.nn.Module):
         for name, shape in param_shapes(cfg):
             self.register_parameter(name, torch.nn.Parameter(torch.zeros(shape, dtype=dtype)))
         self.prev_f = None
+        self.expert_bias = torch.zeros(cfg.L, cfg.E, dtype=torch.float32)
+        self.expert_counts = torch.zeros(cfg.L, cfg.E, dtype=torch.int64)
 
     def ordered_params(self):
         """[(name, parameter)] in buffer order."""
@@ -173,22 +183,38 @@ class UniPool(torch.nn.Module):
         return o @ w["wo"][l].T
 
     def route(self, w, l, h):
-        """Router of layer l on normed tokens h (N, C): scores (N, E) with gradient, and routing."""
+        """Router of layer l on normed tokens h (N, C): gates (N, E) with gradient, whose
+        chosen entries are the chosen experts' gates, and the routing.
+
+        Softmax and NormRouter: the gates are the scores, and top-K ranks them. Sigmoid
+        router: s = sigmoid(z); top-K ranks s + bias[l] (float32 bias, added in the model's
+        dtype), and the gate is s_j itself for K = 1, s_j / (sum over chosen of s + 1e-20)
+        for K > 1, the normalisation part of the graph.
+        """
         cfg = self.cfg
         z = h @ w["router"][l].T
+        unit = None
         if cfg.router == 0:
-            scores, unit = z.softmax(dim=-1), None
-        else:
+            scores = z.softmax(dim=-1)
+        elif cfg.router == 1:
             # NormRouter: sigma * c * relu(z / (||z|| + eps)), gradient through the norm too
             unit = z / (z.norm(dim=-1, keepdim=True) + cfg.router_eps)
             scores = w["router_scale"][l] * cfg.router_c * torch.relu(unit)
-        chosen = top_k_lower_index(scores.detach(), cfg.K)
-        return scores, LayerRouting(scores.detach(), chosen,
-                                    None if unit is None else unit.detach())
+        else:
+            scores = torch.sigmoid(z)
+        ranked = scores.detach()
+        if cfg.router == 2:
+            ranked = ranked + self.expert_bias[l].to(ranked.dtype)
+        chosen = top_k_lower_index(ranked, cfg.K)
+        gates = scores
+        if cfg.router == 2 and cfg.K > 1:
+            gates = scores / (scores.gather(1, chosen).sum(dim=-1, keepdim=True) + 1e-20)
+        return gates, LayerRouting(scores.detach(), ranked, chosen,
+                                   None if unit is None else unit.detach())
 
-    def experts(self, w, l, h, scores, chosen):
-        """sum over chosen j of score_j * fc2_j(silu(gate_j h) * up_j h), with the experts of
-        pool l // (L/G)."""
+    def experts(self, w, l, h, gates, chosen):
+        """sum over chosen j of gate_j * fc2_j(silu(fc1gate_j h) * fc1up_j h), with the experts of
+        pool l // (L/G); gates (N, E) is read at the chosen entries only."""
         cfg = self.cfg
         pool = l // (cfg.L // cfg.G)
         y = torch.zeros_like(h)
@@ -199,7 +225,7 @@ class UniPool(torch.nn.Module):
             e = pool * cfg.E + j
             gate_up = h[rows] @ w["expert_fc1"][e].T                     # (n, 2F)
             hidden = F.silu(gate_up[:, :cfg.F]) * gate_up[:, cfg.F:]
-            y = y.index_add(0, rows, scores[rows, j:j + 1] * (hidden @ w["expert_fc2"][e].T))
+            y = y.index_add(0, rows, gates[rows, j:j + 1] * (hidden @ w["expert_fc2"][e].T))
         return y
 
     def aux_loss(self, f, P):
@@ -223,31 +249,34 @@ class UniPool(torch.nn.Module):
 
     def forward(self, idx, targets=None, train=False):
         """Run B sequences idx (B, T). train=True makes this micro-batch the 'previous' one
-        of aux = 2; evaluation passes (train=False) leave that state alone."""
+        of aux = 2 and, for the sigmoid router, adds its counts to expert_counts; evaluation
+        passes (train=False) leave that state alone."""
         cfg = self.cfg
         B, T = idx.shape
         assert T <= cfg.maxT
         N = B * T
         x = self.wte[idx]
         w = self.slices()
-        f_rows, P_rows, routing = [], [], []
+        count_rows, P_rows, routing = [], [], []
         for l in range(cfg.L):
             x = x + self.attention(w, l, rmsnorm(x, w["attn_norm"][l], cfg.norm_eps))
             h = rmsnorm(x, w["ffn_norm"][l], cfg.norm_eps).reshape(N, cfg.C)
-            scores, r = self.route(w, l, h)
-            x = x + self.experts(w, l, h, scores, r.chosen).view(B, T, cfg.C)
-            counts = F.one_hot(r.chosen, cfg.E).sum(dim=(0, 1)).to(x.dtype)
-            f_rows.append(counts / (cfg.K * N))
-            P_rows.append(scores.mean(dim=0))
+            gates, r = self.route(w, l, h)
+            x = x + self.experts(w, l, h, gates, r.chosen).view(B, T, cfg.C)
+            count_rows.append(F.one_hot(r.chosen, cfg.E).sum(dim=(0, 1)))
+            P_rows.append(gates.mean(dim=0))   # the scores: the aux routers' gates
             routing.append(r)
         logits = rmsnorm(x, self.final_norm, cfg.norm_eps) @ self.lm_head.T
         ce = None
         if targets is not None:
             ce = F.cross_entropy(logits[..., :cfg.V].reshape(N, cfg.V), targets.reshape(N))
-        f = torch.stack(f_rows)
+        counts = torch.stack(count_rows)
+        f = counts.to(x.dtype) / (cfg.K * N)
         aux = self.aux_loss(f, torch.stack(P_rows))
         if train:
             self.prev_f = f
+            if cfg.router == 2:
+                self.expert_counts += counts
         return Output(logits, ce, aux, routing)
 
 
@@ -339,11 +368,31 @@ class StepResult:
     outputs: list      # [Output] of each micro-batch
 
 
+@torch.no_grad()
+def update_expert_bias(model):
+    """The sigmoid router's once-per-step bias update, after AdamW (SPEC section 3), from the
+    counts of the step's training micro-batches; resets the counts.
+
+    bias[l][j] += bias_rate * sign(mean_j' count[l][j'] - count[l][j]), sign(0) = 0, in
+    float32: mean = float32(sum_j' count[l][j']) / float32(E), the add rounded to float32.
+    Under-used experts gain bias, over-used ones lose it, a count on the mean keeps it.
+    """
+    counts = model.expert_counts.to(torch.float32)            # exact: counts < 2^24
+    total = model.expert_counts.sum(dim=1, keepdim=True).to(torch.float32)
+    mean = total / torch.tensor(model.cfg.E, dtype=torch.float32)
+    rate = torch.tensor(model.cfg.bias_rate, dtype=torch.float32)
+    model.expert_bias += rate * torch.sign(mean - counts)
+    model.expert_counts.zero_()
+
+
 def train_step(model, opt, micro_batches, grad_clip):
-    """One training step (SPEC section 5) over [(inputs, targets)]: accumulate, clip, AdamW."""
+    """One training step (SPEC section 5) over [(inputs, targets)]: accumulate, clip, AdamW,
+    and for the sigmoid router the bias update."""
     outputs = accumulate_grads(model, micro_batches)
     norm, clipped = clip_grads(model, grad_clip)
     opt.step()
+    if model.cfg.router == 2:
+        update_expert_bias(model)
     n = len(outputs)
     return StepResult(ce=sum(float(o.ce) for o in outputs) / n,
                       aux=sum(float(o.aux) for o in outputs) / n,

@@ -2,8 +2,9 @@
 
     /usr/bin/python3 dev/read_dump.py FILE.bin [...]
 
-prints the header, the hparams and the per-step stats, and checks that the file
-size is exactly what the header implies. load_dump() is the reader that
+prints the header, the hparams, the per-step stats and, for the sigmoid router,
+the final expert bias, and checks that the file size is exactly what the
+header implies. load_dump() is the reader that
 make_dumps.py and check_dumps.py share.
 """
 import sys
@@ -20,10 +21,11 @@ HPARAM_FLOATS = 64
 HEADER_FIELDS = ["magic", "version", "V", "Vp", "maxT", "L", "C", "NH", "NKV", "F", "G", "E",
                  "K", "router", "aux", "B", "T", "n_micro", "n_steps"]
 HPARAM_FIELDS = ["norm_eps", "rope_theta", "alpha", "router_c", "router_eps", "lr", "b1", "b2",
-                 "eps", "wd", "grad_clip"]
-# The sections after header and hparams, in file order, with their dtypes.
+                 "eps", "wd", "grad_clip", "bias_rate"]
+# The sections after header and hparams, in file order, with their dtypes; "bias" only with
+# the sigmoid router (router 2).
 SECTIONS = [("params", "<f4"), ("tokens", "<i4"), ("logits", "<f4"), ("stats", "<f4"),
-            ("grads", "<f4"), ("final", "<f4")]
+            ("grads", "<f4"), ("final", "<f4"), ("bias", "<f4")]
 
 
 def config_from(header, hparams):
@@ -31,19 +33,23 @@ def config_from(header, hparams):
     model_fields = {k: header[k] for k in ["V", "Vp", "maxT", "L", "C", "NH", "NKV", "F", "G",
                                            "E", "K", "router", "aux"]}
     return Config(**model_fields, **{k: float(hparams[k]) for k in
-                                     ["alpha", "norm_eps", "rope_theta", "router_c", "router_eps"]})
+                                     ["alpha", "norm_eps", "rope_theta", "router_c", "router_eps",
+                                      "bias_rate"]})
 
 
 def section_sizes(header):
-    """Element count of each section of SECTIONS."""
+    """Element count of each section of SECTIONS that the file holds."""
     h = header
     P = num_params(config_from(h, {k: 0.0 for k in HPARAM_FIELDS}))
-    return {"params": P,
-            "tokens": h["n_steps"] * h["n_micro"] * h["B"] * (h["T"] + 1),
-            "logits": h["B"] * h["T"] * h["V"],
-            "stats": h["n_steps"] * 3,
-            "grads": P,
-            "final": P}
+    sizes = {"params": P,
+             "tokens": h["n_steps"] * h["n_micro"] * h["B"] * (h["T"] + 1),
+             "logits": h["B"] * h["T"] * h["V"],
+             "stats": h["n_steps"] * 3,
+             "grads": P,
+             "final": P}
+    if h["router"] == 2:
+        sizes["bias"] = h["L"] * h["E"]
+    return sizes
 
 
 def parse_head(data, path):
@@ -59,12 +65,15 @@ def parse_head(data, path):
         raise ValueError(f"{path}: unused header or hparams entries are not 0")
     header = {name: int(v) for name, v in zip(HEADER_FIELDS, header_raw)}
     hparams = {name: float(v) for name, v in zip(HPARAM_FIELDS, hparams_raw)}
+    if header["router"] != 2 and hparams["bias_rate"] != 0:
+        raise ValueError(f"{path}: bias_rate {hparams['bias_rate']} without the sigmoid router")
     return header, hparams, header_raw, hparams_raw
 
 
 def load_dump(path):
     """Parse a dump into a dict: 'header' and 'hparams' (name -> value), 'header_raw' (int32[256]),
-    'hparams_raw' (float32[64]) and one array per section. Raises ValueError on a bad file."""
+    'hparams_raw' (float32[64]) and one array per section the file holds ("bias" with the
+    sigmoid router only). Raises ValueError on a bad file."""
     with open(path, "rb") as f:
         data = f.read()
     header, hparams, header_raw, hparams_raw = parse_head(data, path)
@@ -76,8 +85,9 @@ def load_dump(path):
     dump = {"header": header, "hparams": hparams, "header_raw": header_raw,
             "hparams_raw": hparams_raw}
     for name, dtype in SECTIONS:
-        dump[name] = np.frombuffer(data, dtype, sizes[name], offset)
-        offset += 4 * sizes[name]
+        if name in sizes:
+            dump[name] = np.frombuffer(data, dtype, sizes[name], offset)
+            offset += 4 * sizes[name]
     return dump
 
 
@@ -96,6 +106,10 @@ def describe(path):
     print(f"  size ok, {len(d['params'])} parameters")
     for step, (ce, aux, norm) in enumerate(d["stats"].reshape(-1, 3)):
         print(f"  step {step}: ce {ce:.9g} aux {aux:.9g} grad_norm {norm:.9g}")
+    if "bias" in d:
+        bias = d["bias"]
+        print(f"  final bias: {np.count_nonzero(bias)} of {bias.size} non-zero, "
+              f"range [{bias.min():.9g}, {bias.max():.9g}]")
     return True
 
 

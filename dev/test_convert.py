@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Tests of dev/convert.py against the C programs: for a vanilla MoE, a UniPool
-model with the NormRouter and top-2 grouped pools (L 4, G 2), each trained for
-a few steps by ./train_unipool,
+model with the NormRouter, top-2 grouped pools (L 4, G 2) and a top-2 vanilla
+MoE with the sigmoid router and its expert bias, each trained for a few steps
+by ./train_unipool,
   - `convert.py check` passes (PyTorch float64/float32 vs ./infer_unipool),
   - ckpt -> pt -> ckpt is byte-identical,
   - the parameters of the torch file give the same PyTorch loss as the checkpoint,
@@ -9,7 +10,13 @@ a few steps by ./train_unipool,
     ./infer_unipool with the same loss and round-trips byte-identically,
   - truncated checkpoints and foreign files get one line 'error: ...' naming
     the file and exit status 1 (the same message as the C reader's for a
-    truncated checkpoint).
+    truncated checkpoint);
+and, without the C programs, for sigmoid-router checkpoints written here in
+the documented format (parameters-only and with the training state): the
+expert bias and bias_rate reach the torch file and the model, the round trip
+is byte-identical, and a file without its bias section or a torch file with
+the bias on the wrong router gets a one-line error. A ./train_unipool without
+-R sigmoid fails the test with a message saying so.
 
     /usr/bin/python3 dev/test_convert.py      (from anywhere, after make)
 
@@ -20,6 +27,7 @@ import glob
 import io
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -43,8 +51,10 @@ if not os.path.exists(VAL_SHARD) or not glob.glob(TRAIN_SHARDS):
     sys.exit(1)
 
 sys.path.insert(0, HERE)
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import convert  # noqa: E402
+import model as M  # noqa: E402
 
 # Tiny models. Trained long enough that most tensors have moved clearly from their init (a
 # misplaced tensor then moves the loss far beyond check's tolerance), but not so long that the
@@ -56,7 +66,11 @@ CASES = [  # name, flags, steps
     ("vanilla", ["-L", "2", "-o", "layer", "-e", "4", "-l", "1e-2"], 30),
     ("unipool-norm", ["-L", "2", "-o", "pool", "-R", "norm", "-e", "8", "-l", "1e-3"], 10),
     ("grouped-top2", ["-L", "4", "-g", "2", "-k", "2", "-e", "4", "-l", "1e-3"], 8),
+    # a bias rate of 1e-2 moves choices within the few steps
+    ("sigmoid-top2", ["-L", "2", "-o", "layer", "-R", "sigmoid", "-br", "1e-2", "-k", "2", "-e", "4",
+                      "-l", "1e-2"], 12),
 ]
+SIGMOID = "sigmoid-top2"
 PY = sys.executable
 JOBS = max(2, os.cpu_count() or 2)
 failures = []
@@ -121,16 +135,18 @@ class Case:
         with open(self.ckpt, "rb") as f:
             self.orig = f.read()
         self.ck = convert.read_checkpoint(self.ckpt)
+        # the last case cuts into its expert bias, just before the training state
         self.cut_at = [len(self.orig) - 1, convert.HEADER_BYTES // 2,
-                       convert.checkpoint_size(self.ck["config"], False)][self.idx]
+                       convert.checkpoint_size(self.ck["config"], False),
+                       convert.checkpoint_size(self.ck["config"], False) - 2][self.idx]
         self.cut = self.path("cut.bin")
         with open(self.cut, "wb") as f:
             f.write(self.orig[:self.cut_at])
         self.junk = self.path("junk.pt")
         with open(self.junk, "wb") as f:
             f.write(os.urandom(3000))
-        self.foreign_ckpt = [VAL_SHARD, self.junk, CONVERT][self.idx]   # not checkpoints
-        self.foreign_pt = [self.ckpt, self.junk, VAL_SHARD][self.idx]   # not torch files
+        self.foreign_ckpt = [VAL_SHARD, self.junk, CONVERT, self.junk][self.idx]   # not checkpoints
+        self.foreign_pt = [self.ckpt, self.junk, VAL_SHARD, CONVERT][self.idx]     # not torch files
 
     def run(self):
         name = self.name
@@ -169,11 +185,22 @@ class Case:
               and d["train"]["T"] == 32 and d["train"]["row"] == ck["train"]["row"]
               and torch.equal(d["prev_f"], torch.from_numpy(ck["prev_f"])),
               str({k: d[k] for k in ("step", "adam_t")}))
+        if ck["config"]["router"] == 2:
+            bias = d.get("expert_bias")
+            check(name + ": the torch file holds the moved expert bias and bias_rate",
+                  bias is not None and bias.dtype == torch.float32 and bias.shape == (L, E) and
+                  torch.equal(bias, torch.from_numpy(ck["expert_bias"])) and bool(bias.abs().max() > 0) and
+                  d["config"]["bias_rate"] == float(np.float32(1e-2)), repr(bias))
+            unbiased = convert.build_model(ck, torch.float64)
+            unbiased.expert_bias.zero_()
+            a, b = convert.torch_loss(convert.build_model(ck, torch.float64), x, y), convert.torch_loss(unbiased, x, y)
+            check(name + ": the bias moves choices in the batch check compares", a != b, "%r vs %r" % (a, b))
 
         # a parameters-only checkpoint from the torch file: the C program reads it, same loss; round trip
         po_pt, po_ckpt, po_pt2, po_back = (self.path(n) for n in ("po.pt", "po.bin", "po2.pt", "po2.bin"))
         torch.save({"config": d["config"], "state_dict": d["state_dict"],
-                    "train": {k: d["train"][k] for k in convert.TRAIN_CONFIG_KEYS}}, po_pt)
+                    "train": {k: d["train"][k] for k in convert.TRAIN_CONFIG_KEYS},
+                    **({"expert_bias": d["expert_bias"]} if "expert_bias" in d else {})}, po_pt)
         rc = quiet(["to-ckpt", po_pt, po_ckpt])
         check(name + ": parameters-only checkpoint has the parameters-only size",
               rc == 0 and os.path.getsize(po_ckpt) == convert.checkpoint_size(ck["config"], False))
@@ -230,10 +257,102 @@ def cli_section(cases):
     check("cli: foreign file to to-ckpt: one line, exit 1", *one_line_error(r_foreign, VAL_SHARD))
 
 
+def sigmoid_checkpoint(cfg, seed, has_state):
+    """A sigmoid-router checkpoint (bytes) written field by field as train_unipool.c documents the
+    format, independently of convert.py: header (hp[12] the bias rate), parameters, the (L, E)
+    expert bias, and with the state AdamW m, v and a valid stale statistic. Returns (bytes,
+    parameters, bias)."""
+    rng = np.random.RandomState(seed)
+    P, LE = M.num_params(cfg), cfg.L * cfg.E
+    params = (rng.standard_normal(P) / np.sqrt(cfg.C)).astype("<f4")
+    bias = (0.5 * rng.standard_normal(LE)).astype("<f4")   # large enough to move choices
+    h, hp, h64 = [0] * 256, [0.0] * 64, [0] * 32
+    h[0:3] = [convert.magic("CKPT_MAGIC"), convert.magic("CKPT_VERSION"), int(has_state)]
+    h[3:16] = [cfg.V, cfg.Vp, cfg.maxT, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, cfg.router,
+               cfg.aux]
+    h[16:27] = [2, 8, 1, 5, 1, 0, 0, 0, 0, 5, 1]   # B T n_micro steps warmup ... keep
+    hp[0:5] = [cfg.alpha, cfg.norm_eps, cfg.rope_theta, cfg.router_c, cfg.router_eps]
+    hp[5:12] = [1e-2, 0.9, 0.95, 1e-8, 0.1, 1.0, 0.1]   # lr b1 b2 eps wd clip lr_floor
+    hp[12] = cfg.bias_rate
+    h64[0] = 1337
+    body = [params, bias]
+    if has_state:
+        h[27:30] = [5, 5, 1]
+        h64[1:5] = [0, 1, 7, 12345]
+        body += [rng.standard_normal(P).astype("<f4"), rng.random_sample(P).astype("<f4"),
+                 rng.random_sample(LE).astype("<f4")]
+    head = struct.pack("<256i", *h) + struct.pack("<64f", *hp) + struct.pack("<32Q", *h64)
+    return head + b"".join(x.tobytes() for x in body), params, bias.reshape(cfg.L, cfg.E)
+
+
+def handmade_section(tmp):
+    """Sigmoid-router checkpoints written here: the bias and bias_rate reach the torch file and the
+    model, ckpt -> pt -> ckpt is byte-identical, and bad files get one-line errors."""
+    cfg = M.Config(V=61, Vp=64, maxT=16, L=2, C=16, NH=2, NKV=1, F=12, G=2, E=4, K=2, router=2, aux=0,
+                   bias_rate=float(np.float32(1e-3)))
+    x = torch.randint(0, cfg.V, (2, 8), generator=torch.Generator().manual_seed(0))
+    for has_state in (False, True):
+        name = "handmade sigmoid checkpoint, %s" % ("with training state" if has_state else "parameters only")
+        raw, params, bias = sigmoid_checkpoint(cfg, 1 + has_state, has_state)
+        path, pt, back = (os.path.join(tmp, "hm%d%s" % (has_state, ext)) for ext in (".bin", ".pt", ".back.bin"))
+        with open(path, "wb") as f:
+            f.write(raw)
+        check(name + ": the documented size", len(raw) == convert.checkpoint_size(
+            {k: getattr(cfg, k) for k in convert.CONFIG_KEYS}, has_state), "%d bytes" % len(raw))
+        rc = quiet(["to-torch", path, pt]) or quiet(["to-ckpt", pt, back])
+        check(name + ": ckpt -> pt -> ckpt is byte-identical", rc == 0 and open(back, "rb").read() == raw)
+        d = torch.load(pt)
+        bias_pt = d.get("expert_bias")
+        check(name + ": the torch file holds the expert bias and bias_rate",
+              bias_pt is not None and torch.equal(bias_pt, torch.from_numpy(bias)) and bias_pt.dtype == torch.float32
+              and d["config"]["bias_rate"] == cfg.bias_rate and d["config"]["router"] == 2
+              and np.array_equal(torch.cat([p.reshape(-1) for p in d["state_dict"].values()]).numpy(), params))
+        ck = convert.read_checkpoint(path)
+        with torch.no_grad():
+            biased = convert.build_model(ck, torch.float64)
+            routed = [r.chosen for r in biased(x).routing]
+            from_pt = convert.model_from_torch(d, torch.float64)
+            unbiased = convert.model_from_torch(d, torch.float64)
+            unbiased.expert_bias.zero_()
+            same = all(torch.equal(a, r.chosen) for a, r in zip(routed, from_pt(x).routing))
+            moved = any(not torch.equal(a, r.chosen) for a, r in zip(routed, unbiased(x).routing))
+        check(name + ": the model routes with the bias, from the checkpoint and from the torch file",
+              same and moved, "same %s, moved %s" % (same, moved))
+
+    # the bias section missing: a router-2 file of a parameters-only file's size without it
+    cut = os.path.join(tmp, "hm_nobias.bin")
+    raw, _, _ = sigmoid_checkpoint(cfg, 1, False)
+    with open(cut, "wb") as f:
+        f.write(raw[:len(raw) - 4 * cfg.L * cfg.E])
+    check("handmade sigmoid checkpoint without its bias: one-line error",
+          *one_line_error(cli(["to-torch", cut, os.path.join(tmp, "hm_x.pt")]), cut))
+    # the bias on the wrong router, and missing where it belongs
+    d = torch.load(os.path.join(tmp, "hm0.pt"))
+    wrong, lacking = os.path.join(tmp, "hm_wrong.pt"), os.path.join(tmp, "hm_lacking.pt")
+    torch.save({**d, "config": {**d["config"], "router": 0}}, wrong)
+    torch.save({k: v for k, v in d.items() if k != "expert_bias"}, lacking)
+    for what, f in (("expert_bias with router 0", wrong), ("router 2 without expert_bias", lacking)):
+        check("torch file with %s: one-line error" % what,
+              *one_line_error(cli(["to-ckpt", f, os.path.join(tmp, "hm_z.bin")]), f))
+
+
+def sigmoid_supported():
+    """Whether ./train_unipool -h offers -R sigmoid."""
+    r = subprocess.run([TRAIN, "-h"], capture_output=True, text=True)
+    return bool(re.search(r"-R .*sigmoid", r.stdout + r.stderr))
+
+
 def main():
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [Case(tmp, i, *c) for i, c in enumerate(CASES)]
+        handmade_section(tmp)
+        specs = CASES
+        if not sigmoid_supported():
+            check(SIGMOID + ": ./train_unipool trains the sigmoid router", False,
+                  "%s -h does not offer -R sigmoid; build the sigmoid router into the C programs, this case "
+                  "stays a failure until then" % TRAIN)
+            specs = [c for c in CASES if c[0] != SIGMOID]
+        cases = [Case(tmp, i, *c) for i, c in enumerate(specs)]
         for case, r in zip(cases, run_all([c.train_cmd for c in cases])):
             case.prepare(r)
         for case in cases:

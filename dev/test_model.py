@@ -1,8 +1,10 @@
 """Tests of dev/model.py against the SPEC: /usr/bin/python3 dev/test_model.py
 
 - the forward pass against a literal, loop-by-loop numpy transcription of SPEC section 3-4;
-- autograd against float64 central finite differences, for both routers and aux modes 1-3
-  (the perturbation is small enough that no routing decision flips, which is checked);
+- autograd against float64 central finite differences, for the three routers and aux modes
+  1-3 (the perturbation is small enough that no routing decision flips, which is checked);
+- the sigmoid router: the bias moves the choice but not the gate, the bias update on
+  hand-computed counts, which passes count, and the configurations validate() refuses;
 - the fixed points of the aux losses, the aux = 2 state, clipping, AdamW against
   torch.optim.AdamW, and the flat-buffer layout;
 - a float32 replay of every committed dump, as a float32 implementation (the C one) sees it.
@@ -17,7 +19,8 @@ import torch
 
 from make_dumps import DEFAULT_OUT, run_training
 from model import (DECAYED, PARAM_TABLE, AdamW, Config, UniPool, clip_grads, flatten_grads,
-                   flatten_params, load_params, num_params, param_shapes, train_step)
+                   flatten_params, load_params, num_params, param_shapes, train_step,
+                   top_k_lower_index, update_expert_bias)
 from read_dump import config_from, load_dump
 
 torch.set_num_threads(1)
@@ -32,7 +35,8 @@ def tiny_config(**changes):
 
 
 def random_model(cfg, seed, dtype=torch.float64):
-    """A model with random weights of the scale the dumps use (norm weights near 1)."""
+    """A model with random weights of the scale the dumps use (norm weights near 1) and, for
+    the sigmoid router, an expert bias N(0, 0.1^2), large enough to move choices."""
     gen = torch.Generator().manual_seed(seed)
     model = UniPool(cfg, dtype=dtype)
     with torch.no_grad():
@@ -42,6 +46,8 @@ def random_model(cfg, seed, dtype=torch.float64):
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(noise / math.sqrt(p.shape[-1]))
+    if cfg.router == 2:
+        model.expert_bias = 0.1 * torch.randn(cfg.L, cfg.E, generator=gen)
     return model
 
 
@@ -54,6 +60,7 @@ def random_batch(cfg, B, T, seed):
 def naive_forward(cfg, model, idx, targets, prev_f=None):
     """SPEC sections 3-4 transcribed token by token with numpy. Returns (logits, ce, aux)."""
     P = {name: p.detach().double().numpy() for name, p in model.ordered_params()}
+    bias = model.expert_bias.double().numpy()
     B, T = idx.shape
     hd, N = cfg.hd, B * T
 
@@ -94,17 +101,23 @@ def naive_forward(cfg, model, idx, targets, prev_f=None):
             for t in range(T):
                 h = rms(x[t], P["ffn_norm"][l])
                 z = P["router"][l] @ h
+                ranked = np.zeros(cfg.E)
                 if cfg.router == 0:
                     score = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-                else:
+                elif cfg.router == 1:
                     score = (P["router_scale"][l] * cfg.router_c
                              * np.maximum(z / (np.linalg.norm(z) + cfg.router_eps), 0))
-                chosen = sorted(range(cfg.E), key=lambda j: (-score[j], j))[:cfg.K]
+                else:
+                    score, ranked = 1 / (1 + np.exp(-z)), bias[l]
+                chosen = sorted(range(cfg.E), key=lambda j: (-(score[j] + ranked[j]), j))[:cfg.K]
+                gate = score
+                if cfg.router == 2 and cfg.K > 1:
+                    gate = score / (sum(score[j] for j in chosen) + 1e-20)
                 y = np.zeros(cfg.C)
                 for j in chosen:
                     fc1, fc2 = P["expert_fc1"][pool * cfg.E + j], P["expert_fc2"][pool * cfg.E + j]
                     g, up = fc1[:cfg.F] @ h, fc1[cfg.F:] @ h
-                    y += score[j] * (fc2 @ (g / (1 + np.exp(-g)) * up))
+                    y += gate[j] * (fc2 @ (g / (1 + np.exp(-g)) * up))
                     counts[l, j] += 1
                 score_sum[l] += score
                 x[t] = x[t] + y
@@ -134,6 +147,8 @@ VARIANTS = [
     dict(router=1, aux=1, G=2, E=4, K=1),
     dict(router=1, aux=2, G=1, E=6, K=1),
     dict(router=1, aux=3, G=1, E=6, K=2, NKV=1),
+    dict(router=2, aux=0, G=2, E=4, K=1),
+    dict(router=2, aux=0, G=1, E=6, K=2),
 ]
 
 
@@ -154,7 +169,12 @@ class ForwardTest(unittest.TestCase):
                 np.testing.assert_allclose(out.logits.detach().numpy(), logits, rtol=0, atol=1e-12)
                 self.assertAlmostEqual(float(out.ce), ce, delta=1e-12)
                 self.assertAlmostEqual(float(out.aux), aux, delta=1e-14)
-                self.assertGreater(aux, 0)
+                self.assertEqual(aux > 0, cfg.aux != 0)
+                if cfg.router == 2:   # the bias of random_model takes part
+                    moved = [not torch.equal(r.chosen.sort(dim=-1).values,
+                                             r.scores.topk(cfg.K).indices.sort(dim=-1).values)
+                             for r in out.routing]
+                    self.assertTrue(any(moved), "the bias moves no choice")
 
     def test_ties_go_to_the_lower_index(self):
         """Zero router weights: softmax scores tie at 1/E, so every token picks experts 0..K-1;
@@ -230,7 +250,7 @@ class GradientTest(unittest.TestCase):
                 _, chosen = loss()
                 gen = torch.Generator().manual_seed(n)
                 for name, p in model.ordered_params():
-                    if name == "router_scale" and cfg.router == 0:
+                    if name == "router_scale" and cfg.router != 1:
                         self.assertEqual(float(p.grad.abs().max()), 0.0)
                         continue
                     flat, grad = p.data.view(-1), p.grad.view(-1)
@@ -250,6 +270,86 @@ class GradientTest(unittest.TestCase):
                         self.assertAlmostEqual(fd, float(grad[i]), delta=1e-7 + 1e-6 * abs(fd),
                                                msg=f"{name}[{i}]")
                     self.assertGreater(float(grad.abs().max()), 0, name)
+
+
+class SigmoidRouterTest(unittest.TestCase):
+
+    def test_bias_moves_the_choice_not_the_gate(self):
+        """A bias of 10 on experts 1 and 3 makes every token choose them, ahead of any sigmoid
+        (scores are < 1); the gates stay the un-biased sigmoids (K = 1), normalised over the
+        chosen pair (K = 2)."""
+        for K, favoured in ((1, [3]), (2, [3, 1])):
+            with self.subTest(K=K):
+                cfg = tiny_config(router=2, aux=0, E=4, K=K)
+                model = random_model(cfg, seed=60)
+                model.expert_bias = torch.zeros(cfg.L, cfg.E)
+                model.expert_bias[0, favoured] = torch.tensor([10.0, 9.0])[:K]
+                h = torch.randn(7, cfg.C, generator=torch.Generator().manual_seed(61),
+                                dtype=torch.float64)
+                w = model.slices()
+                gates, r = model.route(w, 0, h)
+                s = torch.sigmoid(h @ model.router[0].T).detach()
+                self.assertTrue(torch.equal(r.chosen, torch.tensor([favoured]).expand(7, K)))
+                self.assertTrue(torch.equal(r.scores, s))
+                self.assertTrue(torch.equal(r.ranked, s + model.expert_bias[0].double()))
+                expected = s[:, favoured] / (s[:, favoured].sum(-1, keepdim=True) + 1e-20) \
+                    if K > 1 else s[:, favoured]
+                self.assertTrue(torch.equal(gates[:, favoured].detach(), expected))
+                self.assertLess(float(expected.max()), 1.0)
+                _, r1 = model.route(w, 1, h)   # layer 1 has no bias: its own top-K
+                self.assertTrue(torch.equal(r1.chosen, top_k_lower_index(r1.scores, K)))
+
+    def test_bias_update_hand_computed(self):
+        """bias += rate * sign(mean - count) in float32, counts given: layer 0 has mean 16/4 = 4
+        (experts 2 and 3 on it keep their bias), layer 1 mean 12/4 = 3 (expert 3 keeps it).
+        0.1 + 0.2 rounds to float32(0.3); float64 would keep 0.30000000447."""
+        cfg = tiny_config(router=2, aux=0, E=4, bias_rate=0.2)
+        model = UniPool(cfg, dtype=torch.float64)
+        model.expert_bias = torch.tensor([[0.1, 0.0, 0.0, -0.1],
+                                          [0.1, 0.1, 0.1, 0.1]], dtype=torch.float32)
+        model.expert_counts = torch.tensor([[5, 3, 4, 4],
+                                            [0, 7, 2, 3]])
+        update_expert_bias(model)
+        expected = torch.tensor([[-0.1, 0.2, 0.0, -0.1],
+                                 [0.3, -0.1, 0.3, 0.1]], dtype=torch.float32)
+        self.assertEqual(model.expert_bias.dtype, torch.float32)
+        self.assertTrue(torch.equal(model.expert_bias, expected), model.expert_bias)
+        self.assertTrue(torch.equal(model.expert_counts, torch.zeros(cfg.L, cfg.E,
+                                                                     dtype=torch.int64)))
+
+    def test_training_passes_count_and_the_step_updates(self):
+        """Counts add up over a step's training micro-batches (K N per layer each), evaluation
+        passes add none, and train_step applies the update to them once, after AdamW."""
+        cfg = tiny_config(router=2, aux=0, E=4, K=2, bias_rate=1e-3)
+        model = random_model(cfg, seed=62)
+        batches = [random_batch(cfg, 2, 5, seed=63 + m) for m in range(2)]
+        model(*batches[0])
+        self.assertEqual(int(model.expert_counts.abs().sum()), 0)
+        expected = torch.zeros(cfg.L, cfg.E, dtype=torch.int64)
+        for batch in batches:
+            out = model(*batch, train=True)
+            for l, r in enumerate(out.routing):
+                expected[l] += torch.bincount(r.chosen.reshape(-1), minlength=cfg.E)
+        self.assertTrue(torch.equal(model.expert_counts, expected))
+        self.assertTrue(torch.equal(expected.sum(dim=1), torch.full((cfg.L,), 2 * cfg.K * 10)))
+
+        bias_before = model.expert_bias.clone()
+        model.expert_counts.zero_()
+        opt = AdamW(model, lr=0.01, b1=0.9, b2=0.95, eps=1e-6, wd=0.0)
+        train_step(model, opt, batches, grad_clip=0.0)
+        step = torch.sign(expected.sum(dim=1, keepdim=True) / cfg.E - expected).float()
+        self.assertTrue(torch.equal(model.expert_bias,
+                                    bias_before + torch.tensor(1e-3, dtype=torch.float32) * step))
+        self.assertEqual(int(model.expert_counts.abs().sum()), 0)
+
+    def test_validate_refuses(self):
+        for changes in (dict(router=2, aux=1), dict(router=2, aux=2), dict(router=2, aux=0,
+                                                                           bias_rate=-1e-3),
+                        dict(router=3, aux=0)):
+            with self.subTest(**changes):
+                with self.assertRaises(AssertionError):
+                    tiny_config(**changes).validate()
+        tiny_config(router=2, aux=0, bias_rate=1e-3).validate()
 
 
 class TrainingTest(unittest.TestCase):
@@ -336,6 +436,9 @@ class DumpReplayTest(unittest.TestCase):
                 self.assertLess(max_error("grads"), 1e-5)
                 np.testing.assert_allclose(got["stats"], d["stats"], rtol=5e-5)
                 self.assertLess(np.abs(got["final"] - d["final"]).max(), 0.02 * d["hparams"]["lr"])
+                self.assertEqual("bias" in got, "bias" in d)
+                if "bias" in d:   # float32 steps decided by integer counts: exact
+                    np.testing.assert_array_equal(got["bias"].astype(np.float32), d["bias"])
 
 
 if __name__ == "__main__":
