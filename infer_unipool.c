@@ -15,9 +15,10 @@ gen    samples text after a prompt with a KV cache, streaming tokens as they
 eval   mean loss and perplexity over the shards' rows, read in file order as
        the training program's validation reads them.
 util   the paper's utilisation analysis: tokens per expert per layer (CSV),
-       pool coverage, the share of the pool each layer uses, cross-layer reuse
-       (distinct experts a token visits over the L layers, divided by L), and
-       an SVG: a layers x experts heatmap over a bar chart of pool load.
+       pool coverage, the share of the pool each layer uses, its router's
+       health (busiest expert, load entropy, dead tokens: see RouteHealth),
+       cross-layer reuse (distinct experts a token visits over the L layers,
+       divided by L), and an SVG: a layers x experts heatmap over a bar chart of pool load.
 probe  the routing-randomisation probe: for each layer of the deep half, one
        at a time, each token's experts are replaced by uniformly random ones
        (from the layer's whole pool, then from its 8 most-used experts), each
@@ -103,8 +104,9 @@ static int batch_count(const DataLoader *d, int B, int want) {
 }
 
 /* Utilisation over the data: counts (L, G*E) of (token, slot) assignments
-   per layer and expert of the buffer, and the cross-layer reuse figure. */
-static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t *counts) {
+   per layer and expert of the buffer, the router health (if health is not
+   NULL) and the cross-layer reuse figure. */
+static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t *counts, RouteHealth *health) {
     const Config *c = &m->cfg;
     int T = d->T, N = B * T, L = c->L, K = c->K, GE = c->G * c->E;
     int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
@@ -115,6 +117,7 @@ static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t 
         loader_next(d, rows, B);
         split_rows(io, io + N, rows, B, T);
         model_forward(m, io, NULL, B, T, 0, 0);
+        if (health) health_add(health, m, N);
         for (int n = 0; n < N; n++) {
             int distinct = 0;
             for (int l = 0; l < L; l++)
@@ -181,7 +184,9 @@ static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
     const Config *c = &m->cfg;
     int L = c->L, GE = c->G * c->E, E = c->E, n = batch_count(d, a->B, a->batches);
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
-    double reuse = utilisation(m, d, a->B, n, counts);
+    RouteHealth health;
+    health_init(&health, c);
+    double reuse = utilisation(m, d, a->B, n, counts, &health);
     char path[4096];
     snprintf(path, sizeof path, "%s.csv", a->out);
     FILE *f = fopen_check(path, "w");
@@ -201,15 +206,14 @@ static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
     printf("util: %d batches of %d x %d tokens, K %d | pool coverage %d/%d experts (%.1f%%) | cross-layer reuse %.3f "
            "(distinct experts per token / L)\n", n, a->B, d->T, c->K, covered, GE, 100.0 * covered / GE, reuse);
     for (int l = 0; l < L; l++) {
-        int used = 0;
-        uint64_t top = 0, sum = 0;
-        for (int j = 0; j < E; j++) {
-            uint64_t v = counts[(size_t)l * GE + layer_first_expert(c, l) + j];
-            used += v > 0, top = v > top ? v : top, sum += v;
-        }
-        printf("layer %2d: uses %d/%d of its pool (%.1f%%), busiest expert %.1f%% of its tokens\n", l, used, E,
-               100.0 * used / E, 100.0 * top / sum);
+        int used;
+        double top, entropy;
+        load_stats(health.load + (size_t)l * E, E, &used, &top, &entropy);
+        printf("layer %2d: uses %d/%d of its pool (%.1f%%), busiest expert %.1f%% of its tokens, load entropy %.3f, "
+               "dead tokens %.1f%%\n", l, used, E, 100.0 * used / E, 100.0 * top, entropy,
+               100.0 * health.dead[l] / health.tokens);
     }
+    health_free(&health);
     char title[256];
     snprintf(title, sizeof title, "%s: %s, L %d, G %d pools of E %d, K %d", a->ckpt,
              c->G == L ? "vanilla MoE" : c->G == 1 ? "UniPool" : "grouped pools", L, c->G, E, c->K);
@@ -224,7 +228,7 @@ static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a) {
     int L = c->L, E = c->E, GE = c->G * E, n = batch_count(d, a->B, a->batches), top = E < 8 ? E : 8;
     if (top < c->K) fail("the probe needs at least K = %d experts per pool", c->K);
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
-    utilisation(m, d, a->B, n, counts);
+    utilisation(m, d, a->B, n, counts, NULL);
     double base = evaluate(m, d, a->B, n, NULL, 0), sum[2] = {0, 0};
     int *all = malloc_check(E * sizeof(int)), *busiest = malloc_check(E * sizeof(int));
     printf("probe: %d batches of %d x %d tokens; baseline loss %.5f\n", n, a->B, d->T, base);

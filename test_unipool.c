@@ -84,7 +84,10 @@ static void check_true(const char *what, int ok, const char *detail) {
      step: SPEC section 6 expects about 1% of lr, and correct float32 runs
      show up to 1.2% of lr here. The bound is 3% of lr per step. A missing
      or misplaced weight decay moves a parameter by lr wd |p| per step, which
-     the weight_decay dump makes 3x larger than that. */
+     the weight_decay dump makes 3x larger than that.
+   - the expert bias (sigmoid router): sums of +-bias_rate in float32, so it
+     matches exactly when every step's counts do, and a single token routed
+     elsewhere moves an entry by 2 bias_rate. Exact. */
 static const Tol TOL_LOGITS = {0.0, 1e-5, 1e-5};
 static const Tol TOL_STATS = {0.0, 0.0, 1e-5};
 static const Tol TOL_GRADS = {0.0, 1e-4, 1e-4};
@@ -96,6 +99,7 @@ typedef struct {
     OptConfig opt;
     size_t num_params, n_tokens;
     float *params, *logits, *stats, *grads, *final;
+    float *bias;  // (L,E) the expert bias after n_steps steps, sigmoid router only
     int *tokens;
 } Dump;
 
@@ -119,7 +123,7 @@ static const char *dump_read(Dump *d, const char *path, char *msg, size_t len) {
     *c = (Config){.V = hdr[2], .Vp = hdr[3], .maxT = hdr[4], .L = hdr[5], .C = hdr[6], .NH = hdr[7],
                   .NKV = hdr[8], .F = hdr[9], .G = hdr[10], .E = hdr[11], .K = hdr[12], .router = hdr[13],
                   .aux = hdr[14], .norm_eps = hp[0], .rope_theta = hp[1], .alpha = hp[2], .router_c = hp[3],
-                  .router_eps = hp[4]};
+                  .router_eps = hp[4], .bias_rate = hp[11]};
     d->B = hdr[15], d->T = hdr[16], d->n_micro = hdr[17], d->n_steps = hdr[18];
     d->opt = (OptConfig){.lr = hp[5], .b1 = hp[6], .b2 = hp[7], .eps = hp[8], .wd = hp[9], .clip = hp[10]};
     const char *err = config_error(c);
@@ -134,7 +138,8 @@ static const char *dump_read(Dump *d, const char *path, char *msg, size_t len) {
     double P = 0.0;  // sizes in double: a foreign header must not overflow them
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
     double ntok = (double)d->n_steps * d->n_micro * d->B * (d->T + 1);
-    double want = 4.0 * (256 + 64 + 3 * P + ntok + (double)d->B * d->T * c->V + 3.0 * d->n_steps);
+    double nbias = c->router == ROUTER_SIGMOID ? (double)c->L * c->E : 0.0;
+    double want = 4.0 * (256 + 64 + 3 * P + ntok + (double)d->B * d->T * c->V + 3.0 * d->n_steps + nbias);
     fseek(f, 0, SEEK_END);
     double have = (double)ftell(f);
     if (have != want) {
@@ -151,9 +156,11 @@ static const char *dump_read(Dump *d, const char *path, char *msg, size_t len) {
     d->stats = malloc_check(3 * (size_t)d->n_steps * sizeof(float));
     d->grads = malloc_check(d->num_params * sizeof(float));
     d->final = malloc_check(d->num_params * sizeof(float));
+    d->bias = malloc_check((size_t)nbias * sizeof(float));
     int ok = fread(d->params, 4, d->num_params, f) == d->num_params && fread(d->tokens, 4, d->n_tokens, f) == d->n_tokens &&
              fread(d->logits, 4, nl, f) == nl && fread(d->stats, 4, 3 * (size_t)d->n_steps, f) == 3 * (size_t)d->n_steps &&
-             fread(d->grads, 4, d->num_params, f) == d->num_params && fread(d->final, 4, d->num_params, f) == d->num_params;
+             fread(d->grads, 4, d->num_params, f) == d->num_params && fread(d->final, 4, d->num_params, f) == d->num_params &&
+             fread(d->bias, 4, (size_t)nbias, f) == (size_t)nbias;
     fclose(f);
     if (!ok) return "read failed";
     for (size_t i = 0; i < d->n_tokens; i++)
@@ -169,6 +176,7 @@ static void dump_free(Dump *d) {
     free(d->stats);
     free(d->grads);
     free(d->final);
+    free(d->bias);
 }
 
 static void check_params(const char *dump, const char *part, const float *got, const float *ref, const Model *m,
@@ -228,6 +236,10 @@ static int run_dump(const char *path) {
         check(what, got, ref, flat(d.n_steps), TOL_STATS);
     }
     check_params(name, "final", m.params_memory, d.final, &m, tol_final(d.opt.lr, d.n_steps));
+    if (d.cfg.router == ROUTER_SIGMOID) {  // sums of +-bias_rate: exact once every choice matches
+        snprintf(what, sizeof what, "%s final.expert_bias", name);
+        check(what, m.expert_bias, d.bias, (Shape){2, {d.cfg.L, d.cfg.E, 1}}, (Tol){0});
+    }
     free(io);
     free(lg);
     free(stats);
@@ -516,6 +528,50 @@ static void test_stale_statistic(void) {
     model_free(&b);
 }
 
+/* The sigmoid router's balancing (SPEC section 3). The update, on counts
+   written by hand: bias += rate sign(mean - count), sign(0) = 0, and the
+   counts start again from zero. Then a bias that favours one expert takes
+   every token of its layer while the gates stay the plain sigmoid of the
+   logits; and a training forward counts what it routed. */
+static void test_expert_bias(void) {
+    Model m;
+    tiny_model(&m, 4, 4, 1, ROUTER_SIGMOID, AUX_NONE, 17);
+    m.cfg.bias_rate = 0.25f;
+    static const int64_t counts[2][4] = {{5, 3, 4, 4}, {0, 0, 0, 16}};  // means 4 and 4
+    static const float want[2][4] = {{-0.5f, 0.5f, 0.0f, 0.0f}, {0.5f, 0.5f, 0.5f, -0.5f}};
+    for (int rep = 0; rep < 2; rep++) {
+        memcpy(m.step_counts, counts, sizeof counts);
+        expert_bias_update(&m);
+    }
+    int ok = 1;
+    for (int j = 0; j < 8; j++) ok &= m.expert_bias[j] == want[j / 4][j % 4] && m.step_counts[j] == 0;
+    for (int j = 8; j < 16; j++) ok &= m.expert_bias[j] == 0.0f;  // layers whose counts were all equal
+    char detail[160];
+    snprintf(detail, sizeof detail, "layer 0 % .2f % .2f % .2f % .2f, layer 1 % .2f % .2f % .2f % .2f", m.expert_bias[0],
+             m.expert_bias[1], m.expert_bias[2], m.expert_bias[3], m.expert_bias[4], m.expert_bias[5],
+             m.expert_bias[6], m.expert_bias[7]);
+    check_true("expert bias: two updates by hand, a tie moves nothing", ok, detail);
+
+    int tok[TB * (TT + 1)], in[TB * TT], tg[TB * TT], N = TB * TT, E = m.cfg.E;
+    tiny_tokens(tok, TB * (TT + 1), 6);
+    split_rows(in, tg, tok, TB, TT);
+    memset(m.expert_bias, 0, 16 * sizeof(float));
+    m.expert_bias[2] = 10.0f;  // layer 0 favours expert 2
+    model_forward(&m, in, tg, TB, TT, 0, 1);
+    int all2 = 1, plain = 1;
+    for (int n = 0; n < N; n++) {
+        all2 &= m.acts.chosen[n] == 2;
+        plain &= m.acts.score[(size_t)n * E + 2] == sigmoid(m.acts.z[(size_t)n * E + 2]);
+    }
+    check_true("expert bias moves the choice, not the gate", all2 && plain, "");
+    int64_t total = 0;
+    for (int j = 0; j < 16; j++) total += m.step_counts[j];
+    snprintf(detail, sizeof detail, "layer 0 expert 2 counted %lld of %d, all layers %lld of %d",
+             (long long)m.step_counts[2], N, (long long)total, 4 * N);
+    check_true("training forward counts its routing", m.step_counts[2] == N && total == 4 * N, detail);
+    model_free(&m);
+}
+
 /* Decoding with the KV cache gives the logits of the full forward: a prompt
    of 5 tokens, then 7 more one position at a time, against one forward over
    all 12. The paths differ only in how many rows each matmul sees. */
@@ -606,6 +662,7 @@ int main(int argc, char **argv) {
         test_router_c();
         test_aux_fixed_points();
         test_stale_statistic();
+        test_expert_bias();
         test_thread_determinism();
         test_kv_cache();
         test_generate();

@@ -156,12 +156,13 @@ static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
 #define CKPT_MAGIC 20261127      // checkpoint (see "Checkpoints" below)
 #define CKPT_VERSION 1
 
-enum { ROUTER_SOFTMAX = 0, ROUTER_NORM = 1 };
+enum { ROUTER_SOFTMAX = 0, ROUTER_NORM = 1, ROUTER_SIGMOID = 2 };
 enum { AUX_NONE = 0, AUX_LAYER = 1, AUX_POOL_PREV = 2, AUX_POOL_CUR = 3 };
 
 typedef struct {
     int V, Vp, maxT, L, C, NH, NKV, F, G, E, K, router, aux;
     float alpha, norm_eps, rope_theta, router_c, router_eps;
+    float bias_rate;  // sigmoid router: step of the expert bias per training step
 } Config;
 
 #define HD(c) ((c)->C / (c)->NH)
@@ -236,9 +237,15 @@ static const char *config_error(const Config *c) {
     if (c->C % c->NH || HD(c) % 2 || HD(c) > 1024) return "C / NH (the head size) must be an even whole number <= 1024";
     if (c->G < 1 || c->L % c->G) return "the number of pools G must divide L";
     if (c->E < 1 || c->K < 1 || c->K > c->E) return "need 1 <= K <= E";
-    if (c->router != ROUTER_SOFTMAX && c->router != ROUTER_NORM) return "router must be 0 or 1";
+    if (c->router < ROUTER_SOFTMAX || c->router > ROUTER_SIGMOID) return "router must be 0, 1 or 2";
     if (c->aux < AUX_NONE || c->aux > AUX_POOL_CUR) return "aux must be 0..3";
-    if (!(c->norm_eps > 0) || !(c->rope_theta > 0)) return "norm_eps and rope_theta must be > 0";
+    if (c->router == ROUTER_SIGMOID && c->aux != AUX_NONE)
+        return "the sigmoid router balances with its expert bias, not an aux loss (aux must be none)";
+    if (!(c->bias_rate >= 0.0f && c->bias_rate <= 1.0f)) return "the expert bias rate must be in [0, 1]";
+    if (!(c->norm_eps > 0) || !(c->rope_theta > 0) || !(c->router_eps >= 0) || !(c->router_c > 0) ||
+        !isfinite(c->norm_eps + c->rope_theta + c->router_eps + c->router_c))
+        return "norm_eps, rope_theta and router_c must be > 0, router_eps >= 0, all finite";
+    if (!(c->alpha >= 0.0f && c->alpha <= 1e3f)) return "the aux coefficient alpha must be in [0, 1000]";
     return NULL;
 }
 
@@ -298,6 +305,8 @@ static inline float exp_fast(float x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 
 /* sum_i exp(x[i] - shift), in 8 double partial sums: 50,000 terms stay
    exact to ~1e-9. The terms are stored in out (which may be x) unless it is
@@ -911,8 +920,11 @@ NAIVE_TWIN void attention_backward_naive(float *dq, float *dk, float *dv, const 
 /* Router scores from the router logits z = router h (E per token).
      softmax:    s = softmax(z)
      NormRouter: s = sigma c relu(u),  u = z / (||z|| + eps)
+     sigmoid:    s = sigmoid(z)
    c makes the chosen scores about 1 in norm at initialisation (see
-   norm_router_c); sigma is learned per layer. */
+   norm_router_c); sigma is learned per layer. The softmax and NormRouter
+   scores of the chosen experts are their gates as they are; the sigmoid
+   router's are renormalised over the chosen set when K > 1 (router_gates). */
 static void router_forward(float *score, const float *z, float sigma, const Config *c, int N) {
     // score (N,E), z (N,E)
     int E = c->E;
@@ -924,21 +936,60 @@ static void router_forward(float *score, const float *z, float sigma, const Conf
             for (int j = 1; j < E; j++) mx = zn[j] > mx ? zn[j] : mx;
             for (int j = 0; j < E; j++) sum += (s[j] = exp_fast(zn[j] - mx));
             for (int j = 0; j < E; j++) s[j] /= sum;
-        } else {
+        } else if (c->router == ROUTER_NORM) {
             float inv = 1.0f / (sqrtf(dot(zn, zn, E)) + c->router_eps);
             for (int j = 0; j < E; j++) s[j] = sigma * c->router_c * fmaxf(zn[j] * inv, 0.0f);
+        } else {
+            for (int j = 0; j < E; j++) s[j] = sigmoid(zn[j]);
         }
+    }
+}
+
+/* The K largest of score + bias for each token, ties to the lower index.
+   bias (E) is the sigmoid router's expert bias, NULL for the others: it
+   moves the choice, never the gate. */
+static void topk_forward(int *chosen, const float *score, const float *bias, int N, int E, int K) {
+    // chosen (N,K), score (N,E), bias (E) or NULL
+    for (int n = 0; n < N; n++) {
+        const float *s = score + (size_t)n * E;
+        int *ch = chosen + (size_t)n * K;
+        for (int k = 0; k < K; k++) {
+            int best = -1;
+            float bv = 0.0f;
+            for (int j = 0; j < E; j++) {
+                int taken = 0;
+                for (int kk = 0; kk < k; kk++) taken |= ch[kk] == j;
+                float v = bias ? s[j] + bias[j] : s[j];
+                if (!taken && (best < 0 || v > bv)) best = j, bv = v;
+            }
+            ch[k] = best;
+        }
+    }
+}
+
+/* The sigmoid router with K > 1 mixes its chosen experts with weights that
+   sum to one: g_j = s_j / (sum over chosen of s + 1e-20), written over s_j. */
+static void router_gates(float *score, const int *chosen, int N, int E, int K) {
+    // score (N,E) in place at the chosen entries, chosen (N,K)
+    for (int n = 0; n < N; n++) {
+        float *s = score + (size_t)n * E, sum = 0.0f;
+        const int *ch = chosen + (size_t)n * K;
+        for (int k = 0; k < K; k++) sum += s[ch[k]];
+        for (int k = 0; k < K; k++) s[ch[k]] /= sum + 1e-20f;
     }
 }
 
 /* softmax:    dz = s (ds - sum_j s_j ds_j)
    NormRouter: with r = ||z||, du = sigma c ds [u > 0],
                dz = du / (r + eps) - z (du . z) / (r (r + eps)^2),
-               dsigma = sum c relu(u) ds                                     */
-static void router_backward(float *dz, float *dsigma, const float *dscore, const float *z,
-                            const float *score, float sigma, const Config *c, int N) {
-    // dz (N,E) written, dsigma (1) +=, dscore, z, score (N,E)
-    int E = c->E;
+               dsigma = sum c relu(u) ds
+   sigmoid:    dz = ds' s (1 - s), s = sigmoid(z) recomputed, where ds' = ds
+               for K = 1 and, through g = s / D (D = sum of the chosen s +
+               1e-20), ds'_j = (dg_j - sum_k dg_k g_k) / D for K > 1        */
+static void router_backward(float *dz, float *dsigma, const float *dscore, const float *z, const float *score,
+                            const int *chosen, float sigma, const Config *c, int N) {
+    // dz (N,E) written, dsigma (1) +=, dscore, z, score (N,E), chosen (N,K)
+    int E = c->E, K = c->K;
     double dsig = 0.0;
     for (int n = 0; n < N; n++) {
         const float *zn = z + (size_t)n * E, *s = score + (size_t)n * E, *ds = dscore + (size_t)n * E;
@@ -946,37 +997,31 @@ static void router_backward(float *dz, float *dsigma, const float *dscore, const
         if (c->router == ROUTER_SOFTMAX) {
             float sds = dot(s, ds, E);
             for (int j = 0; j < E; j++) d[j] = s[j] * (ds[j] - sds);
-            continue;
+        } else if (c->router == ROUTER_NORM) {
+            float r = sqrtf(dot(zn, zn, E)), re = r + c->router_eps, duz = 0.0f;
+            for (int j = 0; j < E; j++) {
+                float u = zn[j] / re;
+                d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du, for now
+                dsig += (double)c->router_c * (u > 0.0f ? u : 0.0f) * ds[j];
+                duz += d[j] * zn[j];
+            }
+            float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;
+            for (int j = 0; j < E; j++) d[j] = d[j] / re - zn[j] * corr;
+        } else {
+            for (int j = 0; j < E; j++) d[j] = ds[j];
+            if (K > 1) {
+                const int *ch = chosen + (size_t)n * K;
+                float sum = 0.0f, dgg = 0.0f;
+                for (int k = 0; k < K; k++) sum += sigmoid(zn[ch[k]]), dgg += ds[ch[k]] * s[ch[k]];
+                for (int k = 0; k < K; k++) d[ch[k]] = (ds[ch[k]] - dgg) / (sum + 1e-20f);
+            }
+            for (int j = 0; j < E; j++) {
+                float sg = sigmoid(zn[j]);
+                d[j] *= sg * (1.0f - sg);
+            }
         }
-        float r = sqrtf(dot(zn, zn, E)), re = r + c->router_eps, duz = 0.0f;
-        for (int j = 0; j < E; j++) {
-            float u = zn[j] / re;
-            d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du, for now
-            dsig += (double)c->router_c * (u > 0.0f ? u : 0.0f) * ds[j];
-            duz += d[j] * zn[j];
-        }
-        float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;
-        for (int j = 0; j < E; j++) d[j] = d[j] / re - zn[j] * corr;
     }
     *dsigma += (float)dsig;
-}
-
-// The K largest scores of each token, ties to the lower index.
-static void topk_forward(int *chosen, const float *score, int N, int E, int K) {
-    // chosen (N,K), score (N,E)
-    for (int n = 0; n < N; n++) {
-        const float *s = score + (size_t)n * E;
-        int *ch = chosen + (size_t)n * K;
-        for (int k = 0; k < K; k++) {
-            int best = -1;
-            for (int j = 0; j < E; j++) {
-                int taken = 0;
-                for (int kk = 0; kk < k; kk++) taken |= ch[kk] == j;
-                if (!taken && (best < 0 || s[j] > s[best])) best = j;
-            }
-            ch[k] = best;
-        }
-    }
 }
 
 /* NormRouter's c: the mean of 1 / ||topK(relu(x / ||x||))|| over x ~ N(0, I_E)
@@ -1014,7 +1059,6 @@ static float norm_router_c(int E, int K, long draws, uint64_t seed) {
 }
 
 // SwiGLU: h = [a; b] (2F), out = silu(a) * b, silu(a) = a sigmoid(a)
-static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 
 static void swiglu_forward(float *out, const float *h, int M, int F) {
     // out (M,F), h (M,2F)
@@ -1414,6 +1458,11 @@ typedef struct {
     // micro-batch (model state: it survives steps), and d aux / d P (L,E)
     float *aux_f, *aux_prev_f, *aux_coef;
     int aux_prev_valid;
+    // the sigmoid router's balancing (section 3): the expert bias (L,E), and
+    // the tokens each expert took at each layer in this step's training
+    // micro-batches so far (L,E)
+    float *expert_bias;
+    int64_t *step_counts;
     // activations, sized by the first forward for up to maxN tokens
     Acts acts;
     void *acts_memory;
@@ -1446,6 +1495,8 @@ static void model_build(Model *m, const Config *cfg) {
     m->aux_f = calloc_check(le, sizeof(float));
     m->aux_prev_f = calloc_check(le, sizeof(float));
     m->aux_coef = calloc_check(le, sizeof(float));
+    m->expert_bias = calloc_check(le, sizeof(float));
+    m->step_counts = calloc_check(le, sizeof(int64_t));
     m->probe_layer = -1;
 }
 
@@ -1459,6 +1510,8 @@ static void model_free(Model *m) {
     free(m->aux_f);
     free(m->aux_prev_f);
     free(m->aux_coef);
+    free(m->expert_bias);
+    free(m->step_counts);
     free(m->acts_memory);
 }
 
@@ -1536,11 +1589,36 @@ static double aux_forward(Model *m, int N, int training) {
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P;
         }
-    if (training) {  // evaluation passes leave the stale statistic alone
+    if (training) {  // evaluation passes leave the stale statistic and the step's counts alone
         memcpy(m->aux_prev_f, m->aux_f, (size_t)L * E * sizeof(float));
         m->aux_prev_valid = 1;
+        for (int l = 0; c->router == ROUTER_SIGMOID && l < L; l++)
+            for (int j = 0; j < E; j++) {
+                const int *off = m->acts.offset + (size_t)l * (E + 1);
+                m->step_counts[l * E + j] += off[j + 1] - off[j];
+            }
     }
     return aux;
+}
+
+/* Balancing without a loss, for the sigmoid router (SPEC section 3): after
+   each step's update, with count[l][j] the tokens of the step's training
+   micro-batches that chose expert j at layer l,
+     bias[l][j] += rate * sign(mean_j' count[l][j'] - count[l][j])
+   in float32. An overloaded expert becomes a little less likely to be
+   chosen and an idle one a little more; its gate does not change. */
+static void expert_bias_update(Model *m) {
+    const Config *c = &m->cfg;
+    for (int l = 0; l < c->L; l++) {
+        int64_t *cnt = m->step_counts + (size_t)l * c->E, total = 0;
+        for (int j = 0; j < c->E; j++) total += cnt[j];
+        float mean = (float)total / (float)c->E;
+        for (int j = 0; j < c->E; j++) {
+            float d = mean - (float)cnt[j];
+            m->expert_bias[l * c->E + j] += c->bias_rate * (float)((d > 0.0f) - (d < 0.0f));
+            cnt[j] = 0;
+        }
+    }
 }
 
 /* The routing-randomisation probe: each token's K experts are replaced by K
@@ -1617,7 +1695,8 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         rmsnorm_forward(ln2, a->rstd2 + lS, xm, p->ffn_norm + (size_t)l * C, N, C, c->norm_eps);
         matmul_forward(z, ln2, p->router + (size_t)l * E * C, N, C, E);
         router_forward(score, z, p->router_scale[l], c, N);
-        topk_forward(chosen, score, N, E, K);
+        topk_forward(chosen, score, c->router == ROUTER_SIGMOID ? m->expert_bias + (size_t)l * E : NULL, N, E, K);
+        if (c->router == ROUTER_SIGMOID && K > 1) router_gates(score, chosen, N, E, K);
         if (l == m->probe_layer) probe_reroute(chosen, score, N, E, K, m->probe_set, m->probe_n, &m->probe_rng);
         Dispatch d = {a->order + lK, a->slot + lK, a->offset + (size_t)l * (E + 1)};
         moe_dispatch(&d, chosen, NK, E);
@@ -1670,7 +1749,7 @@ static void model_backward(Model *m, float scale) {
                              a->rows, a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C,
                              a->order + f0 * K, a->offset + (size_t)l * (E + 1), LP, S, N, C, F, E, K);
         }
-        router_backward(a->dz, g->router_scale + l, a->dscore, z, score, p->router_scale[l], c, N);
+        router_backward(a->dz, g->router_scale + l, a->dscore, z, score, chosen, p->router_scale[l], c, N);
         matmul_backward(a->dln, g->router + (size_t)l * E * C, a->dz, ln2, p->router + (size_t)l * E * C, N, C, E);
         rmsnorm_backward(a->dresid, g->ffn_norm + (size_t)l * C, a->dln, a->resmid + lN * C,
                          p->ffn_norm + (size_t)l * C, a->rstd2 + lN, N, C);
@@ -1784,10 +1863,12 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
     return st;
 }
 
-// The update half: if clip > 0 and clip / (norm + 1e-6) < 1, scale the gradient by it; then AdamW.
+/* The update half: if clip > 0 and clip / (norm + 1e-6) < 1, scale the
+   gradient by it; then AdamW; then, for the sigmoid router, the expert bias. */
 static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm) {
     float s = o->clip > 0.0f ? (float)(o->clip / (grad_norm + 1e-6)) : 1.0f;
     adamw_update(m, o, lr, s < 1.0f ? s : 1.0f);
+    if (m->cfg.router == ROUTER_SIGMOID) expert_bias_update(m);
 }
 
 // ----------------------------------------------------------------------------
@@ -2017,9 +2098,10 @@ static float lr_at(const TrainConfig *tc, int step) {
 //               val_batches sample_every gen_tokens ckpt_every keep,
 //               [27] steps done, [28] AdamW steps, [29] stale statistic valid
 //   float[64]   [0..4] alpha norm_eps rope_theta router_c router_eps,
-//               [5..11] lr b1 b2 eps wd clip lr_floor
+//               [5..11] lr b1 b2 eps wd clip lr_floor, [12] bias_rate
 //   uint64[32]  [0] seed, [1..3] loader epoch, shard, row, [4] sampler state
 //   float[P]    parameters, in the order of PARAM_TABLE
+//   float[L*E]  the expert bias, sigmoid router only (it decides routing)
 // and, with the training state: float[P] AdamW m, float[P] AdamW v,
 // float[L*E] the stale pool statistic (f of the last training micro-batch).
 // Saved to NAME.tmp, flushed, fsynced and renamed over NAME: an interrupted
@@ -2036,12 +2118,14 @@ static void header_put_config(int32_t *h, float *hp, const Config *c) {
     memcpy(h + 3, v, sizeof v);
     float f[] = {c->alpha, c->norm_eps, c->rope_theta, c->router_c, c->router_eps};
     memcpy(hp, f, sizeof f);
+    hp[12] = c->bias_rate;
 }
 
 static Config header_get_config(const int32_t *h, const float *hp) {
     return (Config){.V = h[3], .Vp = h[4], .maxT = h[5], .L = h[6], .C = h[7], .NH = h[8], .NKV = h[9],
                     .F = h[10], .G = h[11], .E = h[12], .K = h[13], .router = h[14], .aux = h[15],
-                    .alpha = hp[0], .norm_eps = hp[1], .rope_theta = hp[2], .router_c = hp[3], .router_eps = hp[4]};
+                    .alpha = hp[0], .norm_eps = hp[1], .rope_theta = hp[2], .router_c = hp[3], .router_eps = hp[4],
+                    .bias_rate = hp[12]};
 }
 
 static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwrite(p, size, n, f) == n; }
@@ -2067,7 +2151,8 @@ static void checkpoint_save(const char *path, const Model *m, const TrainConfig 
     FILE *f = fopen_check(tmp, "wb");
     size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
     int ok = write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) && write_all(f, h64, sizeof h64, 1) &&
-             write_all(f, m->params_memory, sizeof(float), P);
+             write_all(f, m->params_memory, sizeof(float), P) &&
+             (m->cfg.router != ROUTER_SIGMOID || write_all(f, m->expert_bias, sizeof(float), LE));
     if (st && ok) {
         float *zeros = m->m_memory ? NULL : calloc_check(P, sizeof(float));  // before the first update
         ok = write_all(f, m->m_memory ? m->m_memory : zeros, sizeof(float), P) &&
@@ -2126,7 +2211,9 @@ static void checkpoint_header(const char *path, CheckpointHeader *ck) {
     param_shapes(shapes, &ck->cfg);
     double P = 0.0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
-    double want = CKPT_HEADER_BYTES + 4.0 * P * (ck->has_state ? 3 : 1) + (ck->has_state ? 4.0 * ck->cfg.L * ck->cfg.E : 0.0);
+    double LE = (double)ck->cfg.L * ck->cfg.E;
+    double want = CKPT_HEADER_BYTES + 4.0 * P * (ck->has_state ? 3 : 1) + (ck->has_state ? 4.0 * LE : 0.0) +
+                  (ck->cfg.router == ROUTER_SIGMOID ? 4.0 * LE : 0.0);
     if ((double)size != want)
         fail("checkpoint '%s' is %ld bytes, its header implies %.0f; it is truncated or damaged, use an earlier one",
              path, size, want);
@@ -2138,6 +2225,7 @@ static void checkpoint_read_body(const char *path, Model *m, const CheckpointHea
     FILE *f = fopen_check(path, "rb");
     fseek(f, CKPT_HEADER_BYTES, SEEK_SET);
     fread_check(m->params_memory, sizeof(float), P, f, path);
+    if (m->cfg.router == ROUTER_SIGMOID) fread_check(m->expert_bias, sizeof(float), (size_t)m->cfg.L * m->cfg.E, f, path);
     if (ck->has_state) {
         m->m_memory = malloc_check(P * sizeof(float));
         m->v_memory = malloc_check(P * sizeof(float));
@@ -2166,12 +2254,62 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Mean CE over `batches` batches of B rows from the start of a loader (an
-   evaluation pass: the stale pool statistic is untouched). If pool_counts
-   (G*E) is given, adds how many (token, slot) assignments each expert of
-   the buffer received, over all layers. progress: a line on stderr. */
-static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *pool_counts, int progress) {
+/* Router health, per layer, over evaluation batches: the share of tokens
+   whose router gives every expert a zero score ("dead" tokens: a NormRouter
+   whose logits are all <= 0; the token's expert output is multiplied by 0
+   and its router learns nothing from it), and the load on each of the
+   layer's E experts, from which the experts used, the busiest expert's share
+   and the load entropy follow. A collapsing router shows here first. */
+typedef struct {
+    int L, E;
+    uint64_t tokens;  // tokens seen by each layer
+    uint64_t *dead;   // (L)
+    uint64_t *load;   // (L,E) (token, slot) assignments
+} RouteHealth;
+
+static void health_init(RouteHealth *h, const Config *c) {
+    h->L = c->L, h->E = c->E, h->tokens = 0;
+    h->dead = calloc_check(c->L, sizeof(uint64_t));
+    h->load = calloc_check((size_t)c->L * c->E, sizeof(uint64_t));
+}
+
+static void health_free(RouteHealth *h) {
+    free(h->dead);
+    free(h->load);
+}
+
+// Adds the routing of the model's last forward (N tokens).
+static void health_add(RouteHealth *h, const Model *m, int N) {
     const Config *c = &m->cfg;
+    for (int l = 0; l < c->L; l++) {
+        const int *off = m->acts.offset + (size_t)l * (c->E + 1);
+        for (int j = 0; j < c->E; j++) h->load[(size_t)l * c->E + j] += (uint64_t)(off[j + 1] - off[j]);
+        for (int n = 0; n < N; n++) {
+            const float *s = m->acts.score + ((size_t)l * m->maxN + n) * c->E;
+            int zero = 1;
+            for (int j = 0; j < c->E; j++) zero &= s[j] == 0.0f;
+            h->dead[l] += (uint64_t)zero;
+        }
+    }
+    h->tokens += (uint64_t)N;
+}
+
+/* Load statistics of n counts: how many are non-zero, the largest one's
+   share of the total, and the entropy of the shares over log(n) (1: even). */
+static void load_stats(const uint64_t *counts, int n, int *used, double *top_share, double *entropy) {
+    double total = 0.0, mx = 0.0, h = 0.0;
+    *used = 0;
+    for (int i = 0; i < n; i++) total += (double)counts[i], mx = fmax(mx, (double)counts[i]), *used += counts[i] > 0;
+    for (int i = 0; i < n; i++)
+        if (counts[i]) h -= counts[i] / total * log(counts[i] / total);
+    *top_share = total > 0 ? mx / total : 0.0;
+    *entropy = n > 1 ? h / log((double)n) : 1.0;
+}
+
+/* Mean CE over `batches` batches of B rows from the start of a loader (an
+   evaluation pass: the stale pool statistic is untouched). With health,
+   adds the routing of every batch to it. progress: a line on stderr. */
+static double evaluate(Model *m, DataLoader *d, int B, int batches, RouteHealth *health, int progress) {
     int T = d->T, N = B * T;
     int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
     loader_seek(d, 0, 0, 0);
@@ -2181,10 +2319,7 @@ static double evaluate(Model *m, DataLoader *d, int B, int batches, uint64_t *po
         split_rows(io, io + N, rows, B, T);
         model_forward(m, io, io + N, B, T, 0, 0);
         loss += m->ce;
-        for (int l = 0; pool_counts && l < c->L; l++) {
-            const int *off = m->acts.offset + (size_t)l * (c->E + 1);
-            for (int j = 0; j < c->E; j++) pool_counts[layer_first_expert(c, l) + j] += (uint64_t)(off[j + 1] - off[j]);
-        }
+        if (health) health_add(health, m, N);
         if (progress)
             fprintf(stderr, "\reval: %d/%d batches, loss %.4f, %.0f tok/s%s", i + 1, batches, loss / (i + 1),
                     (double)(i + 1) * N / (now_seconds() - t0), i + 1 == batches ? "\n" : "");
@@ -2297,9 +2432,11 @@ static void usage(void) {
         "  -g  number of pools G, dividing L; overrides -o: grouped pools\n"
         "  -e  experts per pool E               [layer: 8; pools: 8 per layer served, 469m: 2/3 of that]\n"
         "  -k  experts per token K              [1]\n"
-        "  -R  router: softmax or norm          [layer: softmax; pools: norm]\n"
+        "  -R  router: softmax, norm, or sigmoid (with an expert bias, no aux loss)\n"
+        "                                       [layer: softmax; pools: norm]\n"
         "  -a  aux loss: none, layer, pool (previous micro-batch's counts, as the paper), poolcur\n"
-        "                                       [layer: layer; pools: pool]\n"
+        "                                       [layer: layer; pools: pool; sigmoid: none]\n"
+        "  -br expert bias rate, sigmoid router [1e-3]\n"
         "  -A  aux coefficient alpha            [0.01; pool loss at 469m and up: 0.02]\n"
         "  -M  maxT, the longest sequence       [1024]\n"
         "training (optimizer defaults are the paper's)\n"
@@ -2371,11 +2508,11 @@ typedef struct {
    Returns through *model_flags whether any flag touched the model. */
 static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths *p, int *model_flags,
                         int derive) {
-    static const char *const own[] = {"layer", "pool"}, *const routers[] = {"softmax", "norm"},
+    static const char *const own[] = {"layer", "pool"}, *const routers[] = {"softmax", "norm", "sigmoid"},
                               *const auxes[] = {"none", "layer", "pool", "poolcur"};
     const Preset *pre = &presets[0];
     int G = -1, E = -1, router = -1, aux = -1, warmup = -1;
-    float alpha = -1.0f;
+    float alpha = -1.0f, bias_rate = -1.0f;
     *model_flags = 0;
     for (int i = 1; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -2400,9 +2537,10 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
         else if (!strcmp(f, "-g")) G = (int)parse_int(f, v, 1, 1024), derive = 1;
         else if (!strcmp(f, "-e")) E = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "-k")) c->K = (int)parse_int(f, v, 1, 1 << 16);
-        else if (!strcmp(f, "-R")) router = parse_choice(f, v, routers, 2);
+        else if (!strcmp(f, "-R")) router = parse_choice(f, v, routers, 3);
         else if (!strcmp(f, "-a")) aux = parse_choice(f, v, auxes, 4);
         else if (!strcmp(f, "-A")) alpha = parse_float(f, v, 0, 1e3);
+        else if (!strcmp(f, "-br")) bias_rate = parse_float(f, v, 0, 1);
         else {
             model = 0;
             if (!strcmp(f, "-i")) p->train = v;
@@ -2449,8 +2587,14 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
     }
     if (E > 0) c->E = E;
     if (router >= 0) c->router = router;
+    if (router == ROUTER_SIGMOID && aux > AUX_NONE)
+        usage_error("-R sigmoid balances with its expert bias, not an aux loss: drop -a %s (or use -a none)", auxes[aux]);
+    if (bias_rate >= 0.0f && c->router != ROUTER_SIGMOID) usage_error("-br sets the sigmoid router's bias rate; add -R sigmoid");
+    if (router == ROUTER_SIGMOID) c->aux = AUX_NONE;
     if (aux >= 0) c->aux = aux;
     if (alpha >= 0.0f) c->alpha = alpha;
+    if (bias_rate >= 0.0f) c->bias_rate = bias_rate;
+    if (c->router != ROUTER_SIGMOID) c->bias_rate = 0.0f;  // only the sigmoid router has a bias to move
     if (warmup >= 0) tc->warmup = warmup;
     else if (derive) tc->warmup = tc->steps / 100;  // the paper warms up over 1% of training
     if (tc->T > c->maxT) usage_error("-t %d exceeds the model's maxT %d (-M)", tc->T, c->maxT);
@@ -2461,7 +2605,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
 static int config_equal(const Config *a, const Config *b) {
     return a->V == b->V && a->Vp == b->Vp && a->maxT == b->maxT && a->L == b->L && a->C == b->C && a->NH == b->NH &&
            a->NKV == b->NKV && a->F == b->F && a->G == b->G && a->E == b->E && a->K == b->K &&
-           a->router == b->router && a->aux == b->aux && a->alpha == b->alpha;
+           a->router == b->router && a->aux == b->aux && a->alpha == b->alpha && a->bias_rate == b->bias_rate;
 }
 
 static void make_dirs(const char *path) {  // mkdir -p
@@ -2513,17 +2657,45 @@ static double active_params(const Model *m) {
     return all - (double)c->G * c->E * expert + (double)c->L * c->K * expert;
 }
 
-/* Pool utilisation from per-expert assignment counts (G*E): experts that got
-   nothing, the most-loaded expert's share, and the entropy of the load over
-   the whole buffer divided by log(G*E) (1 = perfectly even). */
-static void pool_stats(const uint64_t *counts, int n, int *unused, double *max_share, double *entropy) {
-    double total = 0.0, mx = 0.0, h = 0.0;
-    *unused = 0;
-    for (int i = 0; i < n; i++) total += (double)counts[i], mx = fmax(mx, (double)counts[i]), *unused += counts[i] == 0;
-    for (int i = 0; i < n; i++)
-        if (counts[i]) h -= counts[i] / total * log(counts[i] / total);
-    *max_share = total > 0 ? mx / total : 0.0;
-    *entropy = n > 1 ? h / log((double)n) : 1.0;
+/* The validation line and its log.jsonl record: loss, then the pool's load
+   over all layers (experts unused, the busiest one's share, entropy over
+   log(G E)), then per layer the router health (evaluate): dead-token
+   percentage, experts used, the busiest expert's percentage of the layer's
+   load, load entropy over log(E). */
+static void report_validation(FILE *log, int step, double loss, const RouteHealth *h, const Config *c) {
+    int L = c->L, E = c->E, GE = c->G * c->E, used[L], pool_used;
+    double dead[L], top[L], ent[L], pool_top, pool_ent;
+    uint64_t *pool = calloc_check(GE, sizeof(uint64_t));
+    for (int l = 0; l < L; l++) {
+        for (int j = 0; j < E; j++) pool[layer_first_expert(c, l) + j] += h->load[(size_t)l * E + j];
+        load_stats(h->load + (size_t)l * E, E, &used[l], &top[l], &ent[l]);
+        dead[l] = h->tokens ? (double)h->dead[l] / h->tokens : 0.0;
+    }
+    load_stats(pool, GE, &pool_used, &pool_top, &pool_ent);
+    free(pool);
+    printf("val step %d | loss %.4f | ppl %.2f | pool: %d/%d unused, top %.1f%%, H %.2f | by layer: dead%%", step, loss,
+           exp(loss), GE - pool_used, GE, 100 * pool_top, pool_ent);
+    for (int l = 0; l < L; l++) printf("%c%.0f", l ? '/' : ' ', 100 * dead[l]);
+    printf(" used");
+    for (int l = 0; l < L; l++) printf("%c%d", l ? '/' : ' ', used[l]);
+    printf(" top%%");
+    for (int l = 0; l < L; l++) printf("%c%.0f", l ? '/' : ' ', 100 * top[l]);
+    printf(" H");
+    for (int l = 0; l < L; l++) printf("%c%.2f", l ? '/' : ' ', ent[l]);
+    printf("\n");
+    fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"val_ppl\": %.4f, \"unused\": %d, \"max_share\": %.6f, "
+                 "\"entropy\": %.6f", step, loss, exp(loss), GE - pool_used, pool_top, pool_ent);
+    const char *names[4] = {"dead", "used", "top_share", "load_entropy"};
+    for (int k = 0; k < 4; k++) {
+        fprintf(log, ", \"%s\": [", names[k]);
+        for (int l = 0; l < L; l++) {
+            if (k == 1) fprintf(log, "%s%d", l ? ", " : "", used[l]);
+            else fprintf(log, "%s%.6f", l ? ", " : "", k == 0 ? dead[l] : k == 2 ? top[l] : ent[l]);
+        }
+        fprintf(log, "]");
+    }
+    fprintf(log, "}\n");
+    fflush(log);
 }
 
 /* Unigram baselines: the token frequencies of the first train shard
@@ -2555,7 +2727,7 @@ static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
-                  .router_eps = 1e-8f};
+                  .router_c = 1.0f, .router_eps = 1e-8f, .bias_rate = 1e-3f};
     TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100, .val_batches = 20,
                       .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2, .seed = 1337,
                       .lr_floor = 0.1f, .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
@@ -2610,10 +2782,12 @@ int main(int argc, char **argv) {
     const char *own = cfg.G == cfg.L ? "vanilla MoE (each layer owns its experts)"
                       : cfg.G == 1   ? "UniPool (one shared pool)"
                                      : "grouped pools";
-    static const char *const rname[] = {"softmax", "norm"}, *const aname[] = {"none", "layer", "pool (stale)", "pool (current)"};
-    printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s (c %.4f) | aux %s alpha %g\n",
-           own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rname[cfg.router], cfg.router_c,
-           aname[cfg.aux], cfg.alpha);
+    static const char *const aname[] = {"none", "layer", "pool (stale)", "pool (current)"};
+    char rdesc[64];
+    snprintf(rdesc, sizeof rdesc, cfg.router == ROUTER_NORM ? "norm (c %.4f)" : cfg.router == ROUTER_SIGMOID ?
+             "sigmoid (bias rate %g)" : "softmax", cfg.router == ROUTER_NORM ? cfg.router_c : cfg.bias_rate);
+    printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s | aux %s alpha %g\n",
+           own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rdesc, aname[cfg.aux], cfg.alpha);
     printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);
     printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu\n",
            tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
@@ -2629,22 +2803,16 @@ int main(int argc, char **argv) {
     FILE *log = fopen_check(logpath, resume ? "a" : "w");
     size_t per_step = (size_t)tc.n_micro * tc.B * (tc.T + 1);
     int *tokens = malloc_check(per_step * sizeof(int));
-    int nexp = cfg.G * cfg.E;
-    uint64_t *counts = malloc_check(nexp * sizeof(uint64_t));
     double tokens_per_step = (double)tc.n_micro * tc.B * tc.T, t_train = 0.0;
     int t_steps = 0;
     for (int step = st.step; step <= tc.steps; step++) {
         int last = step == tc.steps;
         if (tc.val_every && (step % tc.val_every == 0 || last)) {
-            memset(counts, 0, nexp * sizeof(uint64_t));
-            double vl = evaluate(&m, &val, tc.B, tc.val_batches, counts, 0), share, ent;
-            int unused;
-            pool_stats(counts, nexp, &unused, &share, &ent);
-            printf("val step %d | loss %.4f | ppl %.2f | pool: %d/%d experts unused, most-loaded share %.2f%%, "
-                   "entropy %.3f\n", step, vl, exp(vl), unused, nexp, 100 * share, ent);
-            fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"val_ppl\": %.4f, \"unused\": %d, \"max_share\": %.6f, "
-                         "\"entropy\": %.6f}\n", step, vl, exp(vl), unused, share, ent);
-            fflush(log);
+            RouteHealth health;
+            health_init(&health, &cfg);
+            double vl = evaluate(&m, &val, tc.B, tc.val_batches, &health, 0);
+            report_validation(log, step, vl, &health, &cfg);
+            health_free(&health);
         }
         if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last)) {
             Rng rng = {st.sampler};
@@ -2685,7 +2853,6 @@ int main(int argc, char **argv) {
     }
     fclose(log);
     free(tokens);
-    free(counts);
     free(resume);
     if (have_tok) tokenizer_free(&tok);
     loader_free(&train);
