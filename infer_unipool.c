@@ -180,9 +180,9 @@ static void write_svg(const char *path, const uint64_t *counts, int L, int GE, c
     if (fclose(f) != 0) fail("cannot write '%s': %s", path, strerror(errno));
 }
 
-static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
+static void cmd_util(Model *m, DataLoader *d, const InferArgs *a, int n) {
     const Config *c = &m->cfg;
-    int L = c->L, GE = c->G * c->E, E = c->E, n = batch_count(d, a->B, a->batches);
+    int L = c->L, GE = c->G * c->E, E = c->E;
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
     RouteHealth health;
     health_init(&health, c);
@@ -223,9 +223,9 @@ static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
     free(counts);
 }
 
-static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a) {
+static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a, int n) {
     const Config *c = &m->cfg;
-    int L = c->L, E = c->E, GE = c->G * E, n = batch_count(d, a->B, a->batches), top = E < 8 ? E : 8;
+    int L = c->L, E = c->E, GE = c->G * E, top = E < 8 ? E : 8;
     if (top < c->K) fail("the probe needs at least K = %d experts per pool", c->K);
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
     utilisation(m, d, a->B, n, counts, NULL);
@@ -293,31 +293,41 @@ int main(int argc, char **argv) {
         else usage_error("unknown flag %s", f);
     }
     if (!a.ckpt) usage_error("%s needs -c CKPT", cmd);
-    Model m;
+    // everything but the model first: a typo costs a moment at any model size
     CheckpointHeader ck;
-    checkpoint_load_model(&m, &ck, a.ckpt);
-    if (!strcmp(cmd, "gen")) {
-        cmd_gen(&m, &a);
-    } else {
+    checkpoint_header(a.ckpt, &ck);
+    DataLoader d;
+    int gen = !strcmp(cmd, "gen"), batches = 0;
+    if (!gen) {
         if (!a.shards) usage_error("%s needs -i SHARDS", cmd);
         a.B = a.B ? a.B : ck.tc.B;
         a.T = a.T ? a.T : ck.tc.T;
-        if (a.T > m.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", a.T, m.cfg.maxT);
-        DataLoader d;
-        loader_init(&d, a.shards, a.T, m.cfg.V, 0, 0, "-i");
-        if (!strcmp(cmd, "eval")) {
-            int n = batch_count(&d, a.B, a.batches);
-            double loss = evaluate(&m, &d, a.B, n, NULL, 1);
-            printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", a.ckpt, a.shards, n,
-                   a.B, a.T, loss, exp(loss));
-        } else if (!strcmp(cmd, "util")) {
+        if (a.T > ck.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", a.T, ck.cfg.maxT);
+        if ((int64_t)a.B * a.T > MAX_BATCH_TOKENS) usage_error("-b %d x -t %d exceeds 2^24 tokens", a.B, a.T);
+        loader_init(&d, a.shards, a.T, ck.cfg.V, 0, 0, "-i");
+        batches = batch_count(&d, a.B, a.batches);
+        if (!strcmp(cmd, "util")) {
             char dir[4096];
             snprintf(dir, sizeof dir, "%s", a.out);
             char *slash = strrchr(dir, '/');
-            if (slash && slash != dir) *slash = '\0', make_dirs(dir);
-            cmd_util(&m, &d, &a);
+            if (slash) slash[slash == dir] = '\0';
+            check_writable_dir(slash ? dir : ".", "-o");
+        }
+    }
+    Model m;
+    model_build(&m, &ck.cfg);
+    checkpoint_read_body(a.ckpt, &m, &ck);
+    if (gen) {
+        cmd_gen(&m, &a);
+    } else {
+        if (!strcmp(cmd, "eval")) {
+            double loss = evaluate(&m, &d, a.B, batches, NULL, 1);
+            printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", a.ckpt, a.shards,
+                   batches, a.B, a.T, loss, exp(loss));
+        } else if (!strcmp(cmd, "util")) {
+            cmd_util(&m, &d, &a, batches);
         } else {
-            cmd_probe(&m, &d, &a);
+            cmd_probe(&m, &d, &a, batches);
         }
         loader_free(&d);
     }
