@@ -10,8 +10,12 @@ program's, line for line.
 
 gen    samples text after a prompt with a KV cache, streaming tokens as they
        come. The prompt is encoded by prepro_pile.py --encode (the project's
-       GPT-2 BPE; python3 and the encoder files of `make data`); tokens are
-       printed with the tokenizer table (-z).
+       GPT-2 BPE, run by /usr/bin/python3 when it exists, else python3; it
+       finds the encoder files of `make data` next to itself); tokens are
+       printed with the tokenizer table (-z; by default the one the checkpoint
+       trained with, else data/sotu's). Both files are found from any folder:
+       a relative path that does not exist from the current one is taken
+       relative to this program's folder, the repository.
 eval   mean loss and perplexity over the shards' rows, read in file order as
        the training program's validation reads them.
 util   the paper's utilisation analysis: tokens per expert per layer (CSV),
@@ -33,7 +37,9 @@ probe  the routing-randomisation probe: for each layer of the deep half, one
 static void infer_usage(void) {
     printf("usage: ./infer_unipool COMMAND -c CKPT [-flag value ...]\n"
            "  gen    sample text:  [-p TEXT] [-n TOKENS 128] [-temp 1.0] [-topp 0.9] [-s SEED 1337]\n"
-           "                       [-z TOKENIZER data/sotu/gpt2_tokenizer.bin] [-P PREPRO ./prepro_pile.py]\n"
+           "                       [-z TOKENIZER: the checkpoint's, else data/sotu/gpt2_tokenizer.bin]\n"
+           "                       [-P PREPRO prepro_pile.py]; relative paths: from here, else from\n"
+           "                       this program's folder\n"
            "  eval   loss over shards:            -i SHARDS [-b B] [-t T] [-n BATCHES, 0 = all]\n"
            "  util   expert utilisation:          -i SHARDS [-b -t -n] [-o PREFIX out/util] -> .csv, .svg\n"
            "  probe  routing randomisation probe: -i SHARDS [-b -t -n] [-s SEED]\n"
@@ -47,38 +53,90 @@ typedef struct {
     uint64_t seed;
 } InferArgs;
 
+/* The folder of the running program (the repository, where make builds it),
+   from /proc/self/exe; "." if that cannot be read. */
+static const char *program_dir(void) {
+    static char dir[4096];
+    if (!dir[0]) {
+        ssize_t n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+        dir[n > 0 ? n : 0] = '\0';
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = '\0';
+        else strcpy(dir, ".");
+    }
+    return dir;
+}
+
+/* A file named relative to the repository: path itself when it exists (or is
+   absolute), else path under the program's folder when it exists there, else
+   NULL. buf (4096 bytes) holds the second. */
+static const char *find_file(const char *path, char *buf) {
+    if (access(path, R_OK) == 0) return path;
+    if (path[0] == '/') return NULL;
+    snprintf(buf, 4096, "%s/%s", program_dir(), path);
+    return access(buf, R_OK) == 0 ? buf : NULL;
+}
+
 /* Encodes text with prepro_pile.py --encode (no shell: the text is one argv
-   entry). Returns the number of ids written to ids (at most cap). */
+   entry), run by /usr/bin/python3 when it exists (Debian's, the one the
+   tests use), else the python3 on PATH. Returns the number of ids written to
+   ids (at most cap). A failure names the command and its last line of
+   stderr. */
 static int encode_prompt(int *ids, int cap, const char *prepro, const char *text) {
-    int fd[2];
-    if (pipe(fd) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
+    const char *python = access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+    int out[2], err[2];
+    if (pipe(out) != 0 || pipe(err) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
     pid_t pid = fork();
-    if (pid < 0) fail("-p: cannot start python3: %s", strerror(errno));
+    if (pid < 0) fail("-p: cannot start %s: %s", python, strerror(errno));
     if (pid == 0) {
-        dup2(fd[1], STDOUT_FILENO);
-        close(fd[0]);
-        close(fd[1]);
-        execlp("python3", "python3", prepro, "--encode", text, (char *)NULL);
+        dup2(out[1], STDOUT_FILENO);
+        dup2(err[1], STDERR_FILENO);
+        close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+        execlp(python, python, prepro, "--encode", text, (char *)NULL);
+        fprintf(stderr, "cannot run %s: %s\n", python, strerror(errno));
         _exit(127);
     }
-    close(fd[1]);
-    FILE *f = fdopen(fd[0], "r");
+    close(out[1]);
+    close(err[1]);
+    FILE *f = fdopen(out[0], "r");
     int n = 0, id;
     while (n < cap && fscanf(f, "%d", &id) == 1) ids[n++] = id;
     fclose(f);
+    char msg[1024] = "", line[1024];
+    FILE *e = fdopen(err[0], "r");
+    while (fgets(line, sizeof line, e))
+        if (line[0] != '\n') snprintf(msg, sizeof msg, "%s", line);  // the last line says what went wrong
+    fclose(e);
+    msg[strcspn(msg, "\n")] = '\0';
     int status;
     waitpid(pid, &status, 0);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail("-p: '%s --encode' failed (exit %d); run 'make data' for the encoder files, or pass -P", prepro,
-             WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        fail("-p: '%s %s --encode' failed (exit %d: %s); run 'make data' for the encoder files, or pass -P", python,
+             prepro, WIFEXITED(status) ? WEXITSTATUS(status) : -1, msg[0] ? msg : "no message");
     return n;
 }
 
-static void cmd_gen(Model *m, const InferArgs *a) {
+/* gen's files, found before the model is built: the tokenizer table (-z, else
+   the checkpoint's, else data/sotu's) and, for a prompt, prepro_pile.py. */
+static void gen_files(InferArgs *a, const CheckpointHeader *ck, Tokenizer *tok) {
+    static char zbuf[4096], pbuf[4096];
+    const char *z = a->tokenizer, *trained = ck->paths[PATH_TOKENIZER];
+    if (!z) z = trained[0] && access(trained, R_OK) == 0 ? trained : "data/sotu/gpt2_tokenizer.bin";
+    const char *found = find_file(z, zbuf);
+    if (!found || tokenizer_load(tok, found) != 0)
+        fail("-z: cannot open the tokenizer table '%s' (looked in the current folder and in '%s'); run 'make data' "
+             "or pass -z", z, program_dir());
+    a->tokenizer = found;
+    if (a->prompt && *a->prompt) {
+        if (!(found = find_file(a->prepro, pbuf)))
+            fail("-P: cannot find '%s' (looked in the current folder and in '%s'); pass -P PATH/prepro_pile.py",
+                 a->prepro, program_dir());
+        a->prepro = found;
+    }
+}
+
+static void cmd_gen(Model *m, const InferArgs *a, Tokenizer tok) {
     const Config *c = &m->cfg;
-    Tokenizer tok;
-    if (tokenizer_load(&tok, a->tokenizer) != 0)
-        fail("-z: cannot open the tokenizer table '%s'; run 'make data' or pass -z", a->tokenizer);
     int *seq = malloc_check((size_t)c->maxT * sizeof(int)), n = 0;
     seq[n++] = tok.eot;  // every document of the training data starts after an end-of-text token
     if (a->prompt && *a->prompt) n += encode_prompt(seq + 1, c->maxT - 1, a->prepro, a->prompt);
@@ -269,7 +327,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "gen") && strcmp(cmd, "eval") && strcmp(cmd, "util") && strcmp(cmd, "probe"))
         usage_error("unknown command '%s'", cmd);
-    InferArgs a = {.tokenizer = "data/sotu/gpt2_tokenizer.bin", .prepro = "./prepro_pile.py", .out = "out/util",
+    InferArgs a = {.prepro = "prepro_pile.py", .out = "out/util",
                    .n_new = 128, .temperature = 1.0f, .top_p = 0.9f, .seed = 1337};
     for (int i = 2; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -296,9 +354,12 @@ int main(int argc, char **argv) {
     // everything but the model first: a typo costs a moment at any model size
     CheckpointHeader ck;
     checkpoint_header(a.ckpt, &ck);
+    Tokenizer tok;
     DataLoader d;
     int gen = !strcmp(cmd, "gen"), batches = 0;
-    if (!gen) {
+    if (gen) {
+        gen_files(&a, &ck, &tok);
+    } else {
         if (!a.shards) usage_error("%s needs -i SHARDS", cmd);
         a.B = a.B ? a.B : ck.tc.B;
         a.T = a.T ? a.T : ck.tc.T;
@@ -318,7 +379,7 @@ int main(int argc, char **argv) {
     model_build(&m, &ck.cfg);
     checkpoint_read_body(a.ckpt, &m, &ck);
     if (gen) {
-        cmd_gen(&m, &a);
+        cmd_gen(&m, &a, tok);
     } else {
         if (!strcmp(cmd, "eval")) {
             double loss = evaluate(&m, &d, a.B, batches, NULL, 1);

@@ -6,11 +6,12 @@ bad input (missing, empty, truncated or foreign files, token ids out of range,
 wrong or damaged checkpoints, a loader position outside the shards, bad
 flags, NaN, a full disk) gets a one-line error naming the file or flag and a
 non-zero exit, never a crash; mistakes are reported before the model is built.
-Also infer_unipool: eval, util, probe, gen.
+Also infer_unipool: eval, util, probe, gen from any folder.
 
     python3 dev/test_train.py        (after make)
 
-Standard library only; tiny synthetic shards in a temporary folder.
+Standard library only; tiny synthetic shards in a temporary folder. gen with a
+prompt needs the encoder files of `make data` (data/sotu, data/cache/gpt2).
 """
 import glob
 import json
@@ -295,6 +296,28 @@ def eta_and_never(tmp, d):
     check("ETA: mean of the last 20 step times x steps left", len(recs) == n and not bad, str(bad[:5]))
 
 
+def gen_anywhere(tmp, ck):
+    """gen from another folder, with a python3 first on PATH that is not the one with the project's
+    tokenizer: it finds the tokenizer table, prepro_pile.py and the encoder files by itself."""
+    fake = write(os.path.join(tmp, "fakebin", "python3"), b"#!/bin/sh\necho 'not this python' >&2\nexit 3\n")
+    os.chmod(fake, 0o755)
+    env = dict(os.environ, PATH=os.path.dirname(fake) + os.pathsep + os.environ.get("PATH", ""))
+    elsewhere = os.path.join(tmp, "elsewhere")
+    os.makedirs(elsewhere, exist_ok=True)
+    if not (os.path.exists(os.path.join(ROOT, "data", "sotu", "gpt2_tokenizer.bin")) and
+            os.path.exists(os.path.join(ROOT, "data", "cache", "gpt2", "encoder.json"))):
+        print("SKIP   gen with a prompt: no data/sotu and data/cache/gpt2 (make data)")
+        return
+    if os.access("/usr/bin/python3", os.X_OK):
+        r = run(["gen", "-c", ck, "-p", "Hello world", "-n", "4", "-T", "1"], prog=INFER, cwd=elsewhere, env=env)
+        check("gen from another folder, another python3 first on PATH: encodes the prompt and samples",
+              r.returncode == 0 and r.stdout.startswith("Hello world") and "4 new" in r.stderr, r.stdout + r.stderr)
+    expect_error("gen: a missing -P, one line naming it",
+                 ["gen", "-c", ck, "-p", "Hi", "-P", "nowhere/prepro.py"], "nowhere/prepro.py", prog=INFER, cwd=elsewhere)
+    expect_error("gen: a missing -z, one line naming it", ["gen", "-c", ck, "-z", "nowhere/tok.bin"], "nowhere/tok.bin",
+                 prog=INFER, cwd=elsewhere)
+
+
 def main():
     if not os.path.exists(TRAIN):
         sys.exit("error: %s not built; run make first" % TRAIN)
@@ -332,7 +355,7 @@ def main():
         check("same seed, same figures", losses(r1.stdout) == losses(r2.stdout) and losses(r1.stdout))
         r3 = run(d + TINY + ["-n", "3", "-K", "0", "-s", "7", "-O", os.path.join(tmp, "s3")])
         check("another seed, other figures", losses(r3.stdout) != losses(r1.stdout))
-        resume_anywhere(tmp, d, a)
+        v1 = resume_anywhere(tmp, d, a)
 
         # infer_unipool on the run's checkpoint.
         infer = INFER
@@ -365,6 +388,7 @@ def main():
              for s in ("5", "5", "6")]
         check("gen: same seed same text, another seed other text", g[0].returncode == 0 and g[0].stdout == g[1].stdout
               and g[0].stdout != g[2].stdout and g[0].stdout.count("<") == 12, g[0].stdout + g[0].stderr)
+        gen_anywhere(tmp, v1)
 
         # Bad data.
         out = ["-O", os.path.join(tmp, "bad")]
