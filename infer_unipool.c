@@ -194,10 +194,43 @@ static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t 
     return reuse / ((double)batches * N);
 }
 
-// The SVG: a heatmap of counts (rows: layers, columns: the buffer's experts) over a bar chart of pool load.
+/* The heatmap's colour of a cell holding count tokens, the busiest cell
+   holding mx: white when unused, else from light blue (198,219,239) to dark
+   blue (8,48,107) by t = sqrt(count / mx). The square root spreads the small
+   counts: a cell at 2% of the busiest is t = 0.14, (171,195,220), plainly
+   blue next to an unused white one, where a linear scale would give
+   (250,251,253), white to the eye. */
+static void heat_rgb(double count, double mx, int rgb[3]) {
+    static const int lo[3] = {198, 219, 239}, hi[3] = {8, 48, 107};
+    double t = count > 0 && mx > 0 ? sqrt(count / mx) : 0.0;
+    for (int k = 0; k < 3; k++) rgb[k] = count > 0 ? (int)lround(lo[k] + (hi[k] - lo[k]) * t) : 255;
+}
+
+// The step of an axis over [0, span] with at most `most` steps: 1, 2 or 5 times a power of ten.
+static double nice_step(double span, int most) {
+    static const double mult[3] = {1, 2, 5};
+    for (double p = 1;; p *= 10)
+        for (int k = 0; k < 3; k++)
+            if (span / (p * mult[k]) <= most) return p * mult[k];
+}
+
+// Expert-index ticks and labels under a row of GE cells of width cw from x0, at height y.
+static void svg_expert_ticks(FILE *f, int GE, double x0, double cw, double y) {
+    int step = (int)nice_step(GE, 16);
+    for (int e = 0; e < GE; e += step) {
+        double x = x0 + cw * (e + 0.5);
+        fprintf(f, "<line x1=\"%.2f\" y1=\"%.1f\" x2=\"%.2f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x, y, x, y + 4);
+        fprintf(f, "<text x=\"%.2f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"10\">%d</text>\n", x, y + 14, e);
+    }
+}
+
+/* The SVG: a heatmap of counts (rows: layers, columns: the buffer's experts;
+   hovering a cell shows its count) with expert-index ticks and its colour
+   scale, over a bar chart of pool load with its axis values and the uniform
+   line. */
 static void write_svg(const char *path, const uint64_t *counts, int L, int GE, const char *title) {
     FILE *f = fopen_check(path, "w");
-    double cw = GE > 400 ? 2.0 : 800.0 / GE, ch = 18.0, x0 = 60, y0 = 40, hw = cw * GE, hh = ch * L, bh = 160;
+    double cw = GE > 400 ? 2.0 : 800.0 / GE, ch = 18.0, x0 = 70, y0 = 40, hw = cw * GE, hh = ch * L, bh = 160;
     double *load = calloc_check(GE, sizeof(double)), mx = 1, lmx = 1, total = 0;
     for (int l = 0; l < L; l++)
         for (int e = 0; e < GE; e++) {
@@ -205,34 +238,63 @@ static void write_svg(const char *path, const uint64_t *counts, int L, int GE, c
             mx = fmax(mx, v), load[e] += v, total += v;
         }
     for (int e = 0; e < GE; e++) lmx = fmax(lmx, load[e]);
-    double uniform = total / GE, ytop = y0 + hh + 50;
+    double uniform = total / GE, ly = y0 + hh + 40, ytop = ly + 70;
     lmx = fmax(lmx, uniform);
+    int rgb[3];
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
                "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
-            x0 + hw + 40, ytop + bh + 50);
+            fmax(x0 + hw + 40, x0 + 480), ytop + bh + 50);
     fprintf(f, "<text x=\"%.0f\" y=\"20\" font-size=\"14\">%s</text>\n", x0, title);
     for (int l = 0; l < L; l++) {
         fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">layer %d</text>\n", x0 - 6, y0 + ch * l + ch * 0.7, l);
         for (int e = 0; e < GE; e++) {
-            double v = counts[(size_t)l * GE + e] / mx;  // white (unused) to dark blue (the busiest cell)
-            if (v > 0)
-                fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"rgb(%d,%d,%d)\"/>\n",
-                        x0 + cw * e, y0 + ch * l, cw, ch, (int)(255 - 225 * v), (int)(255 - 175 * v), (int)(255 - 75 * v));
+            uint64_t v = counts[(size_t)l * GE + e];
+            if (!v) continue;  // unused: the white background
+            heat_rgb((double)v, mx, rgb);
+            fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"rgb(%d,%d,%d)\"><title>layer %d, "
+                       "expert %d: %llu tokens</title></rect>\n", x0 + cw * e, y0 + ch * l, cw, ch, rgb[0], rgb[1], rgb[2],
+                    l, e, (unsigned long long)v);
         }
     }
     fprintf(f, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.2f\" height=\"%.1f\" fill=\"none\" stroke=\"#888\"/>\n", x0, y0, hw, hh);
-    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">experts 0..%d of the buffer; darker = more tokens</text>\n", x0,
-            y0 + hh + 16, GE - 1);
+    svg_expert_ticks(f, GE, x0, cw, y0 + hh);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">expert (index in the buffer of %d)</text>\n", x0, y0 + hh + 30, GE);
+    // the colour scale: white for unused, then 40 steps of the square-root scale, counts at five points
+    fprintf(f, "<rect x=\"%.0f\" y=\"%.1f\" width=\"16\" height=\"12\" fill=\"white\" stroke=\"#888\"/>\n"
+               "<text x=\"%.0f\" y=\"%.1f\" font-size=\"10\">unused</text>\n", x0, ly, x0 + 20, ly + 10);
+    double sx = x0 + 70, sw = 300;
+    for (int i = 0; i < 40; i++) {
+        double t = (i + 0.5) / 40;
+        heat_rgb(t * t * mx, mx, rgb);
+        fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"12\" fill=\"rgb(%d,%d,%d)\"/>\n", sx + sw * i / 40, ly,
+                sw / 40 + 0.3, rgb[0], rgb[1], rgb[2]);
+    }
+    for (int i = 0; i <= 4; i++) {
+        double t = i / 4.0, x = sx + sw * t;
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x, ly + 12, x, ly + 16);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"10\">%.0f</text>\n", x, ly + 26, t * t * mx);
+    }
+    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" font-size=\"10\">tokens per cell (square-root scale)</text>\n", sx + sw + 10, ly + 10);
+    // the bar chart with its value axis
+    double step = nice_step(lmx, 5);
+    for (double v = 0; v <= lmx * 1.0000001; v += step) {
+        double y = ytop + bh - bh * v / lmx;
+        fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", x0, y, x0 + hw, y);
+        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\" font-size=\"10\">%.0f</text>\n", x0 - 6, y + 4, v);
+    }
     for (int e = 0; e < GE; e++) {
         double h = bh * load[e] / lmx;
         fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"#4a7ab5\"/>\n", x0 + cw * e,
                 ytop + bh - h, cw * 0.9, h);
     }
+    fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x0, ytop, x0, ytop + bh);
+    fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x0, ytop + bh, x0 + hw, ytop + bh);
+    svg_expert_ticks(f, GE, x0, cw, ytop + bh);
     double uy = ytop + bh - bh * uniform / lmx;
     fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#c33\" stroke-dasharray=\"4 3\"/>\n", x0, uy,
             x0 + hw, uy);
     fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">pool load: tokens per expert over all layers; dashed: uniform (%.0f)</text>\n",
-            x0, ytop + bh + 18, uniform);
+            x0, ytop + bh + 32, uniform);
     fprintf(f, "</svg>\n");
     free(load);
     if (fclose(f) != 0) fail("cannot write '%s': %s", path, strerror(errno));

@@ -6,7 +6,7 @@ bad input (missing, empty, truncated or foreign files, token ids out of range,
 wrong or damaged checkpoints, a loader position outside the shards, bad
 flags, NaN, a full disk) gets a one-line error naming the file or flag and a
 non-zero exit, never a crash; mistakes are reported before the model is built.
-Also infer_unipool: eval, util, probe, gen from any folder.
+Also infer_unipool: eval, util (its SVG), probe, gen from any folder.
 
     python3 dev/test_train.py        (after make)
 
@@ -15,6 +15,7 @@ prompt needs the encoder files of `make data` (data/sotu, data/cache/gpt2).
 """
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -296,6 +297,33 @@ def eta_and_never(tmp, d):
     check("ETA: mean of the last 20 step times x steps left", len(recs) == n and not bad, str(bad[:5]))
 
 
+def heat_rgb(count, mx):
+    """infer_unipool's heatmap colour (heat_rgb): white unused, else light to dark blue by sqrt."""
+    lo, hi = (198, 219, 239), (8, 48, 107)
+    t = math.sqrt(count / mx)
+    return tuple(int(math.floor(a + (b - a) * t + 0.5)) for a, b in zip(lo, hi)) if count > 0 else (255, 255, 255)
+
+
+def svg_checks(prefix):
+    """util's SVG: a cell per used (layer, expert) in the colour of its count on a square-root
+    scale, expert-index ticks, a colour scale, the bar chart's axis values."""
+    svg = open(prefix + ".svg").read()
+    counts = {(int(l), int(e)): int(n) for l, e, n in
+              (row.split(",") for row in open(prefix + ".csv").read().splitlines()[1:])}
+    mx = max(counts.values())
+    cells = {(int(l), int(e)): (int(n), (int(r), int(g), int(b))) for r, g, b, l, e, n in re.findall(
+        r'fill="rgb\((\d+),(\d+),(\d+)\)"><title>layer (\d+), expert (\d+): (\d+) tokens</title>', svg)}
+    want = {k: (n, heat_rgb(n, mx)) for k, n in counts.items() if n > 0}
+    check("util SVG: a cell per used expert, coloured by sqrt(count / busiest)", cells == want,
+          "svg %s\nwant %s" % (sorted(cells.items())[:6], sorted(want.items())[:6]))
+    two = heat_rgb(0.02 * mx, mx)
+    check("util SVG: a 2%% cell is plainly not white (%s)" % (two,), max(255 - c for c in two) >= 60)
+    check("util SVG: expert-index ticks, a colour scale, the bar chart's axis values",
+          re.search(r'text-anchor="middle" font-size="10">0</text>', svg) and "expert (index" in svg and
+          "square-root scale" in svg and ">unused<" in svg and
+          len(re.findall(r'text-anchor="end" font-size="10">\d+</text>', svg)) >= 2, svg[:300])
+
+
 def gen_anywhere(tmp, ck):
     """gen from another folder, with a python3 first on PATH that is not the one with the project's
     tokenizer: it finds the tokenizer table, prepro_pile.py and the encoder files by itself."""
@@ -375,6 +403,8 @@ def main():
             per_layer[layer] = per_layer.get(layer, 0) + int(n)
         check("util: counts per layer sum to tokens x K", per_layer == {"0": 3 * 2 * 16, "1": 3 * 2 * 16}
               and "<svg" in open(prefix + ".svg").read(), "%s %s %s" % (per_layer, u.stdout, u.stderr))
+        if u.returncode == 0:
+            svg_checks(prefix)
         p = subprocess.run([infer, "probe", "-c", ck8, "-i", d[3], "-n", "2"], capture_output=True, text=True)
         check("probe reports the deep layer and the mean", p.returncode == 0 and re.search(r"^\s+1 \|", p.stdout, re.M)
               and "mean" in p.stdout, p.stdout + p.stderr)
