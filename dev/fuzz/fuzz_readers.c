@@ -80,11 +80,24 @@ static void fuzz_resume(const uint8_t *data, size_t size) {
     r.log = NULL;
 }
 
+// Removes the harness's folder when the fuzzer exits.
+static void remove_dir(void) {
+    static const char *const names[] = {"input.bin", "val.bin", "resume.bin", "t_0.bin", "t_1.bin", "t_2.bin",
+                                        "out/log.jsonl", "out/log.jsonl.tmp", "out"};
+    char name[200];
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        snprintf(name, sizeof name, "%s/%s", dir, names[i]);
+        remove(name);
+    }
+    rmdir(dir);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!dir[0]) {
         snprintf(dir, sizeof dir, "/tmp/unipool-fuzz-%d", (int)getpid());
         if (mkdir(dir, 0755) != 0 && errno != EEXIST) abort();
         snprintf(path, sizeof path, "%s/input.bin", dir);
+        atexit(remove_dir);
     }
     write_file(path, data, size);
     if (setjmp(fuzz_escape) == 0) {  // as a shard: a tiny model reads rows of 8 + 1 tokens
