@@ -60,6 +60,6 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -o fuzz_readers dev/fuzz/fuzz_readers.c -lm
 	rm -rf fuzz_corpus && $(PY) dev/fuzz/seeds.py fuzz_corpus
-	ASAN_OPTIONS=detect_leaks=0 ./fuzz_readers -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=2 -artifact_prefix=./fuzz- fuzz_corpus
+	ASAN_OPTIONS=detect_leaks=0 ./fuzz_readers -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -artifact_prefix=./fuzz- fuzz_corpus
 
 .PHONY: all data train test bench clean fuzz

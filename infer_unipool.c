@@ -10,8 +10,12 @@ program's, line for line.
 
 gen    samples text after a prompt with a KV cache, streaming tokens as they
        come. The prompt is encoded by prepro_pile.py --encode (the project's
-       GPT-2 BPE; python3 and the encoder files of `make data`); tokens are
-       printed with the tokenizer table (-z).
+       GPT-2 BPE, run by /usr/bin/python3 when it exists, else python3; it
+       finds the encoder files of `make data` next to itself); tokens are
+       printed with the tokenizer table (-z; by default the one the checkpoint
+       trained with, else data/sotu's). Both files are found from any folder:
+       a relative path that does not exist from the current one is taken
+       relative to this program's folder, the repository.
 eval   mean loss and perplexity over the shards' rows, read in file order as
        the training program's validation reads them.
 util   the paper's utilisation analysis: tokens per expert per layer (CSV),
@@ -33,7 +37,9 @@ probe  the routing-randomisation probe: for each layer of the deep half, one
 static void infer_usage(void) {
     printf("usage: ./infer_unipool COMMAND -c CKPT [-flag value ...]\n"
            "  gen    sample text:  [-p TEXT] [-n TOKENS 128] [-temp 1.0] [-topp 0.9] [-s SEED 1337]\n"
-           "                       [-z TOKENIZER data/sotu/gpt2_tokenizer.bin] [-P PREPRO ./prepro_pile.py]\n"
+           "                       [-z TOKENIZER: the checkpoint's, else data/sotu/gpt2_tokenizer.bin]\n"
+           "                       [-P PREPRO prepro_pile.py]; relative paths: from here, else from\n"
+           "                       this program's folder\n"
            "  eval   loss over shards:            -i SHARDS [-b B] [-t T] [-n BATCHES, 0 = all]\n"
            "  util   expert utilisation:          -i SHARDS [-b -t -n] [-o PREFIX out/util] -> .csv, .svg\n"
            "  probe  routing randomisation probe: -i SHARDS [-b -t -n] [-s SEED]\n"
@@ -47,38 +53,90 @@ typedef struct {
     uint64_t seed;
 } InferArgs;
 
+/* The folder of the running program (the repository, where make builds it),
+   from /proc/self/exe; "." if that cannot be read. */
+static const char *program_dir(void) {
+    static char dir[4096];
+    if (!dir[0]) {
+        ssize_t n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+        dir[n > 0 ? n : 0] = '\0';
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = '\0';
+        else strcpy(dir, ".");
+    }
+    return dir;
+}
+
+/* A file named relative to the repository: path itself when it exists (or is
+   absolute), else path under the program's folder when it exists there, else
+   NULL. buf (4096 bytes) holds the second. */
+static const char *find_file(const char *path, char *buf) {
+    if (access(path, R_OK) == 0) return path;
+    if (path[0] == '/') return NULL;
+    snprintf(buf, 4096, "%s/%s", program_dir(), path);
+    return access(buf, R_OK) == 0 ? buf : NULL;
+}
+
 /* Encodes text with prepro_pile.py --encode (no shell: the text is one argv
-   entry). Returns the number of ids written to ids (at most cap). */
+   entry), run by /usr/bin/python3 when it exists (Debian's, the one the
+   tests use), else the python3 on PATH. Returns the number of ids written to
+   ids (at most cap). A failure names the command and its last line of
+   stderr. */
 static int encode_prompt(int *ids, int cap, const char *prepro, const char *text) {
-    int fd[2];
-    if (pipe(fd) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
+    const char *python = access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+    int out[2], err[2];
+    if (pipe(out) != 0 || pipe(err) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
     pid_t pid = fork();
-    if (pid < 0) fail("-p: cannot start python3: %s", strerror(errno));
+    if (pid < 0) fail("-p: cannot start %s: %s", python, strerror(errno));
     if (pid == 0) {
-        dup2(fd[1], STDOUT_FILENO);
-        close(fd[0]);
-        close(fd[1]);
-        execlp("python3", "python3", prepro, "--encode", text, (char *)NULL);
+        dup2(out[1], STDOUT_FILENO);
+        dup2(err[1], STDERR_FILENO);
+        close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+        execlp(python, python, prepro, "--encode", text, (char *)NULL);
+        fprintf(stderr, "cannot run %s: %s\n", python, strerror(errno));
         _exit(127);
     }
-    close(fd[1]);
-    FILE *f = fdopen(fd[0], "r");
+    close(out[1]);
+    close(err[1]);
+    FILE *f = fdopen(out[0], "r");
     int n = 0, id;
     while (n < cap && fscanf(f, "%d", &id) == 1) ids[n++] = id;
     fclose(f);
+    char msg[1024] = "", line[1024];
+    FILE *e = fdopen(err[0], "r");
+    while (fgets(line, sizeof line, e))
+        if (line[0] != '\n') snprintf(msg, sizeof msg, "%s", line);  // the last line says what went wrong
+    fclose(e);
+    msg[strcspn(msg, "\n")] = '\0';
     int status;
     waitpid(pid, &status, 0);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail("-p: '%s --encode' failed (exit %d); run 'make data' for the encoder files, or pass -P", prepro,
-             WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        fail("-p: '%s %s --encode' failed (exit %d: %s); run 'make data' for the encoder files, or pass -P", python,
+             prepro, WIFEXITED(status) ? WEXITSTATUS(status) : -1, msg[0] ? msg : "no message");
     return n;
 }
 
-static void cmd_gen(Model *m, const InferArgs *a) {
+/* gen's files, found before the model is built: the tokenizer table (-z, else
+   the checkpoint's, else data/sotu's) and, for a prompt, prepro_pile.py. */
+static void gen_files(InferArgs *a, const CheckpointHeader *ck, Tokenizer *tok) {
+    static char zbuf[4096], pbuf[4096];
+    const char *z = a->tokenizer, *trained = ck->paths[PATH_TOKENIZER];
+    if (!z) z = trained[0] && access(trained, R_OK) == 0 ? trained : "data/sotu/gpt2_tokenizer.bin";
+    const char *found = find_file(z, zbuf);
+    if (!found || tokenizer_load(tok, found) != 0)
+        fail("-z: cannot open the tokenizer table '%s' (looked in the current folder and in '%s'); run 'make data' "
+             "or pass -z", z, program_dir());
+    a->tokenizer = found;
+    if (a->prompt && *a->prompt) {
+        if (!(found = find_file(a->prepro, pbuf)))
+            fail("-P: cannot find '%s' (looked in the current folder and in '%s'); pass -P PATH/prepro_pile.py",
+                 a->prepro, program_dir());
+        a->prepro = found;
+    }
+}
+
+static void cmd_gen(Model *m, const InferArgs *a, Tokenizer tok) {
     const Config *c = &m->cfg;
-    Tokenizer tok;
-    if (tokenizer_load(&tok, a->tokenizer) != 0)
-        fail("-z: cannot open the tokenizer table '%s'; run 'make data' or pass -z", a->tokenizer);
     int *seq = malloc_check((size_t)c->maxT * sizeof(int)), n = 0;
     seq[n++] = tok.eot;  // every document of the training data starts after an end-of-text token
     if (a->prompt && *a->prompt) n += encode_prompt(seq + 1, c->maxT - 1, a->prepro, a->prompt);
@@ -136,10 +194,43 @@ static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t 
     return reuse / ((double)batches * N);
 }
 
-// The SVG: a heatmap of counts (rows: layers, columns: the buffer's experts) over a bar chart of pool load.
+/* The heatmap's colour of a cell holding count tokens, the busiest cell
+   holding mx: white when unused, else from light blue (198,219,239) to dark
+   blue (8,48,107) by t = sqrt(count / mx). The square root spreads the small
+   counts: a cell at 2% of the busiest is t = 0.14, (171,195,220), plainly
+   blue next to an unused white one, where a linear scale would give
+   (250,251,253), white to the eye. */
+static void heat_rgb(double count, double mx, int rgb[3]) {
+    static const int lo[3] = {198, 219, 239}, hi[3] = {8, 48, 107};
+    double t = count > 0 && mx > 0 ? sqrt(count / mx) : 0.0;
+    for (int k = 0; k < 3; k++) rgb[k] = count > 0 ? (int)lround(lo[k] + (hi[k] - lo[k]) * t) : 255;
+}
+
+// The step of an axis over [0, span] with at most `most` steps: 1, 2 or 5 times a power of ten.
+static double nice_step(double span, int most) {
+    static const double mult[3] = {1, 2, 5};
+    for (double p = 1;; p *= 10)
+        for (int k = 0; k < 3; k++)
+            if (span / (p * mult[k]) <= most) return p * mult[k];
+}
+
+// Expert-index ticks and labels under a row of GE cells of width cw from x0, at height y.
+static void svg_expert_ticks(FILE *f, int GE, double x0, double cw, double y) {
+    int step = (int)nice_step(GE, 16);
+    for (int e = 0; e < GE; e += step) {
+        double x = x0 + cw * (e + 0.5);
+        fprintf(f, "<line x1=\"%.2f\" y1=\"%.1f\" x2=\"%.2f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x, y, x, y + 4);
+        fprintf(f, "<text x=\"%.2f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"10\">%d</text>\n", x, y + 14, e);
+    }
+}
+
+/* The SVG: a heatmap of counts (rows: layers, columns: the buffer's experts;
+   hovering a cell shows its count) with expert-index ticks and its colour
+   scale, over a bar chart of pool load with its axis values and the uniform
+   line. */
 static void write_svg(const char *path, const uint64_t *counts, int L, int GE, const char *title) {
     FILE *f = fopen_check(path, "w");
-    double cw = GE > 400 ? 2.0 : 800.0 / GE, ch = 18.0, x0 = 60, y0 = 40, hw = cw * GE, hh = ch * L, bh = 160;
+    double cw = GE > 400 ? 2.0 : 800.0 / GE, ch = 18.0, x0 = 70, y0 = 40, hw = cw * GE, hh = ch * L, bh = 160;
     double *load = calloc_check(GE, sizeof(double)), mx = 1, lmx = 1, total = 0;
     for (int l = 0; l < L; l++)
         for (int e = 0; e < GE; e++) {
@@ -147,42 +238,71 @@ static void write_svg(const char *path, const uint64_t *counts, int L, int GE, c
             mx = fmax(mx, v), load[e] += v, total += v;
         }
     for (int e = 0; e < GE; e++) lmx = fmax(lmx, load[e]);
-    double uniform = total / GE, ytop = y0 + hh + 50;
+    double uniform = total / GE, ly = y0 + hh + 40, ytop = ly + 70;
     lmx = fmax(lmx, uniform);
+    int rgb[3];
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
                "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
-            x0 + hw + 40, ytop + bh + 50);
+            fmax(x0 + hw + 40, x0 + 480), ytop + bh + 50);
     fprintf(f, "<text x=\"%.0f\" y=\"20\" font-size=\"14\">%s</text>\n", x0, title);
     for (int l = 0; l < L; l++) {
         fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">layer %d</text>\n", x0 - 6, y0 + ch * l + ch * 0.7, l);
         for (int e = 0; e < GE; e++) {
-            double v = counts[(size_t)l * GE + e] / mx;  // white (unused) to dark blue (the busiest cell)
-            if (v > 0)
-                fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"rgb(%d,%d,%d)\"/>\n",
-                        x0 + cw * e, y0 + ch * l, cw, ch, (int)(255 - 225 * v), (int)(255 - 175 * v), (int)(255 - 75 * v));
+            uint64_t v = counts[(size_t)l * GE + e];
+            if (!v) continue;  // unused: the white background
+            heat_rgb((double)v, mx, rgb);
+            fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"rgb(%d,%d,%d)\"><title>layer %d, "
+                       "expert %d: %llu tokens</title></rect>\n", x0 + cw * e, y0 + ch * l, cw, ch, rgb[0], rgb[1], rgb[2],
+                    l, e, (unsigned long long)v);
         }
     }
     fprintf(f, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.2f\" height=\"%.1f\" fill=\"none\" stroke=\"#888\"/>\n", x0, y0, hw, hh);
-    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">experts 0..%d of the buffer; darker = more tokens</text>\n", x0,
-            y0 + hh + 16, GE - 1);
+    svg_expert_ticks(f, GE, x0, cw, y0 + hh);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">expert (index in the buffer of %d)</text>\n", x0, y0 + hh + 30, GE);
+    // the colour scale: white for unused, then 40 steps of the square-root scale, counts at five points
+    fprintf(f, "<rect x=\"%.0f\" y=\"%.1f\" width=\"16\" height=\"12\" fill=\"white\" stroke=\"#888\"/>\n"
+               "<text x=\"%.0f\" y=\"%.1f\" font-size=\"10\">unused</text>\n", x0, ly, x0 + 20, ly + 10);
+    double sx = x0 + 70, sw = 300;
+    for (int i = 0; i < 40; i++) {
+        double t = (i + 0.5) / 40;
+        heat_rgb(t * t * mx, mx, rgb);
+        fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"12\" fill=\"rgb(%d,%d,%d)\"/>\n", sx + sw * i / 40, ly,
+                sw / 40 + 0.3, rgb[0], rgb[1], rgb[2]);
+    }
+    for (int i = 0; i <= 4; i++) {
+        double t = i / 4.0, x = sx + sw * t;
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x, ly + 12, x, ly + 16);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"10\">%.0f</text>\n", x, ly + 26, t * t * mx);
+    }
+    fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" font-size=\"10\">tokens per cell (square-root scale)</text>\n", sx + sw + 10, ly + 10);
+    // the bar chart with its value axis
+    double step = nice_step(lmx, 5);
+    for (double v = 0; v <= lmx * 1.0000001; v += step) {
+        double y = ytop + bh - bh * v / lmx;
+        fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", x0, y, x0 + hw, y);
+        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\" font-size=\"10\">%.0f</text>\n", x0 - 6, y + 4, v);
+    }
     for (int e = 0; e < GE; e++) {
         double h = bh * load[e] / lmx;
         fprintf(f, "<rect x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%.1f\" fill=\"#4a7ab5\"/>\n", x0 + cw * e,
                 ytop + bh - h, cw * 0.9, h);
     }
+    fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x0, ytop, x0, ytop + bh);
+    fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", x0, ytop + bh, x0 + hw, ytop + bh);
+    svg_expert_ticks(f, GE, x0, cw, ytop + bh);
     double uy = ytop + bh - bh * uniform / lmx;
     fprintf(f, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#c33\" stroke-dasharray=\"4 3\"/>\n", x0, uy,
             x0 + hw, uy);
     fprintf(f, "<text x=\"%.0f\" y=\"%.1f\">pool load: tokens per expert over all layers; dashed: uniform (%.0f)</text>\n",
-            x0, ytop + bh + 18, uniform);
+            x0, ytop + bh + 32, uniform);
     fprintf(f, "</svg>\n");
     free(load);
     if (fclose(f) != 0) fail("cannot write '%s': %s", path, strerror(errno));
 }
 
-static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
+static void cmd_util(Model *m, DataLoader *d, const InferArgs *a, int n) {
     const Config *c = &m->cfg;
-    int L = c->L, GE = c->G * c->E, E = c->E, n = batch_count(d, a->B, a->batches);
+    int L = c->L, GE = c->G * c->E, E = c->E;
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
     RouteHealth health;
     health_init(&health, c);
@@ -223,9 +343,9 @@ static void cmd_util(Model *m, DataLoader *d, const InferArgs *a) {
     free(counts);
 }
 
-static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a) {
+static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a, int n) {
     const Config *c = &m->cfg;
-    int L = c->L, E = c->E, GE = c->G * E, n = batch_count(d, a->B, a->batches), top = E < 8 ? E : 8;
+    int L = c->L, E = c->E, GE = c->G * E, top = E < 8 ? E : 8;
     if (top < c->K) fail("the probe needs at least K = %d experts per pool", c->K);
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
     utilisation(m, d, a->B, n, counts, NULL);
@@ -269,7 +389,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "gen") && strcmp(cmd, "eval") && strcmp(cmd, "util") && strcmp(cmd, "probe"))
         usage_error("unknown command '%s'", cmd);
-    InferArgs a = {.tokenizer = "data/sotu/gpt2_tokenizer.bin", .prepro = "./prepro_pile.py", .out = "out/util",
+    InferArgs a = {.prepro = "prepro_pile.py", .out = "out/util",
                    .n_new = 128, .temperature = 1.0f, .top_p = 0.9f, .seed = 1337};
     for (int i = 2; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -293,31 +413,44 @@ int main(int argc, char **argv) {
         else usage_error("unknown flag %s", f);
     }
     if (!a.ckpt) usage_error("%s needs -c CKPT", cmd);
-    Model m;
+    // everything but the model first: a typo costs a moment at any model size
     CheckpointHeader ck;
-    checkpoint_load_model(&m, &ck, a.ckpt);
-    if (!strcmp(cmd, "gen")) {
-        cmd_gen(&m, &a);
+    checkpoint_header(a.ckpt, &ck);
+    Tokenizer tok;
+    DataLoader d;
+    int gen = !strcmp(cmd, "gen"), batches = 0;
+    if (gen) {
+        gen_files(&a, &ck, &tok);
     } else {
         if (!a.shards) usage_error("%s needs -i SHARDS", cmd);
         a.B = a.B ? a.B : ck.tc.B;
         a.T = a.T ? a.T : ck.tc.T;
-        if (a.T > m.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", a.T, m.cfg.maxT);
-        DataLoader d;
-        loader_init(&d, a.shards, a.T, m.cfg.V, 0, 0, "-i");
-        if (!strcmp(cmd, "eval")) {
-            int n = batch_count(&d, a.B, a.batches);
-            double loss = evaluate(&m, &d, a.B, n, NULL, 1);
-            printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", a.ckpt, a.shards, n,
-                   a.B, a.T, loss, exp(loss));
-        } else if (!strcmp(cmd, "util")) {
+        if (a.T > ck.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", a.T, ck.cfg.maxT);
+        if ((int64_t)a.B * a.T > MAX_BATCH_TOKENS) usage_error("-b %d x -t %d exceeds 2^24 tokens", a.B, a.T);
+        loader_init(&d, a.shards, a.T, ck.cfg.V, 0, 0, "-i");
+        batches = batch_count(&d, a.B, a.batches);
+        if (!strcmp(cmd, "util")) {
             char dir[4096];
             snprintf(dir, sizeof dir, "%s", a.out);
             char *slash = strrchr(dir, '/');
-            if (slash && slash != dir) *slash = '\0', make_dirs(dir);
-            cmd_util(&m, &d, &a);
+            if (slash) slash[slash == dir] = '\0';
+            check_writable_dir(slash ? dir : ".", "-o");
+        }
+    }
+    Model m;
+    model_build(&m, &ck.cfg);
+    checkpoint_read_body(a.ckpt, &m, &ck);
+    if (gen) {
+        cmd_gen(&m, &a, tok);
+    } else {
+        if (!strcmp(cmd, "eval")) {
+            double loss = evaluate(&m, &d, a.B, batches, NULL, 1);
+            printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", a.ckpt, a.shards,
+                   batches, a.B, a.T, loss, exp(loss));
+        } else if (!strcmp(cmd, "util")) {
+            cmd_util(&m, &d, &a, batches);
         } else {
-            cmd_probe(&m, &d, &a);
+            cmd_probe(&m, &d, &a, batches);
         }
         loader_free(&d);
     }

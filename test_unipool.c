@@ -19,6 +19,8 @@ could not be read or is not the size its header implies.
 #pragma GCC diagnostic ignored "-Wunused-function"  // parts of the program this test does not call
 #include "train_unipool.c"
 
+#include <sys/wait.h>
+
 #define DEFAULT_DUMPS "dev/dumps/*.bin"
 
 static int n_pass, n_fail;
@@ -624,6 +626,141 @@ static void test_generate(void) {
     model_free(&m);
 }
 
+// ----------------------------------------------------------------------------
+// The resume rules of the training program
+
+/* 1 if checkpoint_header accepts the file. It exits on a rejection, as the
+   programs do, so it runs in a child process (its message goes nowhere). */
+static int header_accepts(const char *path) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (!freopen("/dev/null", "w", stderr)) _exit(3);
+        CheckpointHeader ck;
+        checkpoint_header(path, &ck);
+        _exit(0);
+    }
+    int status;
+    return pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* A checkpoint with the training state, saved as the training program saves
+   it, is accepted; each damaged header field, one at a time, is refused
+   (the bytes written over it: int32 at byte 4 i, float at 1024 + 4 i,
+   uint64 at 1280 + 8 i, the path block at 1536); the same file in version 1
+   is accepted. */
+static void test_checkpoint_header(void) {
+    Model m;
+    tiny_model(&m, 1, 4, 1, ROUTER_NORM, AUX_POOL_PREV, 3);
+    TrainConfig tc = {.B = 2, .T = 8, .n_micro = 1, .steps = 10, .warmup = 1, .val_every = 5, .val_batches = 1,
+                      .sample_every = 0, .gen_tokens = 8, .ckpt_every = 5, .keep = 2, .seed = 1337, .lr_floor = 0.1f,
+                      .opt = {.lr = 1e-3f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
+    TrainState st = {.step = 5, .sampler = 99, .paths = {"/data/t_*.bin", "/data/v_*.bin", "/data/tok.bin"}};
+    m.adam_t = 5;
+    char path[64], bad[80];
+    snprintf(path, sizeof path, "/tmp/unipool-test-%d.bin", (int)getpid());
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    checkpoint_save(path, &m, &tc, &st);
+    FILE *f = fopen_check(path, "rb");
+    fseek(f, 0, SEEK_END);
+    size_t n = (size_t)ftell(f);
+    unsigned char *blob = malloc_check(n), *copy = malloc_check(n);
+    rewind(f);
+    fread_check(blob, 1, n, f, path);
+    fclose(f);
+    check_true("checkpoint header: the saved file is accepted", header_accepts(path), "");
+    static const struct { const char *what; int at; char type; double value; } cases[] = {
+        {"training-state flag 2", 4 * 2, 'i', 2}, {"B 2^24 + 2", 4 * 16, 'i', (1 << 24) + 2},
+        {"steps -8", 4 * 19, 'i', -8}, {"steps done 11 of 10", 4 * 27, 'i', 11}, {"steps done -5", 4 * 27, 'i', -5},
+        {"AdamW steps 6 of 5 done", 4 * 28, 'i', 6}, {"stale flag 2", 4 * 29, 'i', 2},
+        {"a non-zero unused int", 4 * 100, 'i', 1}, {"alpha -163.84", 1024, 'f', -163.84},
+        {"lr NaN", 1024 + 4 * 5, 'f', NAN}, {"eps 0", 1024 + 4 * 8, 'f', 0}, {"a non-zero unused float", 1024 + 4 * 40, 'f', 1},
+        {"seed 2^40", 1280, 'q', 0x1p40}, {"epoch 11 after 10 rows", 1280 + 8, 'q', 11},
+        {"a non-zero unused uint64", 1280 + 8 * 20, 'q', 1}, {"a path without its NUL", 1536, 's', 0},
+        {"a byte after a path's NUL", 1536 + 1024 + 1000, 'b', 1}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        memcpy(copy, blob, n);
+        unsigned char *p = copy + cases[i].at;
+        int32_t vi = (int32_t)cases[i].value;
+        float vf = (float)cases[i].value;
+        uint64_t vq = (uint64_t)cases[i].value;
+        if (cases[i].type == 'i') memcpy(p, &vi, 4);
+        else if (cases[i].type == 'f') memcpy(p, &vf, 4);
+        else if (cases[i].type == 'q') memcpy(p, &vq, 8);
+        else if (cases[i].type == 's') memset(p, 'x', CKPT_PATH_BYTES);
+        else *p = 1;
+        f = fopen_check(bad, "wb");
+        fwrite(copy, 1, n, f);
+        fclose(f);
+        char what[96];
+        snprintf(what, sizeof what, "checkpoint header: %s refused", cases[i].what);
+        check_true(what, !header_accepts(bad), "");
+    }
+    // version 1: the same state without the path block and the fingerprint
+    memcpy(copy, blob, CKPT_HEADER_BYTES);
+    int32_t v1 = CKPT_VERSION_1;
+    memcpy(copy + 4, &v1, 4);
+    memset(copy + 1280 + 8 * 5, 0, 8);
+    memcpy(copy + CKPT_HEADER_BYTES, blob + CKPT_HEADER_BYTES + CKPT_PATHS * CKPT_PATH_BYTES,
+           n - CKPT_HEADER_BYTES - CKPT_PATHS * CKPT_PATH_BYTES);
+    f = fopen_check(bad, "wb");
+    fwrite(copy, 1, n - CKPT_PATHS * CKPT_PATH_BYTES, f);
+    fclose(f);
+    check_true("checkpoint header: the same state in version 1 is accepted", header_accepts(bad), "");
+    remove(path);
+    remove(bad);
+    free(blob);
+    free(copy);
+    model_free(&m);
+}
+
+/* A loader position is in the shards when the shard is an index of the
+   epoch's order and the row at most that shard's rows; the fingerprint moves
+   with any shard's count or width and with their number. */
+static void test_loader_position(void) {
+    size_t count[3] = {4 * 5 + 1, 4 * 3 + 1, 4 * 7 + 1};
+    int version[3] = {SHARD_VERSION_U16, SHARD_VERSION_U16, SHARD_VERSION_U32}, order[3];
+    DataLoader d = {.count = count, .version = version, .n = 2, .T = 4, .shuffle = 1, .seed = 7};
+    char buf[160];
+    int ok = 1;
+    for (int64_t e = 0; e < 4; e++) {
+        loader_shard_order(&d, e, order);
+        for (int s = 0; s < 2; s++) {
+            uint64_t rows = (count[order[s]] - 1) / 4;
+            ok &= !loader_position_error(&d, (uint64_t)e, (uint64_t)s, rows, buf, sizeof buf) &&
+                  loader_position_error(&d, (uint64_t)e, (uint64_t)s, rows + 1, buf, sizeof buf) != NULL;
+        }
+        ok &= loader_position_error(&d, (uint64_t)e, 2, 0, buf, sizeof buf) != NULL;
+    }
+    ok &= loader_position_error(&d, 1ull << 31, 0, 0, buf, sizeof buf) != NULL;
+    check_true("loader position: rows up to the shard's, shards of the order, nothing past", ok, "");
+    uint64_t fp = loader_fingerprint(&d);
+    count[1]++;
+    uint64_t fp_count = loader_fingerprint(&d);
+    count[1]--, version[1] = SHARD_VERSION_U32;
+    uint64_t fp_width = loader_fingerprint(&d);
+    version[1] = SHARD_VERSION_U16, d.n = 3;
+    uint64_t fp_more = loader_fingerprint(&d);
+    d.n = 2;
+    check_true("shard fingerprint: moves with a count, a width, a shard more; never 0",
+               fp && fp != fp_count && fp != fp_width && fp != fp_more && fp == loader_fingerprint(&d), "");
+}
+
+/* The ETA's step time: the mean of the last ETA_WINDOW steps, the process's
+   first step left out once there is another. */
+static void test_eta_mean(void) {
+    StepTimes s = {0};
+    step_times_add(&s, 9.0);
+    int ok = step_times_mean(&s) == 9.0;
+    step_times_add(&s, 2.0);
+    ok &= step_times_mean(&s) == 2.0;
+    double want = 0.0;
+    for (int i = 1; i <= 30; i++) step_times_add(&s, i);
+    for (int i = 11; i <= 30; i++) want += i;
+    ok &= fabs(step_times_mean(&s) - want / 20) < 1e-12;
+    check_true("ETA: mean of the last 20 step times, the first left out", ok, "");
+}
+
 /* Every reduction has one owner and a fixed order, so a step gives the same
    bits on 1 thread and on 2. */
 static void test_thread_determinism(void) {
@@ -666,6 +803,9 @@ int main(int argc, char **argv) {
         test_thread_determinism();
         test_kv_cache();
         test_generate();
+        test_checkpoint_header();
+        test_loader_position();
+        test_eta_mean();
         glob_t g;
         if (glob(DEFAULT_DUMPS, 0, NULL, &g) != 0 || g.gl_pathc == 0) {
             printf("UNREADABLE %s: no dumps found; run from the repository root\n", DEFAULT_DUMPS);

@@ -26,6 +26,7 @@ Short names, the same everywhere:
 #define _POSIX_C_SOURCE 200809L  // glob, fsync, mkdir
 #define _DEFAULT_SOURCE          // madvise
 #include <errno.h>
+#include <float.h>
 #include <glob.h>
 #include <math.h>
 #include <stdarg.h>
@@ -56,18 +57,31 @@ Short names, the same everywhere:
 static jmp_buf fuzz_escape;  // dev/fuzz: a rejected input returns to the harness instead of exiting
 #endif
 
+// Prints "error: " fmt tail as one line and exits with code.
+__attribute__((noreturn))
+static void die(int code, const char *tail, const char *fmt, va_list ap) {
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs(tail, stderr);
+    fputc('\n', stderr);
+#ifdef UNIPOOL_FUZZ
+    longjmp(fuzz_escape, 1);
+#endif
+    exit(code);
+}
+
 __attribute__((format(printf, 1, 2), noreturn))
 static void fail(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-#ifdef UNIPOOL_FUZZ
-    longjmp(fuzz_escape, 1);
-#endif
-    exit(EXIT_FAILURE);
+    die(EXIT_FAILURE, "", fmt, ap);
+}
+
+__attribute__((format(printf, 1, 2), noreturn))
+static void usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    die(EXIT_USAGE, "; run with -h for help", fmt, ap);
 }
 
 static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line) {
@@ -154,7 +168,8 @@ static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
 #define TOKENIZER_MAGIC 20240328 // llm.c decoding table: uint32[256] header, then (length, bytes) per token
 #define TOKENIZER_VERSION 2
 #define CKPT_MAGIC 20261127      // checkpoint (see "Checkpoints" below)
-#define CKPT_VERSION 1
+#define CKPT_VERSION 2           // written: the data paths follow the header blocks
+#define CKPT_VERSION_1 1         // read too: no data paths
 
 enum { ROUTER_SOFTMAX = 0, ROUTER_NORM = 1, ROUTER_SIGMOID = 2 };
 enum { AUX_NONE = 0, AUX_LAYER = 1, AUX_POOL_PREV = 2, AUX_POOL_CUR = 3 };
@@ -1991,16 +2006,58 @@ static void loader_load_shard(DataLoader *d, int s) {
     d->loaded = s;
 }
 
+static int64_t shard_rows(const DataLoader *d, int s) { return (int64_t)((d->count[s] - 1) / d->T); }
+
+// The epoch's shard order: order[i] is the shard visited i-th.
+static void loader_shard_order(const DataLoader *d, int64_t epoch, int *order) {
+    int64_t o[d->n];
+    for (int i = 0; i < d->n; i++) o[i] = i;
+    if (d->shuffle) shuffle_ints(o, d->n, mix_seed(d->seed, (uint64_t)epoch, 0xda7a));
+    for (int i = 0; i < d->n; i++) order[i] = (int)o[i];
+}
+
+/* Whether (epoch, shard, row) is a position in these shards, as a checkpoint
+   stores it: shard an index of the epoch's order, row at most the rows of the
+   shard there (all of them read: the next read moves on). Returns NULL if so,
+   else what is out of range, in buf. */
+static const char *loader_position_error(const DataLoader *d, uint64_t epoch, uint64_t shard, uint64_t row,
+                                         char *buf, size_t n) {
+    if (epoch > INT32_MAX) {
+        snprintf(buf, n, "epoch %llu, beyond 2^31", (unsigned long long)epoch);
+        return buf;
+    }
+    if (shard >= (uint64_t)d->n) {
+        snprintf(buf, n, "shard %llu of %d", (unsigned long long)shard, d->n);
+        return buf;
+    }
+    int order[d->n];
+    loader_shard_order(d, (int64_t)epoch, order);
+    int64_t rows = shard_rows(d, order[shard]);
+    if (row > (uint64_t)rows) {
+        snprintf(buf, n, "row %llu of shard %llu, which has %lld rows", (unsigned long long)row, (unsigned long long)shard,
+                 (long long)rows);
+        return buf;
+    }
+    return NULL;
+}
+
+/* A fingerprint of the shards: their number and each one's token count and
+   width, in glob order. A checkpoint stores the train shards' so that -r can
+   tell the shards its loader position refers to from other data. Never 0,
+   which stands for unknown (checkpoints of version 1). */
+static uint64_t loader_fingerprint(const DataLoader *d) {
+    uint64_t h = mix_seed((uint64_t)d->n, 0xf1, 0);
+    for (int i = 0; i < d->n; i++) h = mix_seed(h, d->count[i], (uint64_t)d->version[i]);
+    return h ? h : 1;
+}
+
 // Puts the loader at (epoch, shard, row): derives the orders from the seed, loads the shard.
 static void loader_seek(DataLoader *d, int64_t epoch, int64_t shard, int64_t row) {
     d->epoch = epoch, d->shard = shard, d->row = row;
-    int64_t order[d->n];
-    for (int i = 0; i < d->n; i++) order[i] = i;
-    if (d->shuffle) shuffle_ints(order, d->n, mix_seed(d->seed, (uint64_t)epoch, 0xda7a));
-    for (int i = 0; i < d->n; i++) d->shard_order[i] = (int)order[i];
+    loader_shard_order(d, epoch, d->shard_order);
     int s = d->shard_order[shard];
     loader_load_shard(d, s);
-    d->rows = (int64_t)((d->count[s] - 1) / d->T);
+    d->rows = shard_rows(d, s);
     free(d->row_order);
     d->row_order = malloc_check(d->rows * sizeof(int64_t));
     for (int64_t r = 0; r < d->rows; r++) d->row_order[r] = r;
@@ -2081,6 +2138,33 @@ typedef struct {
     OptConfig opt;
 } TrainConfig;
 
+#define CKPT_NEVER (-1)               // ckpt_every of -K never: no checkpoint at all
+#define MAX_BATCH_TOKENS (1 << 24)    // B * T: token indices and activation sizes stay far inside an int
+
+/* Returns NULL if the training configuration is one the flags can set, else
+   what is wrong with it. Checkpoint headers are held to it too: a damaged
+   one then stops at load, naming the field, rather than in the run (a B of
+   2^24 as an allocation of terabytes, a negative lr as a NaN steps later). */
+static const char *train_config_error(const TrainConfig *tc) {
+    if (tc->B < 1 || tc->B > (1 << 20) || tc->T < 1 || tc->T > (1 << 20) || tc->n_micro < 1 || tc->n_micro > (1 << 20))
+        return "B, T and the micro-batches per step must be in [1, 2^20]";
+    if ((int64_t)tc->B * tc->T > MAX_BATCH_TOKENS) return "B * T must be at most 2^24 tokens";
+    if (tc->steps < 1 || tc->warmup < 0 || tc->val_every < 0 || tc->val_batches < 1 || tc->sample_every < 0 ||
+        tc->gen_tokens < 1 || tc->gen_tokens > (1 << 20) || tc->ckpt_every < CKPT_NEVER || tc->keep < 1 ||
+        tc->keep > (1 << 20))
+        return "need steps, val batches, sample tokens (<= 2^20) and checkpoints kept (<= 2^20) >= 1, the intervals "
+               "and warmup >= 0";
+    if (tc->seed > INT32_MAX) return "the seed must be in [0, 2^31 - 1]";
+    const OptConfig *o = &tc->opt;
+    if (!(o->lr >= 0.0f && o->lr <= 10.0f) || !(o->b1 >= 0.0f && o->b1 <= 0.999999f) ||
+        !(o->b2 >= 0.0f && o->b2 <= 0.999999f) || !(o->eps >= 1e-30f && o->eps <= 1.0f) ||
+        !(o->wd >= 0.0f && o->wd <= 10.0f) || !(o->clip >= 0.0f && o->clip <= 1e9f) ||
+        !(tc->lr_floor >= 0.0f && tc->lr_floor <= 1.0f))
+        return "the optimizer settings must be in the flags' ranges (lr [0, 10], betas [0, 0.999999], eps [1e-30, 1], "
+               "wd [0, 10], clip [0, 1e9], lr floor [0, 1])";
+    return NULL;
+}
+
 // Linear warmup over `warmup` steps, then cosine decay to lr * lr_floor at the last step.
 static float lr_at(const TrainConfig *tc, int step) {
     float lr = tc->opt.lr, lo = lr * tc->lr_floor;
@@ -2092,25 +2176,46 @@ static float lr_at(const TrainConfig *tc, int step) {
 
 // ----------------------------------------------------------------------------
 // Checkpoints. Little-endian, in this order:
-//   int32[256]  header: [0] CKPT_MAGIC, [1] CKPT_VERSION, [2] 1 if the training
-//               state follows the parameters, [3..15] V Vp maxT L C NH NKV F G
-//               E K router aux, [16..26] B T n_micro steps warmup val_every
-//               val_batches sample_every gen_tokens ckpt_every keep,
-//               [27] steps done, [28] AdamW steps, [29] stale statistic valid
+//   int32[256]  header: [0] CKPT_MAGIC, [1] CKPT_VERSION (CKPT_VERSION_1 is
+//               read too), [2] 1 if the training state follows the
+//               parameters, else 0, [3..15] V Vp maxT L C NH NKV F G E K router
+//               aux, [16..26] B T n_micro steps warmup val_every val_batches
+//               sample_every gen_tokens ckpt_every keep, [27] steps done,
+//               [28] AdamW steps, [29] stale statistic valid (0 or 1)
 //   float[64]   [0..4] alpha norm_eps rope_theta router_c router_eps,
 //               [5..11] lr b1 b2 eps wd clip lr_floor, [12] bias_rate
-//   uint64[32]  [0] seed, [1..3] loader epoch, shard, row, [4] sampler state
+//   uint64[32]  [0] seed, [1..3] loader epoch, shard, row, [4] sampler state,
+//               [5] fingerprint of the train shards (loader_fingerprint; 0 in
+//               version 1: unknown)
+//   char[3][1024] version 2 only: the -i, -j and -z paths the run trained
+//               with, absolute, each NUL-terminated and zero-padded
 //   float[P]    parameters, in the order of PARAM_TABLE
 //   float[L*E]  the expert bias, sigmoid router only (it decides routing)
 // and, with the training state: float[P] AdamW m, float[P] AdamW v,
 // float[L*E] the stale pool statistic (f of the last training micro-batch).
+// Words the header does not use are 0, and so are [27..29] and uint64
+// [1..5] without the training state. The reader holds every field to its
+// meaning (checkpoint_header) and a resumed run holds the loader position to
+// the shards (run_setup): a damaged file is refused with a message, never
+// trained on.
+// Version 2 adds the paths as a block of its own, so that the parameters of
+// a version 1 file stay where they are and it still loads: -r then takes the
+// paths from the flags and their defaults. Stored absolute, they name the
+// same files from any folder -r runs in.
 // Saved to NAME.tmp, flushed, fsynced and renamed over NAME: an interrupted
-// save leaves the previous checkpoint whole.
+// save leaves the previous checkpoint whole, and the next run removes the
+// temporary (remove_stale_temporaries).
+
+#define CKPT_HEADER_BYTES (256 * 4 + 64 * 4 + 32 * 8)  // the three blocks of every version
+#define CKPT_PATHS 3                                   // -i, -j, -z
+#define CKPT_PATH_BYTES 1024                           // one path's field in the block of version 2
+enum { PATH_TRAIN, PATH_VAL, PATH_TOKENIZER };  // the order of the paths
 
 typedef struct {
     int step;              // steps done
     DataLoader *loader;    // train loader whose position is saved (NULL: none)
     uint64_t sampler;      // state of the sampling RNG
+    char paths[CKPT_PATHS][CKPT_PATH_BYTES];  // the data paths, absolute
 } TrainState;
 
 static void header_put_config(int32_t *h, float *hp, const Config *c) {
@@ -2130,10 +2235,24 @@ static Config header_get_config(const int32_t *h, const float *hp) {
 
 static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwrite(p, size, n, f) == n; }
 
+/* Completes a file written to tmp: flushes, fsyncs, closes and renames it over
+   path, so that path is the old file or the whole new one whenever the
+   process stops. ok says whether the writes so far succeeded (errno says why
+   not). Returns 0, or the errno of the failure, tmp removed. */
+static int commit_temporary(FILE *f, int ok, const char *tmp, const char *path) {
+    int err = ok ? 0 : errno;
+    if (ok && (fflush(f) != 0 || fsync(fileno(f)) != 0)) ok = 0, err = errno;
+    if (fclose(f) != 0 && ok) ok = 0, err = errno;
+    if (ok && rename(tmp, path) != 0) ok = 0, err = errno;
+    if (!ok) remove(tmp);
+    return ok ? 0 : err ? err : EIO;
+}
+
 static void checkpoint_save(const char *path, const Model *m, const TrainConfig *tc, const TrainState *st) {
     int32_t h[256] = {CKPT_MAGIC, CKPT_VERSION, st != NULL};
     float hp[64] = {0};
     uint64_t h64[32] = {0};
+    char paths[CKPT_PATHS][CKPT_PATH_BYTES];
     header_put_config(h, hp, &m->cfg);
     int32_t t[] = {tc->B, tc->T, tc->n_micro, tc->steps, tc->warmup, tc->val_every, tc->val_batches,
                    tc->sample_every, tc->gen_tokens, tc->ckpt_every, tc->keep};
@@ -2141,17 +2260,22 @@ static void checkpoint_save(const char *path, const Model *m, const TrainConfig 
     float o[] = {tc->opt.lr, tc->opt.b1, tc->opt.b2, tc->opt.eps, tc->opt.wd, tc->opt.clip, tc->lr_floor};
     memcpy(hp + 5, o, sizeof o);
     h64[0] = tc->seed;
+    memset(paths, 0, sizeof paths);
     if (st) {
         h[27] = st->step, h[28] = m->adam_t, h[29] = m->aux_prev_valid;
-        if (st->loader) h64[1] = (uint64_t)st->loader->epoch, h64[2] = (uint64_t)st->loader->shard, h64[3] = (uint64_t)st->loader->row;
+        if (st->loader) {
+            h64[1] = (uint64_t)st->loader->epoch, h64[2] = (uint64_t)st->loader->shard, h64[3] = (uint64_t)st->loader->row;
+            h64[5] = loader_fingerprint(st->loader);
+        }
         h64[4] = st->sampler;
+        for (int i = 0; i < CKPT_PATHS; i++) strncpy(paths[i], st->paths[i], CKPT_PATH_BYTES - 1);
     }
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) fail("checkpoint path '%s' is too long", path);
     FILE *f = fopen_check(tmp, "wb");
     size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
     int ok = write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) && write_all(f, h64, sizeof h64, 1) &&
-             write_all(f, m->params_memory, sizeof(float), P) &&
+             write_all(f, paths, sizeof paths, 1) && write_all(f, m->params_memory, sizeof(float), P) &&
              (m->cfg.router != ROUTER_SIGMOID || write_all(f, m->expert_bias, sizeof(float), LE));
     if (st && ok) {
         float *zeros = m->m_memory ? NULL : calloc_check(P, sizeof(float));  // before the first update
@@ -2160,89 +2284,151 @@ static void checkpoint_save(const char *path, const Model *m, const TrainConfig 
              write_all(f, m->aux_prev_f, sizeof(float), LE);
         free(zeros);
     }
-    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    int err = errno;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        if (ok) err = errno;
-        remove(tmp);
+    int err = commit_temporary(f, ok, tmp, path);
+    if (err)
         fail("cannot write checkpoint '%s': %s; free disk space or choose another -O (the previous checkpoint "
              "is untouched)", path, strerror(err));
-    }
 }
 
 // What a checkpoint's header says.
 typedef struct {
     Config cfg;
     TrainConfig tc;
-    int has_state, step, adam_t, aux_prev_valid;
+    int version, has_state, step, adam_t, aux_prev_valid;
     uint64_t epoch, shard, row, sampler;
+    uint64_t data_fingerprint;                 // of the train shards; 0: unknown
+    char paths[CKPT_PATHS][CKPT_PATH_BYTES];  // -i -j -z as trained; "": unknown (version 1)
+    long body;                                 // bytes before the parameters
 } CheckpointHeader;
 
-#define CKPT_HEADER_BYTES (256 * 4 + 64 * 4 + 32 * 8)
+__attribute__((format(printf, 2, 3), noreturn))
+static void checkpoint_damaged(const char *path, const char *fmt, ...) {
+    char why[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    fail("checkpoint '%s' is damaged: %s; use an earlier checkpoint", path, why);
+}
 
-// Reads and checks a checkpoint's header and size.
+// Byte offset of the first non-zero byte of the n words of size bytes at p, or -1.
+static long first_nonzero(const void *p, size_t n, size_t size) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n * size; i++)
+        if (b[i]) return (long)i;
+    return -1;
+}
+
+/* Reads a checkpoint's header, holds every field to its meaning and the file
+   to the size the header implies. The loader position is checked against the
+   shards by the run that resumes (run_setup); here only the epoch, against
+   the rows the steps done can have read. */
 static void checkpoint_header(const char *path, CheckpointHeader *ck) {
-    unsigned char raw[CKPT_HEADER_BYTES];
+    unsigned char raw[CKPT_HEADER_BYTES + CKPT_PATHS * CKPT_PATH_BYTES];
     int32_t h[256];
     float hp[64];
     uint64_t h64[32];
     long size;
-    if (read_head(path, raw, sizeof raw, &size) != sizeof raw)
+    size_t got = read_head(path, raw, sizeof raw, &size);
+    if (got < CKPT_HEADER_BYTES)
         fail("checkpoint '%s' is shorter than its header; it is truncated, use an earlier checkpoint", path);
     memcpy(h, raw, sizeof h);
     memcpy(hp, raw + sizeof h, sizeof hp);
     memcpy(h64, raw + sizeof h + sizeof hp, sizeof h64);
     if (h[0] != CKPT_MAGIC)
         fail("'%s' is not a unipool checkpoint (magic %d, want %d)", path, h[0], CKPT_MAGIC);
-    if (h[1] != CKPT_VERSION)
-        fail("checkpoint '%s' has version %d; this program reads version %d", path, h[1], CKPT_VERSION);
+    if (h[1] != CKPT_VERSION && h[1] != CKPT_VERSION_1)
+        fail("checkpoint '%s' has version %d; this program reads versions %d and %d", path, h[1], CKPT_VERSION_1,
+             CKPT_VERSION);
     memset(ck, 0, sizeof *ck);
+    ck->version = h[1];
+    ck->body = CKPT_HEADER_BYTES + (ck->version == CKPT_VERSION ? CKPT_PATHS * CKPT_PATH_BYTES : 0);
+    if (got < (size_t)ck->body)
+        fail("checkpoint '%s' is shorter than its header; it is truncated, use an earlier checkpoint", path);
+    if (h[2] != 0 && h[2] != 1) checkpoint_damaged(path, "its training-state flag is %d, not 0 or 1", h[2]);
     ck->cfg = header_get_config(h, hp);
     const char *err = config_error(&ck->cfg);
-    if (err) fail("checkpoint '%s' holds a bad configuration (%s); it is damaged", path, err);
+    if (err) checkpoint_damaged(path, "a bad model configuration (%s)", err);
     ck->tc = (TrainConfig){.B = h[16], .T = h[17], .n_micro = h[18], .steps = h[19], .warmup = h[20],
                            .val_every = h[21], .val_batches = h[22], .sample_every = h[23], .gen_tokens = h[24],
                            .ckpt_every = h[25], .keep = h[26], .seed = h64[0], .lr_floor = hp[11],
                            .opt = {.lr = hp[5], .b1 = hp[6], .b2 = hp[7], .eps = hp[8], .wd = hp[9], .clip = hp[10]}};
+    if ((err = train_config_error(&ck->tc))) checkpoint_damaged(path, "a bad training configuration (%s)", err);
+    if (ck->tc.T > ck->cfg.maxT) checkpoint_damaged(path, "its T %d exceeds its maxT %d", ck->tc.T, ck->cfg.maxT);
     ck->has_state = h[2], ck->step = h[27], ck->adam_t = h[28], ck->aux_prev_valid = h[29];
-    ck->epoch = h64[1], ck->shard = h64[2], ck->row = h64[3], ck->sampler = h64[4];
+    ck->epoch = h64[1], ck->shard = h64[2], ck->row = h64[3], ck->sampler = h64[4], ck->data_fingerprint = h64[5];
+    if (ck->has_state) {
+        if (ck->step < 0 || ck->step > ck->tc.steps)
+            checkpoint_damaged(path, "its step %d is outside [0, %d], the steps of its run", ck->step, ck->tc.steps);
+        if (ck->adam_t < 0 || ck->adam_t > ck->step)
+            checkpoint_damaged(path, "its AdamW step count %d is outside [0, %d], the steps done", ck->adam_t, ck->step);
+        if (ck->aux_prev_valid != 0 && ck->aux_prev_valid != 1)
+            checkpoint_damaged(path, "its stale-statistic flag is %d, not 0 or 1", ck->aux_prev_valid);
+        double rows = (double)ck->step * ck->tc.B * ck->tc.n_micro;  // every epoch holds a row at least
+        if ((double)ck->epoch > rows)
+            checkpoint_damaged(path, "its loader epoch %llu is more than the %.0f rows its %d steps read",
+                               (unsigned long long)ck->epoch, rows, ck->step);
+    }
+    long at = first_nonzero(h + 30, 256 - 30, 4), word = 30;
+    if (at < 0) at = first_nonzero(hp + 13, 64 - 13, 4), word = 256 + 13;
+    if (at < 0) at = first_nonzero(h64 + 6, 32 - 6, 8), word = 256 + 64 + 6 * 2;
+    if (at < 0 && !ck->has_state) at = first_nonzero(h + 27, 3, 4), word = 27;
+    if (at < 0 && !ck->has_state) at = first_nonzero(h64 + 1, 5, 8), word = 256 + 64 + 2;
+    if (at >= 0)
+        checkpoint_damaged(path, "byte %ld of its header, in words it leaves 0 (or in the state words of a file "
+                           "without the training state), is not 0", 4 * word + at);
+    for (int i = 0; i < CKPT_PATHS && ck->version == CKPT_VERSION; i++) {
+        const char *p = (const char *)raw + CKPT_HEADER_BYTES + (size_t)i * CKPT_PATH_BYTES;
+        size_t len = strnlen(p, CKPT_PATH_BYTES);
+        if (len == CKPT_PATH_BYTES || first_nonzero(p + len, CKPT_PATH_BYTES - len, 1) >= 0)
+            checkpoint_damaged(path, "data path %d of its path block is not a NUL-terminated, zero-padded string", i);
+        memcpy(ck->paths[i], p, len + 1);
+    }
     Shape shapes[NUM_PARAM_TENSORS];
     param_shapes(shapes, &ck->cfg);
     double P = 0.0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
     double LE = (double)ck->cfg.L * ck->cfg.E;
-    double want = CKPT_HEADER_BYTES + 4.0 * P * (ck->has_state ? 3 : 1) + (ck->has_state ? 4.0 * LE : 0.0) +
+    double want = ck->body + 4.0 * P * (ck->has_state ? 3 : 1) + (ck->has_state ? 4.0 * LE : 0.0) +
                   (ck->cfg.router == ROUTER_SIGMOID ? 4.0 * LE : 0.0);
     if ((double)size != want)
         fail("checkpoint '%s' is %ld bytes, its header implies %.0f; it is truncated or damaged, use an earlier one",
              path, size, want);
 }
 
-// Reads the parameters (and with the state, AdamW and the stale statistic) into m, built from ck->cfg.
+// Index of the first of the n floats at x that is not finite or outside [lo, hi], or -1.
+static long first_outside(const float *x, size_t n, float lo, float hi) {
+    for (size_t i = 0; i < n; i++)
+        if (!(x[i] >= lo && x[i] <= hi)) return (long)i;
+    return -1;
+}
+
+/* Reads the parameters (and with the state, AdamW and the stale statistic)
+   into m, built from ck->cfg. The expert bias decides routing and the stale
+   statistic (token fractions) the next aux loss: both are checked finite,
+   the statistic in [0, 1]. */
 static void checkpoint_read_body(const char *path, Model *m, const CheckpointHeader *ck) {
-    size_t P = m->num_params;
+    size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
     FILE *f = fopen_check(path, "rb");
-    fseek(f, CKPT_HEADER_BYTES, SEEK_SET);
+    fseek(f, ck->body, SEEK_SET);
     fread_check(m->params_memory, sizeof(float), P, f, path);
-    if (m->cfg.router == ROUTER_SIGMOID) fread_check(m->expert_bias, sizeof(float), (size_t)m->cfg.L * m->cfg.E, f, path);
+    if (m->cfg.router == ROUTER_SIGMOID) fread_check(m->expert_bias, sizeof(float), LE, f, path);
     if (ck->has_state) {
         m->m_memory = malloc_check(P * sizeof(float));
         m->v_memory = malloc_check(P * sizeof(float));
         fread_check(m->m_memory, sizeof(float), P, f, path);
         fread_check(m->v_memory, sizeof(float), P, f, path);
-        fread_check(m->aux_prev_f, sizeof(float), (size_t)m->cfg.L * m->cfg.E, f, path);
+        fread_check(m->aux_prev_f, sizeof(float), LE, f, path);
         m->adam_t = ck->adam_t;
         m->aux_prev_valid = ck->aux_prev_valid;
     }
     fclose(f);
-}
-
-// Loads a model (parameters, and training state if present) from a checkpoint.
-static void checkpoint_load_model(Model *m, CheckpointHeader *ck, const char *path) {
-    checkpoint_header(path, ck);
-    model_build(m, &ck->cfg);
-    checkpoint_read_body(path, m, ck);
+    long i = first_outside(m->expert_bias, LE, -FLT_MAX, FLT_MAX);
+    if (i >= 0) checkpoint_damaged(path, "its expert bias at layer %ld, expert %ld is %g", i / m->cfg.E, i % m->cfg.E,
+                                   m->expert_bias[i]);
+    if ((i = first_outside(m->aux_prev_f, LE, 0.0f, 1.0f)) >= 0)
+        checkpoint_damaged(path, "its stale pool statistic at layer %ld, expert %ld is %g, not a fraction in [0, 1]",
+                           i / m->cfg.E, i % m->cfg.E, m->aux_prev_f[i]);
 }
 
 // ----------------------------------------------------------------------------
@@ -2455,23 +2641,13 @@ static void usage(void) {
         "  -V  val batches                      [20]\n"
         "  -S  sample every N steps, 0 = never  [200]\n"
         "  -G  tokens per sample                [64]\n"
-        "  -K  checkpoint every N steps, 0 = at the end only [500]\n"
+        "  -K  checkpoint every N steps, 0 = at the end only, never = none at all [500]\n"
         "  -N  checkpoints kept                 [2]\n"
         "  -O  output dir: checkpoints and log.jsonl [out]\n"
-        "  -r  resume from a checkpoint, or 'latest' in -O; other flags default to the checkpoint's\n"
+        "  -r  resume from a checkpoint, or 'latest' in -O; other flags, -i -j -z included,\n"
+        "      default to the checkpoint's\n"
         "  -T  threads                          [all]\n"
         "  -h  this help\n");
-}
-
-__attribute__((format(printf, 1, 2), noreturn))
-static void usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs("; run with -h for help\n", stderr);
-    va_end(ap);
-    exit(EXIT_USAGE);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -2566,7 +2742,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
             else if (!strcmp(f, "-V")) tc->val_batches = (int)parse_int(f, v, 1, INT32_MAX);
             else if (!strcmp(f, "-S")) tc->sample_every = (int)parse_int(f, v, 0, INT32_MAX);
             else if (!strcmp(f, "-G")) tc->gen_tokens = (int)parse_int(f, v, 1, 1 << 20);
-            else if (!strcmp(f, "-K")) tc->ckpt_every = (int)parse_int(f, v, 0, INT32_MAX);
+            else if (!strcmp(f, "-K")) tc->ckpt_every = !strcmp(v, "never") ? CKPT_NEVER : (int)parse_int(f, v, 0, INT32_MAX);
             else if (!strcmp(f, "-N")) tc->keep = (int)parse_int(f, v, 1, 1 << 20);
             else usage_error("unknown flag %s", f);
         }
@@ -2600,6 +2776,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
     if (tc->T > c->maxT) usage_error("-t %d exceeds the model's maxT %d (-M)", tc->T, c->maxT);
     const char *err = config_error(c);
     if (err) usage_error("bad model configuration: %s", err);
+    if ((err = train_config_error(tc))) usage_error("bad training configuration (-b -t -m ...): %s", err);
 }
 
 static int config_equal(const Config *a, const Config *b) {
@@ -2615,33 +2792,135 @@ static void make_dirs(const char *path) {  // mkdir -p
         if (*s == '/' || *s == '\0') {
             char was = *s;
             *s = '\0';
-            if (mkdir(buf, 0755) != 0 && errno != EEXIST) fail("cannot create directory '%s': %s", buf, strerror(errno));
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+                fail("cannot create directory '%s': %s; choose another output folder", buf, strerror(errno));
             if (!(*s = was)) break;
         }
     }
 }
 
+// Creates dir if needed and checks that files can be made in it; flag names where it came from.
+static void check_writable_dir(const char *dir, const char *flag) {
+    make_dirs(dir);
+    char probe[4096 + 32];
+    snprintf(probe, sizeof probe, "%s/.unipool_write_test_XXXXXX", dir);
+    int fd = mkstemp(probe);
+    if (fd < 0) fail("%s: cannot write in '%s': %s; choose another folder or fix its permissions", flag, dir, strerror(errno));
+    close(fd);
+    remove(probe);
+}
+
+// The files of dir matching pattern, sorted (0), or none (1).
+static int glob_in(const char *dir, const char *pattern, glob_t *g) {
+    char pat[4096 + 64];
+    snprintf(pat, sizeof pat, "%s/%s", dir, pattern);
+    return glob(pat, 0, NULL, g) != 0;
+}
+
 // The newest checkpoint in dir (names sort by step), or NULL.
 static char *latest_checkpoint(const char *dir) {
-    char pat[4096];
-    snprintf(pat, sizeof pat, "%s/ckpt_*.bin", dir);
     glob_t g;
-    char *path = NULL;
-    if (glob(pat, 0, NULL, &g) == 0) {
-        path = strdup(g.gl_pathv[g.gl_pathc - 1]);
-        globfree(&g);
-    }
+    if (glob_in(dir, "ckpt_*.bin", &g)) return NULL;
+    char *path = strdup(g.gl_pathv[g.gl_pathc - 1]);
+    globfree(&g);
     return path;
 }
 
 // Keeps the newest `keep` checkpoints in dir.
 static void prune_checkpoints(const char *dir, int keep) {
-    char pat[4096];
-    snprintf(pat, sizeof pat, "%s/ckpt_*.bin", dir);
     glob_t g;
-    if (glob(pat, 0, NULL, &g) != 0) return;
+    if (glob_in(dir, "ckpt_*.bin", &g)) return;
     for (size_t i = 0; i + keep < g.gl_pathc; i++) remove(g.gl_pathv[i]);
     globfree(&g);
+}
+
+/* Removes what a killed run leaves in dir: a checkpoint's temporary (killed
+   while saving; the checkpoint before it is whole), the log's (killed while
+   rewriting it; log.jsonl is whole) and check_writable_dir's probe. Says so
+   in one line. Another run writing into the same folder at the same time
+   would lose its temporary: runs do not share an output folder. */
+static void remove_stale_temporaries(const char *dir) {
+    static const char *const patterns[] = {"ckpt_*.bin.tmp", "log.jsonl.tmp", ".unipool_write_test_*"};
+    int n = 0;
+    for (int k = 0; k < 3; k++) {
+        glob_t g;
+        if (glob_in(dir, patterns[k], &g)) continue;
+        for (size_t i = 0; i < g.gl_pathc; i++) {
+            if (remove(g.gl_pathv[i]) != 0) fail("cannot remove the stale temporary '%s': %s; remove it by hand",
+                                                 g.gl_pathv[i], strerror(errno));
+            printf("%s%s", n++ ? ", " : "removed the temporaries of an interrupted run: ", g.gl_pathv[i]);
+        }
+        globfree(&g);
+    }
+    if (n) printf("\n");
+}
+
+/* Opens dir/log.jsonl for the run's records. A fresh run starts it empty. A
+   resumed run at step S keeps the records before its checkpoint and drops the
+   rest: the steps after S (written by a run stopped past its last checkpoint;
+   they run again), the validation at S (it runs again too) and a torn line
+   (a kill while writing). The kept lines go to log.jsonl.tmp, renamed over
+   the log, so that a kill leaves the old log or the new one. Each step is
+   then in the log once, whatever the number of resumes. */
+static FILE *log_open(const char *dir, int resume_step) {
+    char path[4096 + 16], tmp[4096 + 32];
+    snprintf(path, sizeof path, "%s/log.jsonl", dir);
+    snprintf(tmp, sizeof tmp, "%s/log.jsonl.tmp", dir);
+    FILE *old = resume_step >= 0 ? fopen(path, "r") : NULL;
+    if (old) {
+        FILE *out = fopen_check(tmp, "w");
+        char *line = NULL, key[16];
+        size_t cap = 0;
+        ssize_t len;
+        int step, ok = 1;
+        while ((len = getline(&line, &cap, old)) > 0) {
+            int whole = len >= 2 && line[len - 2] == '}' && line[len - 1] == '\n';
+            if (whole && sscanf(line, "{\"step\": %d, \"%15[a-z_]\"", &step, key) == 2 &&
+                (step < resume_step || (step == resume_step && strcmp(key, "val_loss"))))
+                ok = ok && fputs(line, out) >= 0;
+        }
+        free(line);
+        fclose(old);
+        int err = commit_temporary(out, ok, tmp, path);
+        if (err) fail("cannot rewrite '%s' through '%s': %s; free disk space or choose another -O", path, tmp, strerror(err));
+    }
+    FILE *f = fopen(path, resume_step >= 0 ? "a" : "w");
+    if (!f) fail("-O: cannot write '%s': %s; choose another -O or fix its permissions", path, strerror(errno));
+    return f;
+}
+
+/* path made absolute against the current folder (a glob stays a glob) into
+   out, which holds CKPT_PATH_BYTES: checkpoints store it so that -r finds the
+   same files from any folder. flag names where it came from. */
+static void absolute_path(char *out, const char *path, const char *flag) {
+    char cwd[4096];
+    if (path[0] != '/' && !getcwd(cwd, sizeof cwd)) fail("%s: cannot get the current folder: %s", flag, strerror(errno));
+    int n = path[0] == '/' ? snprintf(out, CKPT_PATH_BYTES, "%s", path) : snprintf(out, CKPT_PATH_BYTES, "%s/%s", cwd, path);
+    if (n >= CKPT_PATH_BYTES)
+        usage_error("%s '%s' is %d bytes as an absolute path, more than the %d a checkpoint stores; use a shorter path",
+                    flag, path, n, CKPT_PATH_BYTES - 1);
+}
+
+#define ETA_WINDOW 20  // steps in the ETA's running mean
+
+/* Step times for the ETA: the mean of this process's last ETA_WINDOW steps,
+   leaving out its first (it warms caches and pages) once there is another.
+   One slow or fast step moves the ETA by a twentieth of its difference. */
+typedef struct {
+    double first, recent[ETA_WINDOW];
+    long n;  // steps timed
+} StepTimes;
+
+static void step_times_add(StepTimes *s, double dt) {
+    if (s->n++ == 0) s->first = dt;
+    else s->recent[(s->n - 2) % ETA_WINDOW] = dt;
+}
+
+static double step_times_mean(const StepTimes *s) {
+    long k = s->n - 1 < ETA_WINDOW ? s->n - 1 : ETA_WINDOW;
+    double sum = 0.0;
+    for (long i = 0; i < k; i++) sum += s->recent[i];
+    return k > 0 ? sum / k : s->first;
 }
 
 static void print_memory(const Model *m, const TrainConfig *tc) {
@@ -2723,60 +3002,141 @@ static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, 
     return loss / ((double)batches * B * T);
 }
 
-#ifndef UNIPOOL_NO_MAIN
-int main(int argc, char **argv) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
+/* A run up to its model: the configurations, the checkpoint's header when
+   resuming, the shards and where the train loader starts, the output folder
+   and the log, the tokenizer table. All of it is cheap and it holds every
+   check that does not need the model, so that a typo or a damaged file costs
+   a moment at any model size; main builds the model after it. */
+typedef struct {
+    Config cfg;
+    TrainConfig tc;
+    Paths paths;
+    char *resume;               // the checkpoint resumed from, or NULL
+    CheckpointHeader ck;        // its header
+    DataLoader train, val;
+    int64_t epoch, shard, row;  // where the train loader starts
+    TrainState st;
+    char restored[16];          // the data flags taken from the checkpoint ("" if none)
+    FILE *log;
+    Tokenizer tok;
+    int have_tok;
+} Run;
+
+/* Where a resumed run's train loader starts. The checkpoint's fingerprint of
+   the shards it read tells whether these are the same shards: then its
+   position must lie in them, else the file is damaged and refused. Other
+   shards (continuing on another corpus) are read from their beginning, said
+   in one line. A version 1 file has no fingerprint: its position is used if
+   it lies in these shards, else they too are read from the beginning. */
+static void resume_position(Run *r) {
+    const CheckpointHeader *ck = &r->ck;
+    char why[160];
+    const char *outside = loader_position_error(&r->train, ck->epoch, ck->shard, ck->row, why, sizeof why);
+    int same = ck->data_fingerprint == loader_fingerprint(&r->train);
+    if (same && outside)
+        checkpoint_damaged(r->resume, "its loader position (%s) is outside the train shards it was trained on", outside);
+    if (same || (!ck->data_fingerprint && !outside)) {
+        r->epoch = (int64_t)ck->epoch, r->shard = (int64_t)ck->shard, r->row = (int64_t)ck->row;
+    } else {
+        printf("data: %s; reading them from their beginning (epoch 0, shard 0, row 0)\n",
+               ck->data_fingerprint ? "the train shards (-i) differ from those the checkpoint read (in number or size)"
+                                    : "the checkpoint does not name its train shards, and its loader position is outside "
+                                      "these (-i)");
+    }
+}
+
+static void run_setup(Run *r, int argc, char **argv) {
+    memset(r, 0, sizeof *r);
     Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
                   .router_c = 1.0f, .router_eps = 1e-8f, .bias_rate = 1e-3f};
     TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100, .val_batches = 20,
                       .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2, .seed = 1337,
                       .lr_floor = 0.1f, .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
-    Paths paths = {"data/sotu/sotu_train_*.bin", "data/sotu/sotu_val_*.bin", "data/sotu/gpt2_tokenizer.bin", "out",
-                   NULL, 0};
+    Paths paths = {NULL, NULL, NULL, "out", NULL, 0};  // the data paths: the checkpoint's, else the defaults below
     const Preset *tiny = &presets[0];
     cfg.L = tiny->L, cfg.C = tiny->C, cfg.NH = tiny->NH, cfg.NKV = tiny->NKV, cfg.F = tiny->F;
     int model_flags;
     apply_flags(argc, argv, &cfg, &tc, &paths, &model_flags, 1);
-#ifdef _OPENMP
-    if (paths.threads) omp_set_num_threads(paths.threads);
-#endif
-    make_dirs(paths.out);
-    Model m;
-    TrainState st = {0};
-    char *resume = NULL;
-    CheckpointHeader ck;
+    const char **data[CKPT_PATHS] = {&paths.train, &paths.val, &paths.tokenizer};
+    static const char *const flag[CKPT_PATHS] = {"-i", "-j", "-z"}, *const restored[CKPT_PATHS] = {
+        "-i (the checkpoint's)", "-j (the checkpoint's)", "-z (the checkpoint's)"};
+    const char *what[CKPT_PATHS] = {flag[0], flag[1], flag[2]};  // names a path in messages
     if (paths.resume) {
-        resume = !strcmp(paths.resume, "latest") ? latest_checkpoint(paths.out) : strdup(paths.resume);
-        if (!resume) fail("-r latest: no checkpoint in '%s'; start without -r", paths.out);
-        checkpoint_load_model(&m, &ck, resume);
-        if (!ck.has_state) fail("checkpoint '%s' holds parameters only; it cannot resume training", resume);
+        r->resume = !strcmp(paths.resume, "latest") ? latest_checkpoint(paths.out) : strdup(paths.resume);
+        if (!r->resume) fail("-r latest: no checkpoint in '%s'; start without -r", paths.out);
+        CheckpointHeader *ck = &r->ck;
+        checkpoint_header(r->resume, ck);
+        if (!ck->has_state) fail("checkpoint '%s' holds parameters only; it cannot resume training", r->resume);
         // the checkpoint's configuration, with this command line's flags on top
-        Config want = ck.cfg;
-        TrainConfig tc2 = ck.tc;
+        Config want = ck->cfg;
+        TrainConfig tc2 = ck->tc;
         Paths p2 = paths;
         apply_flags(argc, argv, &want, &tc2, &p2, &model_flags, 0);
-        if (model_flags && !config_equal(&want, &ck.cfg))
-            usage_error("the model flags describe another model than checkpoint '%s'; drop them to resume", resume);
-        if (tc2.B != ck.tc.B || tc2.T != ck.tc.T || tc2.n_micro != ck.tc.n_micro || tc2.seed != ck.tc.seed)
-            usage_error("-b, -t, -m and -s must stay as in checkpoint '%s' to resume its data order", resume);
-        cfg = ck.cfg;
+        if (model_flags && !config_equal(&want, &ck->cfg))
+            usage_error("the model flags describe another model than checkpoint '%s'; drop them to resume", r->resume);
+        if (tc2.B != ck->tc.B || tc2.T != ck->tc.T || tc2.n_micro != ck->tc.n_micro || tc2.seed != ck->tc.seed)
+            usage_error("-b, -t, -m and -s must stay as in checkpoint '%s' to resume its data order", r->resume);
+        if (tc2.steps < ck->step)
+            usage_error("-n %d is fewer steps than the %d checkpoint '%s' has done; pass a larger -n", tc2.steps, ck->step,
+                        r->resume);
+        cfg = ck->cfg;
         tc = tc2;
-        st.step = ck.step;
-        st.sampler = ck.sampler;
+        r->st.step = ck->step;
+        r->st.sampler = ck->sampler;
+        for (int i = 0; i < CKPT_PATHS; i++)
+            if (!*data[i] && ck->paths[i][0]) {
+                *data[i] = ck->paths[i], what[i] = restored[i];
+                snprintf(r->restored + strlen(r->restored), sizeof r->restored - strlen(r->restored), " %s", flag[i]);
+            }
+    } else {
+        r->st.sampler = tc.seed ^ 0x5eed;
+    }
+    static const char *const defaults[CKPT_PATHS] = {"data/sotu/sotu_train_*.bin", "data/sotu/sotu_val_*.bin",
+                                                     "data/sotu/gpt2_tokenizer.bin"};
+    for (int i = 0; i < CKPT_PATHS; i++) {
+        if (!*data[i]) *data[i] = defaults[i];
+        absolute_path(r->st.paths[i], *data[i], what[i]);
+    }
+    loader_init(&r->train, paths.train, tc.T, cfg.V, 1, tc.seed, what[PATH_TRAIN]);
+    loader_init(&r->val, paths.val, tc.T, cfg.V, 0, 0, what[PATH_VAL]);
+    if (r->resume) resume_position(r);
+    check_writable_dir(paths.out, "-O");
+    remove_stale_temporaries(paths.out);
+    r->log = log_open(paths.out, r->resume ? r->st.step : -1);
+    r->have_tok = tokenizer_load(&r->tok, paths.tokenizer) == 0;
+    r->cfg = cfg, r->tc = tc, r->paths = paths;
+}
+
+// Seconds as [Hh]MMmSSs.
+static void format_duration(char *out, size_t n, double seconds) {
+    long s = seconds > 0 ? (long)(seconds + 0.5) : 0;
+    if (s >= 3600) snprintf(out, n, "%ldh%02ldm%02lds", s / 3600, s / 60 % 60, s % 60);
+    else snprintf(out, n, "%ldm%02lds", s / 60, s % 60);
+}
+
+#ifndef UNIPOOL_NO_MAIN
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    Run r;
+    run_setup(&r, argc, argv);
+#ifdef _OPENMP
+    if (r.paths.threads) omp_set_num_threads(r.paths.threads);
+#endif
+    Config cfg = r.cfg;
+    TrainConfig tc = r.tc;
+    TrainState *st = &r.st;
+    Model m;
+    if (r.resume) {
+        model_build(&m, &cfg);
+        checkpoint_read_body(r.resume, &m, &r.ck);
     } else {
         if (cfg.router == ROUTER_NORM) cfg.router_c = norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED);
         else cfg.router_c = 1.0f;
         model_build(&m, &cfg);
         model_init(&m, tc.seed);
-        st.sampler = tc.seed ^ 0x5eed;
     }
-    DataLoader train, val;
-    loader_init(&train, paths.train, tc.T, cfg.V, 1, tc.seed, "-i");
-    loader_init(&val, paths.val, tc.T, cfg.V, 0, 0, "-j");
-    if (resume) loader_seek(&train, (int64_t)ck.epoch, (int64_t)ck.shard, (int64_t)ck.row);
-    st.loader = &train;
-    Tokenizer tok;
-    int have_tok = tokenizer_load(&tok, paths.tokenizer) == 0;
+    loader_seek(&r.train, r.epoch, r.shard, r.row);
+    st->loader = &r.train;
     act_alloc(&m, tc.B * tc.T);
 
     const char *own = cfg.G == cfg.L ? "vanilla MoE (each layer owns its experts)"
@@ -2792,71 +3152,71 @@ int main(int argc, char **argv) {
     printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu\n",
            tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
            (unsigned long long)tc.seed);
-    printf("data: %d train shards (%s), %d val shards (%s)\n", train.n, paths.train, val.n, paths.val);
+    printf("data: %d train shards (%s), %d val shards (%s)%s%s\n", r.train.n, r.paths.train, r.val.n, r.paths.val,
+           r.restored[0] ? "; from the checkpoint:" : "", r.restored);
     print_memory(&m, &tc);
-    if (resume) printf("resumed from %s at step %d\n", resume, st.step);
-    double unigram_train, unigram = unigram_baseline(&train, &val, tc.val_batches, tc.B, cfg.V, &unigram_train);
+    if (r.resume) printf("resumed from %s at step %d\n", r.resume, st->step);
+    double unigram_train, unigram = unigram_baseline(&r.train, &r.val, tc.val_batches, tc.B, cfg.V, &unigram_train);
     printf("unigram baseline: %.4f on train, %.4f on val\n", unigram_train, unigram);
 
-    char logpath[4096], ckpath[4096 + 32];
-    snprintf(logpath, sizeof logpath, "%s/log.jsonl", paths.out);
-    FILE *log = fopen_check(logpath, resume ? "a" : "w");
+    char ckpath[4096 + 32], eta[32];
     size_t per_step = (size_t)tc.n_micro * tc.B * (tc.T + 1);
     int *tokens = malloc_check(per_step * sizeof(int));
-    double tokens_per_step = (double)tc.n_micro * tc.B * tc.T, t_train = 0.0;
-    int t_steps = 0;
-    for (int step = st.step; step <= tc.steps; step++) {
+    double tokens_per_step = (double)tc.n_micro * tc.B * tc.T;
+    StepTimes times = {0};
+    for (int step = st->step; step <= tc.steps; step++) {
         int last = step == tc.steps;
         if (tc.val_every && (step % tc.val_every == 0 || last)) {
             RouteHealth health;
             health_init(&health, &cfg);
-            double vl = evaluate(&m, &val, tc.B, tc.val_batches, &health, 0);
-            report_validation(log, step, vl, &health, &cfg);
+            double vl = evaluate(&m, &r.val, tc.B, tc.val_batches, &health, 0);
+            report_validation(r.log, step, vl, &health, &cfg);
             health_free(&health);
         }
         if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last)) {
-            Rng rng = {st.sampler};
+            Rng rng = {st->sampler};
             int *seq = malloc_check((tc.gen_tokens + 1) * sizeof(int));
-            seq[0] = have_tok ? tok.eot : cfg.V - 1;
+            seq[0] = r.have_tok ? r.tok.eot : cfg.V - 1;
             printf("sample: ");
-            generate(&m, seq, 1, tc.gen_tokens, 1.0f, 1.0f, &rng, tokenizer_print, &tok);
+            generate(&m, seq, 1, tc.gen_tokens, 1.0f, 1.0f, &rng, tokenizer_print, &r.tok);
             printf("\n");
             free(seq);
-            st.sampler = rng.s;
+            st->sampler = rng.s;
         }
         if (last) break;
         double t0 = now_seconds();
-        loader_next(&train, tokens, tc.n_micro * tc.B);
+        loader_next(&r.train, tokens, tc.n_micro * tc.B);
         StepStats s = step_gradients(&m, tokens, tc.n_micro, tc.B, tc.T);
         if (!isfinite(s.ce) || !isfinite(s.aux) || !isfinite(s.grad_norm))
             fail("step %d: loss %g, aux %g, gradient norm %g is not finite; stopping before the update (the last "
                  "checkpoint in '%s' is the last good state); try a lower -l or -c", step + 1, s.ce, s.aux,
-                 s.grad_norm, paths.out);
+                 s.grad_norm, r.paths.out);
         float lr = lr_at(&tc, step);
         step_update(&m, &tc.opt, lr, s.grad_norm);
         double dt = now_seconds() - t0;
-        if (step > st.step) t_train += dt, t_steps++;  // the first step warms caches: not in the average
-        double avg = t_steps ? t_train / t_steps : dt, eta = avg * (tc.steps - step - 1);
-        printf("step %5d/%d | loss %.4f | aux %.5f | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | eta %dm%02ds\n",
-               step + 1, tc.steps, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt, (int)(eta / 60),
-               (int)eta % 60);
-        fprintf(log, "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, "
-                     "\"tok_per_s\": %.1f}\n", step + 1, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt);
-        fflush(log);
-        st.step = step + 1;
-        if ((tc.ckpt_every && st.step % tc.ckpt_every == 0) || st.step == tc.steps) {
-            snprintf(ckpath, sizeof ckpath, "%s/ckpt_%08d.bin", paths.out, st.step);
-            checkpoint_save(ckpath, &m, &tc, &st);
-            prune_checkpoints(paths.out, tc.keep);
+        step_times_add(&times, dt);
+        double eta_s = step_times_mean(&times) * (tc.steps - step - 1);
+        format_duration(eta, sizeof eta, eta_s);
+        printf("step %5d/%d | loss %.4f | aux %.5f | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | eta %s\n",
+               step + 1, tc.steps, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt, eta);
+        fprintf(r.log, "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, "
+                       "\"tok_per_s\": %.1f, \"eta_s\": %.3f}\n", step + 1, s.ce, s.aux, lr, s.grad_norm, dt * 1e3,
+                tokens_per_step / dt, eta_s);
+        fflush(r.log);
+        st->step = step + 1;
+        if (tc.ckpt_every != CKPT_NEVER && ((tc.ckpt_every && st->step % tc.ckpt_every == 0) || st->step == tc.steps)) {
+            snprintf(ckpath, sizeof ckpath, "%s/ckpt_%08d.bin", r.paths.out, st->step);
+            checkpoint_save(ckpath, &m, &tc, st);
+            prune_checkpoints(r.paths.out, tc.keep);
             printf("saved %s\n", ckpath);
         }
     }
-    fclose(log);
+    fclose(r.log);
     free(tokens);
-    free(resume);
-    if (have_tok) tokenizer_free(&tok);
-    loader_free(&train);
-    loader_free(&val);
+    free(r.resume);
+    if (r.have_tok) tokenizer_free(&r.tok);
+    loader_free(&r.train);
+    loader_free(&r.val);
     model_free(&m);
     return 0;
 }

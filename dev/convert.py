@@ -15,15 +15,19 @@ to-torch writes a torch file holding
                    warmup val_every val_batches sample_every gen_tokens
                    ckpt_every keep seed lr b1 b2 eps wd clip lr_floor), and with
                    the training state also the loader position (epoch shard
-                   row) and the sampler state
+                   row), the sampler state and the fingerprint of the train
+                   shards (0: unknown)
+    "paths":       version 2 only: the data paths the run trained with, a dict
+                   of "train", "val" and "tokenizer" (-i -j -z)
 and, when the checkpoint holds the training state,
     "adam_m", "adam_v": flat float32 tensors in parameter-buffer order
     "adam_t", "step":   AdamW steps and steps done
     "prev_f":           the stale pool statistic (L, E) float32, None if its
                         valid flag is 0.
 to-ckpt is the reverse: a parameters-only checkpoint when IN.pt has no
-"adam_m", else one with the training state. ckpt -> pt -> ckpt is
-byte-identical for every file the C programs write.
+"adam_m", else one with the training state; version 2 when it has "paths",
+else version 1 (which the C programs still read). ckpt -> pt -> ckpt is
+byte-identical for every file the C programs write and every version 1 file.
 
 check loads CKPT into the PyTorch model in float64 and float32, computes the
 cross-entropy of the first batch of SHARD (B rows of T+1 tokens in file
@@ -32,7 +36,8 @@ order, row r = tokens [r*T, r*T+T+1)) in evaluation mode, runs
 
 The checkpoint format is the one documented in train_unipool.c (comment
 "Checkpoints. Little-endian, in this order:"); the reader checks the header
-exactly as checkpoint_header() there does. Magic numbers come from
+and the expert bias and stale statistic exactly as checkpoint_header() and
+checkpoint_read_body() there do. Magic numbers come from
 train_unipool.c through dev/magic.py. Bad input ends with one line
 "error: ..." on stderr and exit status 1. Standard library, numpy and torch.
 """
@@ -63,6 +68,8 @@ INFER = os.path.join(ROOT, "infer_unipool")
 # ---- the header layout (train_unipool.c, checkpoint_save / checkpoint_header) -------------
 N_I32, N_F32, N_U64 = 256, 64, 32
 HEADER_BYTES = N_I32 * 4 + N_F32 * 4 + N_U64 * 8           # CKPT_HEADER_BYTES
+PATH_KEYS, PATH_BYTES = ["train", "val", "tokenizer"], 1024   # version 2: the -i -j -z paths (CKPT_PATH_BYTES each)
+PATHS_BYTES = len(PATH_KEYS) * PATH_BYTES
 I32_CONFIG = ["V", "Vp", "maxT", "L", "C", "NH", "NKV", "F", "G", "E", "K", "router", "aux"]   # h[3..15]
 I32_TRAIN = ["B", "T", "n_micro", "steps", "warmup", "val_every", "val_batches", "sample_every",
              "gen_tokens", "ckpt_every", "keep"]                                               # h[16..26]
@@ -72,7 +79,7 @@ F32_TRAIN = ["lr", "b1", "b2", "eps", "wd", "clip", "lr_floor"]                 
 F32_BIAS_RATE = 12                                                                             # hp[12]
 CONFIG_KEYS = I32_CONFIG + F32_CONFIG + ["bias_rate"]
 U64_SEED = 0                                                                                   # h64[0]
-U64_STATE = ["epoch", "shard", "row", "sampler"]                                               # h64[1..4], state only
+U64_STATE = ["epoch", "shard", "row", "sampler", "fingerprint"]                                # h64[1..5], state only
 TRAIN_CONFIG_KEYS = I32_TRAIN + ["seed"] + F32_TRAIN
 assert [f.name for f in dataclasses.fields(M.Config)] == CONFIG_KEYS, \
     "dev/model.py's Config fields no longer match the checkpoint header"
@@ -121,8 +128,75 @@ def config_error(c):
         return "the sigmoid router balances with its expert bias, not an aux loss (aux must be none)"
     if not (0.0 <= c["bias_rate"] <= 1.0):
         return "the expert bias rate must be in [0, 1]"
-    if not (c["norm_eps"] > 0) or not (c["rope_theta"] > 0):
-        return "norm_eps and rope_theta must be > 0"
+    if (not (c["norm_eps"] > 0) or not (c["rope_theta"] > 0) or not (c["router_eps"] >= 0) or
+            not (c["router_c"] > 0) or not math.isfinite(c["norm_eps"] + c["rope_theta"] + c["router_eps"] + c["router_c"])):
+        return "norm_eps, rope_theta and router_c must be > 0, router_eps >= 0, all finite"
+    if not (0.0 <= c["alpha"] <= 1e3):
+        return "the aux coefficient alpha must be in [0, 1000]"
+    return None
+
+
+def _f32(x):
+    return float(np.float32(x))
+
+
+def train_config_error(t):
+    """train_unipool.c's train_config_error(): None if the flags could have set the training
+    configuration, else what is wrong."""
+    if not (1 <= t["B"] <= 1 << 20 and 1 <= t["T"] <= 1 << 20 and 1 <= t["n_micro"] <= 1 << 20):
+        return "B, T and the micro-batches per step must be in [1, 2^20]"
+    if t["B"] * t["T"] > 1 << 24:
+        return "B * T must be at most 2^24 tokens"
+    if (t["steps"] < 1 or t["warmup"] < 0 or t["val_every"] < 0 or t["val_batches"] < 1 or t["sample_every"] < 0 or
+            not 1 <= t["gen_tokens"] <= 1 << 20 or t["ckpt_every"] < -1 or not 1 <= t["keep"] <= 1 << 20):
+        return ("need steps, val batches, sample tokens (<= 2^20) and checkpoints kept (<= 2^20) >= 1, the intervals "
+                "and warmup >= 0")
+    if t["seed"] > 2**31 - 1:
+        return "the seed must be in [0, 2^31 - 1]"
+    if not (0 <= t["lr"] <= 10 and 0 <= t["b1"] <= _f32(0.999999) and 0 <= t["b2"] <= _f32(0.999999) and
+            _f32(1e-30) <= t["eps"] <= 1 and 0 <= t["wd"] <= 10 and 0 <= t["clip"] <= 1e9 and 0 <= t["lr_floor"] <= 1):
+        return ("the optimizer settings must be in the flags' ranges (lr [0, 10], betas [0, 0.999999], eps [1e-30, 1], "
+                "wd [0, 10], clip [0, 1e9], lr floor [0, 1])")
+    return None
+
+
+def damaged(path, why):
+    return ConvertError("checkpoint '%s' is damaged: %s; use an earlier checkpoint" % (path, why))
+
+
+def header_error(h, h64, raw, has_state, cfg, train):
+    """The field checks of train_unipool.c's checkpoint_header() after the configuration's: None, or
+    what is damaged."""
+    err = train_config_error(train)
+    if err:
+        return "a bad training configuration (%s)" % err
+    if train["T"] > cfg["maxT"]:
+        return "its T %d exceeds its maxT %d" % (train["T"], cfg["maxT"])
+    step, adam_t, valid = h[I32_STEP], h[I32_ADAM_T], h[I32_PREV_VALID]
+    if has_state:
+        if not 0 <= step <= train["steps"]:
+            return "its step %d is outside [0, %d], the steps of its run" % (step, train["steps"])
+        if not 0 <= adam_t <= step:
+            return "its AdamW step count %d is outside [0, %d], the steps done" % (adam_t, step)
+        if valid not in (0, 1):
+            return "its stale-statistic flag is %d, not 0 or 1" % valid
+        rows = float(step) * train["B"] * train["n_micro"]
+        if h64[1] > rows:
+            return "its loader epoch %d is more than the %.0f rows its %d steps read" % (h64[1], rows, step)
+    o32, o64 = N_I32 * 4, N_I32 * 4 + N_F32 * 4
+    zero = [(30 * 4, o32), (o32 + 4 * (F32_BIAS_RATE + 1), o64), (o64 + 8 * (1 + len(U64_STATE)), HEADER_BYTES)]
+    if not has_state:
+        zero += [(4 * I32_STEP, 4 * (I32_PREV_VALID + 1)), (o64 + 8, o64 + 8 * (1 + len(U64_STATE)))]
+    for a, b in zero:
+        nz = [i for i in range(a, b) if raw[i]]
+        if nz:
+            return ("byte %d of its header, in words it leaves 0 (or in the state words of a file without the training "
+                    "state), is not 0" % nz[0])
+    for i in range(len(PATH_KEYS) if len(raw) > HEADER_BYTES else 0):
+        field = raw[HEADER_BYTES + i * PATH_BYTES:HEADER_BYTES + (i + 1) * PATH_BYTES]
+        n = field.find(b"\0")
+        if n < 0 or any(field[n:]):
+            return "data path %d of its path block is not a NUL-terminated, zero-padded string" % i
     return None
 
 
@@ -130,12 +204,12 @@ def make_config(cfg_dict):
     return M.Config(**cfg_dict)
 
 
-def checkpoint_size(cfg_dict, has_state):
-    """Bytes of a checkpoint: header, parameters, the (L, E) expert bias with the sigmoid router,
-    and with the state m, v and the (L, E) statistic."""
+def checkpoint_size(cfg_dict, has_state, paths=False):
+    """Bytes of a checkpoint: header (with paths, version 2's path block), parameters, the (L, E)
+    expert bias with the sigmoid router, and with the state m, v and the (L, E) statistic."""
     P = M.num_params(make_config(cfg_dict))
     LE = cfg_dict["L"] * cfg_dict["E"]
-    return (HEADER_BYTES + 4 * P * (3 if has_state else 1) + (4 * LE if cfg_dict["router"] == 2 else 0) +
+    return (HEADER_BYTES + (PATHS_BYTES if paths else 0) + 4 * P * (3 if has_state else 1) + (4 * LE if cfg_dict["router"] == 2 else 0) +
             (4 * LE if has_state else 0))
 
 
@@ -143,43 +217,58 @@ def checkpoint_size(cfg_dict, has_state):
 
 def read_checkpoint(path, warn=True):
     """Reads and checks a checkpoint as train_unipool.c's checkpoint_header() and
-    checkpoint_read_body() do. Returns a dict: config, train, has_state, params (float32 numpy,
-    buffer order), with the sigmoid router expert_bias ((L, E)), and with the state step, adam_t,
-    prev_valid, adam_m, adam_v, prev_f ((L, E))."""
+    checkpoint_read_body() do. Returns a dict: version, config, train, has_state, params (float32
+    numpy, buffer order), with version 2 paths ({"train", "val", "tokenizer"}: str), with the
+    sigmoid router expert_bias ((L, E)), and with the state step, adam_t, prev_valid, adam_m,
+    adam_v, prev_f ((L, E))."""
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
             size = os.fstat(f.fileno()).st_size
+            short = ConvertError("checkpoint '%s' is shorter than its header; it is truncated, use an earlier "
+                                 "checkpoint" % path)
             if len(raw) != HEADER_BYTES:
-                raise ConvertError("checkpoint '%s' is shorter than its header; it is truncated, use an earlier "
-                                   "checkpoint" % path)
+                raise short
             h = struct.unpack_from("<%di" % N_I32, raw, 0)
             hp = struct.unpack_from("<%df" % N_F32, raw, N_I32 * 4)
             h64 = struct.unpack_from("<%dQ" % N_U64, raw, N_I32 * 4 + N_F32 * 4)
             if h[0] != magic("CKPT_MAGIC"):
                 raise ConvertError("'%s' is not a unipool checkpoint (magic %d, want %d)"
                                    % (path, h[0], magic("CKPT_MAGIC")))
-            if h[1] != magic("CKPT_VERSION"):
-                raise ConvertError("checkpoint '%s' has version %d; this program reads version %d"
-                                   % (path, h[1], magic("CKPT_VERSION")))
+            version = h[1]
+            if version not in (magic("CKPT_VERSION"), magic("CKPT_VERSION_1")):
+                raise ConvertError("checkpoint '%s' has version %d; this program reads versions %d and %d"
+                                   % (path, version, magic("CKPT_VERSION_1"), magic("CKPT_VERSION")))
+            if version == magic("CKPT_VERSION"):
+                raw += f.read(PATHS_BYTES)
+                if len(raw) != HEADER_BYTES + PATHS_BYTES:
+                    raise short
+            if h[2] not in (0, 1):
+                raise damaged(path, "its training-state flag is %d, not 0 or 1" % h[2])
+            has_state = h[2] == 1
             cfg = dict(zip(I32_CONFIG, h[3:3 + len(I32_CONFIG)]))
             cfg.update(zip(F32_CONFIG, hp[0:len(F32_CONFIG)]))
             cfg["bias_rate"] = hp[F32_BIAS_RATE]
             err = config_error(cfg)
             if err:
-                raise ConvertError("checkpoint '%s' holds a bad configuration (%s); it is damaged" % (path, err))
-            has_state = h[2] != 0   # C: any non-zero value means the state follows
-            want = checkpoint_size(cfg, has_state)
-            if size != want:
-                raise ConvertError("checkpoint '%s' is %d bytes, its header implies %d; it is truncated or "
-                                   "damaged, use an earlier one" % (path, size, want))
+                raise damaged(path, "a bad model configuration (%s)" % err)
             train = dict(zip(I32_TRAIN, h[16:16 + len(I32_TRAIN)]))
             train["seed"] = h64[U64_SEED]
             train.update(zip(F32_TRAIN, hp[5:5 + len(F32_TRAIN)]))
+            err = header_error(h, h64, raw, has_state, cfg, train)
+            if err:
+                raise damaged(path, err)
+            want = checkpoint_size(cfg, has_state, version == magic("CKPT_VERSION"))
+            if size != want:
+                raise ConvertError("checkpoint '%s' is %d bytes, its header implies %d; it is truncated or "
+                                   "damaged, use an earlier one" % (path, size, want))
             P = M.num_params(make_config(cfg))
             LE = cfg["L"] * cfg["E"]
-            ck = {"config": cfg, "train": train, "has_state": has_state,
+            ck = {"version": version, "config": cfg, "train": train, "has_state": has_state,
                   "params": np.frombuffer(f.read(4 * P), dtype="<f4").astype(np.float32)}
+            if version == magic("CKPT_VERSION"):
+                ck["paths"] = {k: raw[HEADER_BYTES + i * PATH_BYTES:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                               for i, k in enumerate(PATH_KEYS)}
             if cfg["router"] == 2:
                 ck["expert_bias"] = np.frombuffer(f.read(4 * LE), dtype="<f4").astype(np.float32).reshape(
                     cfg["L"], cfg["E"])
@@ -192,34 +281,20 @@ def read_checkpoint(path, warn=True):
                     cfg["L"], cfg["E"])
     except OSError as e:
         raise ConvertError("cannot read checkpoint '%s': %s" % (path, e.strerror or e))
-    if warn:
-        _warn_unkept(path, raw, has_state, ck)
-    return ck
-
-
-def _warn_unkept(path, raw, has_state, ck):
-    """The C writer leaves the unused header words zero (and, without the state, the state words;
-    with an invalid statistic, the statistic). The C reader ignores them, so do we, but say so:
-    they do not survive a conversion."""
-    words = [(4 * i, 4) for i in range(3 + len(I32_CONFIG) + len(I32_TRAIN) + 3, N_I32)]
-    words += [(N_I32 * 4 + 4 * i, 4) for i in range(F32_BIAS_RATE + 1, N_F32)]
-    words += [(N_I32 * 4 + N_F32 * 4 + 8 * i, 8) for i in range(1 + len(U64_STATE), N_U64)]
-    if not has_state:
-        words += [(4 * i, 4) for i in (I32_STEP, I32_ADAM_T, I32_PREV_VALID)]
-        words += [(N_I32 * 4 + N_F32 * 4 + 8 * i, 8) for i in range(1, 1 + len(U64_STATE))]
-    nonzero = [off for off, n in words if any(raw[off:off + n])]
-    if nonzero:
-        print("warning: checkpoint '%s' has non-zero bytes in header words it does not use (byte offsets %s); "
-              "they are not converted" % (path, ", ".join(map(str, nonzero[:8]))), file=sys.stderr)
-    if has_state and ck["prev_valid"] == 0 and ck["prev_f"].any():
+    E = cfg["E"]
+    bad = np.flatnonzero(~np.isfinite(ck.get("expert_bias", np.zeros(1))))
+    if bad.size:
+        raise damaged(path, "its expert bias at layer %d, expert %d is %g"
+                      % (bad[0] // E, bad[0] % E, ck["expert_bias"].flat[bad[0]]))
+    bad = np.flatnonzero(~((ck.get("prev_f", np.zeros(1)) >= 0) & (ck.get("prev_f", np.zeros(1)) <= 1)))
+    if bad.size:
+        raise damaged(path, "its stale pool statistic at layer %d, expert %d is %g, not a fraction in [0, 1]"
+                      % (bad[0] // E, bad[0] % E, ck["prev_f"].flat[bad[0]]))
+    if warn and has_state and ck["prev_valid"] == 0 and ck["prev_f"].any():
+        # the C reader takes it (and ignores it); it does not survive a conversion
         print("warning: checkpoint '%s' holds a non-zero stale statistic marked invalid; it is not converted"
               % path, file=sys.stderr)
-    if has_state and ck["prev_valid"] not in (0, 1):
-        print("warning: checkpoint '%s' has stale-statistic flag %d; it is converted as 1"
-              % (path, ck["prev_valid"]), file=sys.stderr)
-    flag = struct.unpack_from("<i", raw, 8)[0]
-    if flag not in (0, 1):
-        print("warning: checkpoint '%s' has state flag %d; it is converted as 1" % (path, flag), file=sys.stderr)
+    return ck
 
 
 def build_model(ck, dtype):
@@ -240,6 +315,8 @@ def to_torch(ck):
     """The torch-file dict of a checkpoint read by read_checkpoint()."""
     model = build_model(ck, torch.float32)
     out = {"config": dict(ck["config"]), "state_dict": model.state_dict(), "train": dict(ck["train"])}
+    if "paths" in ck:
+        out["paths"] = dict(ck["paths"])
     if "expert_bias" in ck:
         out["expert_bias"] = model.expert_bias
     if ck["has_state"]:
@@ -289,12 +366,14 @@ def checkpoint_bytes(d, path="IN.pt"):
     train = dict(d.get("train") or {})
     missing = [k for k in TRAIN_CONFIG_KEYS if k not in train]
     if missing:
-        # B and T as check and infer_unipool take them without -b/-t; zeros for the rest
-        defaults = {k: 0 for k in TRAIN_CONFIG_KEYS}
-        defaults.update(B=2, T=min(64, cfg["maxT"]))
+        # B and T as check and infer_unipool take them without -b/-t; for the rest values the
+        # reader accepts (the training program's defaults, one step, no schedule)
+        defaults = dict(B=2, T=min(64, cfg["maxT"]), n_micro=1, steps=1, warmup=0, val_every=0, val_batches=1,
+                        sample_every=0, gen_tokens=1, ckpt_every=0, keep=1, seed=0, lr=0.0, b1=0.9, b2=0.999,
+                        eps=1e-8, wd=0.0, clip=1.0, lr_floor=0.1)
         train = {**defaults, **train}
-        print("warning: '%s' lacks the training configuration field(s) %s; they are written as B 2, T %d, "
-              "others 0" % (path, " ".join(missing), defaults["T"]), file=sys.stderr)
+        print("warning: '%s' lacks the training configuration field(s) %s; they are written as %s"
+              % (path, " ".join(missing), ", ".join("%s %s" % (k, defaults[k]) for k in missing)), file=sys.stderr)
     if has_state:
         for key in ["adam_v", "adam_t", "step", "prev_f"]:
             if key not in d:
@@ -306,8 +385,16 @@ def checkpoint_bytes(d, path="IN.pt"):
     if unknown:
         raise ConvertError("'%s': train has unknown fields %s" % (path, ", ".join(unknown)))
 
+    paths = d.get("paths")
+    if paths is not None:
+        if not isinstance(paths, dict) or set(paths) != set(PATH_KEYS) or not all(isinstance(v, str) for v in paths.values()):
+            raise ConvertError("'%s': paths must map exactly %s to strings" % (path, " ".join(PATH_KEYS)))
+        block = [paths[k].encode("utf-8", "surrogateescape") for k in PATH_KEYS]
+        if any(len(b) >= PATH_BYTES or b"\0" in b for b in block):
+            raise ConvertError("'%s': a path is longer than %d bytes or holds a NUL" % (path, PATH_BYTES - 1))
     h, hp, h64 = [0] * N_I32, [0.0] * N_F32, [0] * N_U64
-    h[0], h[1], h[2] = magic("CKPT_MAGIC"), magic("CKPT_VERSION"), int(has_state)
+    h[0], h[2] = magic("CKPT_MAGIC"), int(has_state)
+    h[1] = magic("CKPT_VERSION") if paths is not None else magic("CKPT_VERSION_1")  # no paths: version 1
     h[3:3 + len(I32_CONFIG)] = [cfg[k] for k in I32_CONFIG]
     hp[0:len(F32_CONFIG)] = [cfg[k] for k in F32_CONFIG]
     h[16:16 + len(I32_TRAIN)] = [train.get(k, 0) for k in I32_TRAIN]
@@ -327,8 +414,17 @@ def checkpoint_bytes(d, path="IN.pt"):
     try:
         head = (struct.pack("<%di" % N_I32, *h) + struct.pack("<%df" % N_F32, *hp) +
                 struct.pack("<%dQ" % N_U64, *h64))
+        if paths is not None:
+            head += b"".join(b.ljust(PATH_BYTES, b"\0") for b in block)
     except (struct.error, TypeError) as e:
         raise ConvertError("'%s': a header field does not fit its type (%s)" % (path, e))
+    # what the C reader would refuse is not written: its checks on the values as stored
+    hp32 = struct.unpack_from("<%df" % N_F32, head, N_I32 * 4)
+    stored = dict(zip(I32_TRAIN, h[16:16 + len(I32_TRAIN)]), seed=h64[U64_SEED])
+    stored.update(zip(F32_TRAIN, hp32[5:5 + len(F32_TRAIN)]))
+    err = header_error(h, h64, head, has_state, cfg, stored)
+    if err:
+        raise ConvertError("'%s' would make a damaged checkpoint: %s" % (path, err))
     return [head] + [t.numpy().astype("<f4").tobytes() for t in body]
 
 

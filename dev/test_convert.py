@@ -8,9 +8,12 @@ by ./train_unipool,
   - the parameters of the torch file give the same PyTorch loss as the checkpoint,
   - a parameters-only checkpoint made from the torch file is accepted by
     ./infer_unipool with the same loss and round-trips byte-identically,
+  - the torch file holds the data paths the run trained with (version 2),
+  - the same state written as version 1 (no path block) loads in ./infer_unipool
+    with the same loss and round-trips byte-identically as version 1,
   - truncated checkpoints and foreign files get one line 'error: ...' naming
     the file and exit status 1 (the same message as the C reader's for a
-    truncated checkpoint);
+    truncated checkpoint, and for damaged header fields);
 and, without the C programs, for sigmoid-router checkpoints written here in
 the documented format (parameters-only and with the training state): the
 expert bias and bias_rate reach the torch file and the model, the round trip
@@ -135,10 +138,11 @@ class Case:
         with open(self.ckpt, "rb") as f:
             self.orig = f.read()
         self.ck = convert.read_checkpoint(self.ckpt)
-        # the last case cuts into its expert bias, just before the training state
-        self.cut_at = [len(self.orig) - 1, convert.HEADER_BYTES // 2,
-                       convert.checkpoint_size(self.ck["config"], False),
-                       convert.checkpoint_size(self.ck["config"], False) - 2][self.idx]
+        # the last case cuts into its expert bias, just before the training state; the second into
+        # version 2's path block
+        self.cut_at = [len(self.orig) - 1, convert.HEADER_BYTES + convert.PATHS_BYTES // 2,
+                       convert.checkpoint_size(self.ck["config"], False, True),
+                       convert.checkpoint_size(self.ck["config"], False, True) - 2][self.idx]
         self.cut = self.path("cut.bin")
         with open(self.cut, "wb") as f:
             f.write(self.orig[:self.cut_at])
@@ -196,6 +200,12 @@ class Case:
             a, b = convert.torch_loss(convert.build_model(ck, torch.float64), x, y), convert.torch_loss(unbiased, x, y)
             check(name + ": the bias moves choices in the batch check compares", a != b, "%r vs %r" % (a, b))
 
+        check(name + ": the torch file holds the data paths the run trained with",
+              d.get("paths", {}).get("train") == TRAIN_SHARDS and d["paths"]["val"] == VAL_SHARD, str(d.get("paths")))
+        if self.idx == 0:
+            self.version1(r_eval)
+            self.damaged()
+
         # a parameters-only checkpoint from the torch file: the C program reads it, same loss; round trip
         po_pt, po_ckpt, po_pt2, po_back = (self.path(n) for n in ("po.pt", "po.bin", "po2.pt", "po2.bin"))
         torch.save({"config": d["config"], "state_dict": d["state_dict"],
@@ -238,6 +248,44 @@ class Case:
               not any(os.path.exists(self.path(n)) for n in ("x.pt", "y.pt", "z.bin", "z.bin.tmp")))
 
 
+    def version1(self, r_eval):
+        """The same state in version 1 (no path block, no fingerprint): the C program reads it with
+        the same loss, and it round-trips byte-identically as version 1."""
+        head = bytearray(self.orig[:convert.HEADER_BYTES])
+        struct.pack_into("<i", head, 4, convert.magic("CKPT_VERSION_1"))
+        struct.pack_into("<Q", head, convert.N_I32 * 4 + convert.N_F32 * 4 + 8 * 5, 0)
+        v1 = bytes(head) + self.orig[convert.HEADER_BYTES + convert.PATHS_BYTES:]
+        path, pt, back = self.path("v1.bin"), self.path("v1.pt"), self.path("v1.back.bin")
+        with open(path, "wb") as f:
+            f.write(v1)
+        rc = quiet(["to-torch", path, pt]) or quiet(["to-ckpt", pt, back])
+        check(self.name + ": version 1: ckpt -> pt (no paths) -> ckpt is byte-identical",
+              rc == 0 and "paths" not in torch.load(pt) and open(back, "rb").read() == v1)
+        l_v1 = eval_loss(subprocess.run(infer_cmd(path), capture_output=True, text=True))
+        check(self.name + ": version 1: infer_unipool gives the version 2 file's loss", l_v1 == eval_loss(r_eval),
+              "%s vs %s" % (l_v1, eval_loss(r_eval)))
+
+    def damaged(self):
+        """Damaged header fields: to-torch refuses them with the C reader's one-line message."""
+        f32, u64 = convert.N_I32 * 4, convert.N_I32 * 4 + convert.N_F32 * 4
+        for what, fmt, offset, value in (("state flag 7", "<i", 8, 7), ("alpha -163.84", "<f", f32, -163.84),
+                                         ("B 2^24 + 2", "<i", 16 * 4, 2 + (1 << 24)), ("step -5", "<i", 27 * 4, -5),
+                                         ("a non-zero unused word", "<Q", u64 + 8 * 20, 1),
+                                         ("epoch 2^40", "<Q", u64 + 8, 1 << 40),
+                                         ("a path without its NUL", "<1024s", convert.HEADER_BYTES, b"x" * 1024)):
+            raw = bytearray(self.orig)
+            struct.pack_into(fmt, raw, offset, value)
+            path = self.path("damaged.bin")
+            with open(path, "wb") as f:
+                f.write(raw)
+            r_py, r_c = cli(["to-torch", path, self.path("damaged.pt")]), subprocess.run(
+                [INFER, "eval", "-c", path, "-i", VAL_SHARD], capture_output=True, text=True)
+            ok, detail = one_line_error(r_py, path)
+            check("%s: damaged header (%s): to-torch gives the C reader's one-line message" % (self.name, what),
+                  ok and "damaged" in r_py.stderr and r_py.stderr == r_c.stderr,
+                  detail + " vs C %r" % r_c.stderr)
+
+
 def cli_section(cases):
     """The command line as a user runs it, in real processes: check, the round trip, and the
     one-line errors with exit status 1."""
@@ -257,20 +305,25 @@ def cli_section(cases):
     check("cli: foreign file to to-ckpt: one line, exit 1", *one_line_error(r_foreign, VAL_SHARD))
 
 
+HANDMADE_PATHS = [b"/data/t_train_*.bin", b"/data/t_val_*.bin", b""]
+
+
 def sigmoid_checkpoint(cfg, seed, has_state):
     """A sigmoid-router checkpoint (bytes) written field by field as train_unipool.c documents the
     format, independently of convert.py: header (hp[12] the bias rate), parameters, the (L, E)
-    expert bias, and with the state AdamW m, v and a valid stale statistic. Returns (bytes,
+    expert bias, and with the state AdamW m, v and a valid stale statistic. With the state it is
+    version 2 (the path block after the header), without it version 1. Returns (bytes,
     parameters, bias)."""
     rng = np.random.RandomState(seed)
     P, LE = M.num_params(cfg), cfg.L * cfg.E
     params = (rng.standard_normal(P) / np.sqrt(cfg.C)).astype("<f4")
     bias = (0.5 * rng.standard_normal(LE)).astype("<f4")   # large enough to move choices
     h, hp, h64 = [0] * 256, [0.0] * 64, [0] * 32
-    h[0:3] = [convert.magic("CKPT_MAGIC"), convert.magic("CKPT_VERSION"), int(has_state)]
+    h[0:3] = [convert.magic("CKPT_MAGIC"), convert.magic("CKPT_VERSION" if has_state else "CKPT_VERSION_1"),
+              int(has_state)]
     h[3:16] = [cfg.V, cfg.Vp, cfg.maxT, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, cfg.router,
                cfg.aux]
-    h[16:27] = [2, 8, 1, 5, 1, 0, 0, 0, 0, 5, 1]   # B T n_micro steps warmup ... keep
+    h[16:27] = [2, 8, 1, 5, 1, 0, 1, 0, 1, 5, 1]   # B T n_micro steps warmup ... keep
     hp[0:5] = [cfg.alpha, cfg.norm_eps, cfg.rope_theta, cfg.router_c, cfg.router_eps]
     hp[5:12] = [1e-2, 0.9, 0.95, 1e-8, 0.1, 1.0, 0.1]   # lr b1 b2 eps wd clip lr_floor
     hp[12] = cfg.bias_rate
@@ -278,10 +331,12 @@ def sigmoid_checkpoint(cfg, seed, has_state):
     body = [params, bias]
     if has_state:
         h[27:30] = [5, 5, 1]
-        h64[1:5] = [0, 1, 7, 12345]
+        h64[1:6] = [0, 1, 7, 12345, 0x0123456789abcdef]   # epoch shard row sampler fingerprint
         body += [rng.standard_normal(P).astype("<f4"), rng.random_sample(P).astype("<f4"),
                  rng.random_sample(LE).astype("<f4")]
     head = struct.pack("<256i", *h) + struct.pack("<64f", *hp) + struct.pack("<32Q", *h64)
+    if has_state:
+        head += b"".join(p.ljust(1024, b"\0") for p in HANDMADE_PATHS)
     return head + b"".join(x.tobytes() for x in body), params, bias.reshape(cfg.L, cfg.E)
 
 
@@ -298,7 +353,7 @@ def handmade_section(tmp):
         with open(path, "wb") as f:
             f.write(raw)
         check(name + ": the documented size", len(raw) == convert.checkpoint_size(
-            {k: getattr(cfg, k) for k in convert.CONFIG_KEYS}, has_state), "%d bytes" % len(raw))
+            {k: getattr(cfg, k) for k in convert.CONFIG_KEYS}, has_state, has_state), "%d bytes" % len(raw))
         rc = quiet(["to-torch", path, pt]) or quiet(["to-ckpt", pt, back])
         check(name + ": ckpt -> pt -> ckpt is byte-identical", rc == 0 and open(back, "rb").read() == raw)
         d = torch.load(pt)
