@@ -1530,16 +1530,17 @@ static void model_free(Model *m) {
     free(m->acts_memory);
 }
 
-/* The paper's initialisation: N(0, 0.01) for every matrix, N(0, 0.01/sqrt(2L))
-   for the projections that write into the residual stream (wo, expert fc2),
-   1 for the norms and sigma. Padded vocabulary rows start at 0. */
-static void model_init(Model *m, uint64_t seed) {
+/* The paper's initialisation: N(0, std^2) for every matrix (std 0.01 in its
+   scripts), N(0, (std/sqrt(2L))^2) for the projections that write into the
+   residual stream (wo, expert fc2), 1 for the norms and sigma. Padded
+   vocabulary rows start at 0. */
+static void model_init(Model *m, uint64_t seed, float init_std) {
     const Config *c = &m->cfg;
     Rng rng = {seed};
     float *p = m->params_memory;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
         size_t n = shape_numel(m->shapes[i]);
-        float std = (i == PT_wo || i == PT_expert_fc2) ? 0.01f / sqrtf(2.0f * c->L) : 0.01f;
+        float std = (i == PT_wo || i == PT_expert_fc2) ? init_std / sqrtf(2.0f * c->L) : init_std;
         for (size_t j = 0; j < n; j++) p[j] = param_decay[i] ? std * (float)rng_normal(&rng) : 1.0f;
         if (i == PT_wte || i == PT_lm_head) memset(p + (size_t)c->V * c->C, 0, (size_t)(c->Vp - c->V) * c->C * sizeof(float));
         p += n;
@@ -2135,6 +2136,7 @@ typedef struct {
     int B, T, n_micro, steps, warmup, val_every, val_batches, sample_every, gen_tokens, ckpt_every, keep;
     uint64_t seed;
     float lr_floor;  // the cosine schedule ends at lr * lr_floor
+    float init_std;  // initialisation (model_init); a new run's only, not stored in checkpoints
     OptConfig opt;
 } TrainConfig;
 
@@ -2588,6 +2590,7 @@ typedef struct {
     int L, C, NH, NKV, F;
     float pool_frac;   // UniPool's default pool: pool_frac * 8 L experts
     float pool_alpha;  // default coefficient of the pool loss
+    float init_std;    // default initialisation std (-I)
 } Preset;
 
 /* The paper's scales (its training scripts; named by active parameters with
@@ -2596,12 +2599,12 @@ typedef struct {
    experts (469m: a reduced pool of 128 = 2/3 of that), with the pool loss at
    alpha 0.01 (182m) or 0.02 (469m and up). */
 static const Preset presets[] = {
-    {"tiny", 4, 128, 4, 2, 512, 1.0f, 1e-2f},
-    {"182m", 12, 768, 12, 4, 3072, 1.0f, 1e-2f},
-    {"469m", 24, 1024, 16, 4, 4096, 2.0f / 3.0f, 2e-2f},
-    {"650m", 36, 1024, 16, 4, 4096, 1.0f, 2e-2f},
-    {"830m", 48, 1024, 16, 4, 4096, 1.0f, 2e-2f},
-    {"978m", 24, 1536, 16, 4, 6144, 1.0f, 2e-2f},
+    {"tiny", 4, 128, 4, 2, 512, 1.0f, 1e-2f, 1e-2f},
+    {"182m", 12, 768, 12, 4, 3072, 1.0f, 1e-2f, 1e-2f},
+    {"469m", 24, 1024, 16, 4, 4096, 2.0f / 3.0f, 2e-2f, 1e-2f},
+    {"650m", 36, 1024, 16, 4, 4096, 1.0f, 2e-2f, 1e-2f},
+    {"830m", 48, 1024, 16, 4, 4096, 1.0f, 2e-2f, 1e-2f},
+    {"978m", 24, 1536, 16, 4, 6144, 1.0f, 2e-2f, 1e-2f},
 };
 
 static void usage(void) {
@@ -2633,6 +2636,7 @@ static void usage(void) {
         "  -l  peak learning rate               [5e-4]\n"
         "  -w  warmup steps                     [1%% of -n]\n"
         "  -f  final lr as a fraction of peak   [0.1]\n"
+        "  -I  initialisation std (matrices; residual projections / sqrt(2L)) [the preset's: 0.01]\n"
         "  -d  weight decay                     [0.01]\n"
         "  -b1 -b2 -ae  AdamW betas and eps     [0.9 0.999 1e-8]\n"
         "  -c  gradient clip, 0 = off           [1.0]\n"
@@ -2688,7 +2692,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
                               *const auxes[] = {"none", "layer", "pool", "poolcur"};
     const Preset *pre = &presets[0];
     int G = -1, E = -1, router = -1, aux = -1, warmup = -1;
-    float alpha = -1.0f, bias_rate = -1.0f;
+    float alpha = -1.0f, bias_rate = -1.0f, init_std = -1.0f;
     *model_flags = 0;
     for (int i = 1; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -2732,6 +2736,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
             else if (!strcmp(f, "-l")) tc->opt.lr = parse_float(f, v, 0, 10);
             else if (!strcmp(f, "-w")) warmup = (int)parse_int(f, v, 0, INT32_MAX);
             else if (!strcmp(f, "-f")) tc->lr_floor = parse_float(f, v, 0, 1);
+            else if (!strcmp(f, "-I")) init_std = parse_float(f, v, 1e-6, 1);
             else if (!strcmp(f, "-d")) tc->opt.wd = parse_float(f, v, 0, 10);
             else if (!strcmp(f, "-b1")) tc->opt.b1 = parse_float(f, v, 0, 0.999999);
             else if (!strcmp(f, "-b2")) tc->opt.b2 = parse_float(f, v, 0, 0.999999);
@@ -2771,6 +2776,8 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
     if (alpha >= 0.0f) c->alpha = alpha;
     if (bias_rate >= 0.0f) c->bias_rate = bias_rate;
     if (c->router != ROUTER_SIGMOID) c->bias_rate = 0.0f;  // only the sigmoid router has a bias to move
+    if (init_std > 0.0f) tc->init_std = init_std;
+    else if (derive) tc->init_std = pre->init_std;
     if (warmup >= 0) tc->warmup = warmup;
     else if (derive) tc->warmup = tc->steps / 100;  // the paper warms up over 1% of training
     if (tc->T > c->maxT) usage_error("-t %d exceeds the model's maxT %d (-M)", tc->T, c->maxT);
@@ -3051,7 +3058,7 @@ static void run_setup(Run *r, int argc, char **argv) {
                   .router_c = 1.0f, .router_eps = 1e-8f, .bias_rate = 1e-3f};
     TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100, .val_batches = 20,
                       .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2, .seed = 1337,
-                      .lr_floor = 0.1f, .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
+                      .lr_floor = 0.1f, .init_std = 0.01f, .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
     Paths paths = {NULL, NULL, NULL, "out", NULL, 0};  // the data paths: the checkpoint's, else the defaults below
     const Preset *tiny = &presets[0];
     cfg.L = tiny->L, cfg.C = tiny->C, cfg.NH = tiny->NH, cfg.NKV = tiny->NKV, cfg.F = tiny->F;
@@ -3133,7 +3140,7 @@ int main(int argc, char **argv) {
         if (cfg.router == ROUTER_NORM) cfg.router_c = norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED);
         else cfg.router_c = 1.0f;
         model_build(&m, &cfg);
-        model_init(&m, tc.seed);
+        model_init(&m, tc.seed, tc.init_std);
     }
     loader_seek(&r.train, r.epoch, r.shard, r.row);
     st->loader = &r.train;
@@ -3149,9 +3156,11 @@ int main(int argc, char **argv) {
     printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s | aux %s alpha %g\n",
            own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rdesc, aname[cfg.aux], cfg.alpha);
     printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);
-    printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu\n",
+    printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu",
            tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
            (unsigned long long)tc.seed);
+    if (!r.resume) printf(", init std %g", tc.init_std);
+    printf("\n");
     printf("data: %d train shards (%s), %d val shards (%s)%s%s\n", r.train.n, r.paths.train, r.val.n, r.paths.val,
            r.restored[0] ? "; from the checkpoint:" : "", r.restored);
     print_memory(&m, &tc);

@@ -154,7 +154,7 @@ static void bench_step(int argc, char **argv) {
     cfg.router_c = cfg.router == ROUTER_NORM ? norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED) : 1.0f;
     Model m;
     model_build(&m, &cfg);
-    model_init(&m, 1);
+    model_init(&m, 1, 0.01f);
     act_alloc(&m, tc.B * tc.T);
     print_memory(&m, &tc);
     size_t ntok = (size_t)tc.n_micro * tc.B * (tc.T + 1);
