@@ -11,12 +11,17 @@ out-of-bounds access.
     ./fuzz_readers -max_total_time=60 -detect_leaks=0 -close_fd_mask=2 dev/fuzz/corpus
 
 (make fuzz does this.) A rejection longjmps back here (UNIPOOL_FUZZ), which
-abandons the rejected reader's allocations: hence -detect_leaks=0.
+abandons the rejected reader's own small allocations: hence -detect_leaks=0.
 
 Each input is read three ways: as a shard, as a checkpoint, and as a resume:
 byte 0 gives the number k = 1 + byte % 3 of train shards, the next 2k bytes
 their lengths (uint16, little-endian), then come the shards' bytes and the
 rest is the checkpoint (dev/fuzz/seeds.py writes inputs of all three kinds).
+
+A rejection longjmps past the frees, so the models and loaders live in statics
+and each input first frees what the previous one left (drop_model,
+drop_loader): without that, a minute of rejected checkpoints leaks past
+libFuzzer's 2 GB limit.
 */
 #define UNIPOOL_NO_MAIN
 #define UNIPOOL_FUZZ
@@ -27,6 +32,16 @@ rest is the checkpoint (dev/fuzz/seeds.py writes inputs of all three kinds).
 
 static char dir[64], path[128];
 
+static void drop_model(Model *m) {  // frees what an earlier input built, accepted or not
+    model_free(m);
+    memset(m, 0, sizeof *m);
+}
+
+static void drop_loader(DataLoader *d) {
+    loader_free(d);
+    memset(d, 0, sizeof *d);
+}
+
 static void write_file(const char *name, const uint8_t *data, size_t size) {
     FILE *f = fopen(name, "wb");
     if (!f || fwrite(data, 1, size, f) != size || fclose(f) != 0) abort();
@@ -34,9 +49,14 @@ static void write_file(const char *name, const uint8_t *data, size_t size) {
 
 // The resume path as `train_unipool -r CKPT -i SHARDS -j VAL -O OUT` takes it, up to its first rows.
 static void fuzz_resume(const uint8_t *data, size_t size) {
-    static Run r;           // static: a rejection in a later step leaves its log open for the next input to close
+    static Run r;    // static: a rejection in a later step leaves its log and loaders for the next input to free
+    static Model m;  // zeroed or built: model_build zeroes it before it allocates
+    static int *rows;
     static char val[160], shards[160], out[160], ckpt[160], name[200];
     if (r.log) fclose(r.log), r.log = NULL;
+    free(r.resume), r.resume = NULL;
+    free(rows), rows = NULL;
+    drop_loader(&r.train), drop_loader(&r.val), drop_model(&m);
     if (!val[0]) {  // a fixed val shard: the resume path only checks its header
         snprintf(val, sizeof val, "%s/val.bin", dir);
         snprintf(shards, sizeof shards, "%s/t_*.bin", dir);
@@ -65,19 +85,11 @@ static void fuzz_resume(const uint8_t *data, size_t size) {
     write_file(ckpt, data + at, size - at);
     char *argv[] = {"train_unipool", "-r", ckpt, "-i", shards, "-j", val, "-z", "/nonexistent", "-O", out, "-T", "1"};
     run_setup(&r, sizeof argv / sizeof *argv, argv);
-    Model m;
     model_build(&m, &r.cfg);
     checkpoint_read_body(r.resume, &m, &r.ck);
     loader_seek(&r.train, r.epoch, r.shard, r.row);
-    int *rows = malloc_check(3 * ((size_t)r.tc.T + 1) * sizeof(int));
+    rows = malloc_check(3 * ((size_t)r.tc.T + 1) * sizeof(int));
     loader_next(&r.train, rows, 3);  // three rows: enough to cross a shard's end from its last row
-    free(rows);
-    model_free(&m);
-    loader_free(&r.train);
-    loader_free(&r.val);
-    free(r.resume);
-    fclose(r.log);
-    r.log = NULL;
 }
 
 // Removes the harness's folder when the fuzzer exits.
@@ -100,20 +112,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         atexit(remove_dir);
     }
     write_file(path, data, size);
+    static DataLoader d;
+    drop_loader(&d);
     if (setjmp(fuzz_escape) == 0) {  // as a shard: a tiny model reads rows of 8 + 1 tokens
-        DataLoader d;
         loader_init(&d, path, 8, 50257, 1, 1, "fuzz");
         int rows[2 * 9];
         loader_next(&d, rows, 2);
-        loader_free(&d);
     }
+    static Model m;
+    drop_model(&m);
     if (setjmp(fuzz_escape) == 0) {  // as a checkpoint
-        Model m;
         CheckpointHeader ck;
         checkpoint_header(path, &ck);
         model_build(&m, &ck.cfg);
         checkpoint_read_body(path, &m, &ck);
-        model_free(&m);
     }
     if (setjmp(fuzz_escape) == 0) fuzz_resume(data, size);  // as a checkpoint with the shards it resumes on
     return 0;
