@@ -2948,14 +2948,16 @@ static double active_params(const Model *m) {
    log(G E)), then per layer the router health (evaluate): dead-token
    percentage, experts used, the busiest expert's percentage of the layer's
    load, load entropy over log(E). */
-static void report_validation(FILE *log, int step, double loss, const RouteHealth *h, const Config *c) {
+// Prints and logs one validation; returns the largest layer's share of dead tokens.
+static double report_validation(FILE *log, int step, double loss, const RouteHealth *h, const Config *c) {
     int L = c->L, E = c->E, GE = c->G * c->E, used[L], pool_used;
-    double dead[L], top[L], ent[L], pool_top, pool_ent;
+    double dead[L], top[L], ent[L], pool_top, pool_ent, most_dead = 0.0;
     uint64_t *pool = calloc_check(GE, sizeof(uint64_t));
     for (int l = 0; l < L; l++) {
         for (int j = 0; j < E; j++) pool[layer_first_expert(c, l) + j] += h->load[(size_t)l * E + j];
         load_stats(h->load + (size_t)l * E, E, &used[l], &top[l], &ent[l]);
         dead[l] = h->tokens ? (double)h->dead[l] / h->tokens : 0.0;
+        most_dead = fmax(most_dead, dead[l]);
     }
     load_stats(pool, GE, &pool_used, &pool_top, &pool_ent);
     free(pool);
@@ -2982,6 +2984,7 @@ static void report_validation(FILE *log, int step, double loss, const RouteHealt
     }
     fprintf(log, "}\n");
     fflush(log);
+    return most_dead;
 }
 
 /* Unigram baselines: the token frequencies of the first train shard
@@ -3173,13 +3176,14 @@ int main(int argc, char **argv) {
     int *tokens = malloc_check(per_step * sizeof(int));
     double tokens_per_step = (double)tc.n_micro * tc.B * tc.T;
     StepTimes times = {0};
+    double val_loss = NAN, most_dead = 0.0;  // the last validation's
     for (int step = st->step; step <= tc.steps; step++) {
         int last = step == tc.steps;
         if (tc.val_every && (step % tc.val_every == 0 || last)) {
             RouteHealth health;
             health_init(&health, &cfg);
-            double vl = evaluate(&m, &r.val, tc.B, tc.val_batches, &health, 0);
-            report_validation(r.log, step, vl, &health, &cfg);
+            val_loss = evaluate(&m, &r.val, tc.B, tc.val_batches, &health, 0);
+            most_dead = report_validation(r.log, step, val_loss, &health, &cfg);
             health_free(&health);
         }
         if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last)) {
@@ -3220,6 +3224,9 @@ int main(int argc, char **argv) {
             printf("saved %s\n", ckpath);
         }
     }
+    if (!isnan(val_loss))
+        printf("done: val loss %.4f against the unigram baseline's %.4f (%+.4f); at most %.0f%% dead tokens in a layer\n",
+               val_loss, unigram, val_loss - unigram, 100 * most_dead);
     fclose(r.log);
     free(tokens);
     free(r.resume);

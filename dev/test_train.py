@@ -346,6 +346,20 @@ def gen_anywhere(tmp, ck):
                  prog=INFER, cwd=elsewhere)
 
 
+def done_line(stdout):
+    """The run's last line: the last val loss against the printed unigram baseline, the most dead layer."""
+    last_val = [l for l in stdout.splitlines() if l.startswith("val step")][-1]
+    val = float(re.search(r"loss (\S+)", last_val).group(1))
+    dead = max(int(x) for x in re.search(r"dead% (\S+)", last_val).group(1).split("/"))
+    unigram = float(re.search(r"unigram baseline: \S+ on train, (\S+) on val", stdout).group(1))
+    got = re.fullmatch(r"done: val loss (\S+) against the unigram baseline's (\S+) \((\S+)\); "
+                       r"at most (\d+)% dead tokens in a layer", stdout.splitlines()[-1])
+    ok = (got is not None and float(got.group(1)) == val and float(got.group(2)) == unigram
+          and abs(float(got.group(3)) - (val - unigram)) < 1.5e-4 and int(got.group(4)) == dead)
+    check("the last line: val loss, unigram baseline, most dead layer", ok, "last val %r; got %r" % (
+        last_val, stdout.splitlines()[-1]))
+
+
 def main():
     if not os.path.exists(TRAIN):
         sys.exit("error: %s not built; run make first" % TRAIN)
@@ -368,6 +382,7 @@ def main():
         tail = [l for l in la if re.match(r"step +[5-8]/|val step [468]", l)]
         check("resume: steps 5-8 equal the uninterrupted run bit for bit", c.returncode == 0 and tail == lc and len(tail) == 7,
               "\n".join(["uninterrupted:"] + tail + ["resumed:"] + lc + [c.stderr]))
+        done_line(a.stdout)
         with open(os.path.join(full, "ckpt_00000008.bin"), "rb") as f1, open(os.path.join(part, "ckpt_00000008.bin"), "rb") as f2:
             check("resume: final checkpoints identical", f1.read() == f2.read())
         check("keep the last N checkpoints", sorted(os.listdir(full)) == ["ckpt_00000004.bin", "ckpt_00000008.bin", "log.jsonl"],
@@ -467,6 +482,11 @@ def main():
         expect_error("G not dividing L", ["-L", "6", "-g", "4"], "-g", code=2)
         expect_error("T beyond maxT", ["-t", "2048"], "-t", code=2)
         expect_error("K beyond E", ["-k", "9", "-e", "8"], "K", code=2)
+        expect_error("-R sigmoid with an aux loss", ["-R", "sigmoid", "-a", "layer"], "-a layer", code=2)
+        expect_error("a negative bias rate", ["-R", "sigmoid", "-br", "-1"], "-br", code=2)
+        expect_error("-br without the sigmoid router", ["-R", "norm", "-br", "1e-3"], "-br", code=2)
+        expect_error("a zero init std", ["-I", "0"], "-I", code=2)
+        expect_error("an init std that is not a number", ["-I", "small"], "-I", code=2)
 
         # NaN: a checkpoint whose parameters hold a NaN stops the run, naming the step, keeping the checkpoint.
         nan_dir = os.path.join(tmp, "nan")
