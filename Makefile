@@ -37,13 +37,15 @@ TRAIN_FLAGS ?= -p tiny -o pool -b 16 -t 128 -n 400 -l 2e-3 -w 30 -I 0.025 -A 1e-
 train: train_unipool $(DATA)
 	./train_unipool $(TRAIN_FLAGS)
 
-# Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline.
+# Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline,
+# the ablation driver (on a micro model).
 test: $(PROGS) $(DATA)
 	./test_unipool
 	$(PY) dev/test_model.py
 	$(PY) dev/test_train.py
 	$(PY) dev/test_convert.py
 	$(PY) dev/test_data.py
+	$(PY) dev/ablation/test_ablation.py
 
 # Speed and memory figures (dev/bench/run.sh prints them all); never part of make test.
 dev/bench/bench: dev/bench/bench.c train_unipool.c
