@@ -148,7 +148,7 @@ _SOTU = []
 
 
 def sotu_texts():
-    """The 233 addresses, newest first, from data/cache/sotu.jsonl.zst."""
+    """The 233 addresses in corpus order, from data/cache/sotu.jsonl.zst."""
     if not _SOTU:
         _SOTU.extend(json.loads(l)["text"] for l in _sotu_jsonl().decode("utf-8").splitlines()
                      if l.strip())
@@ -522,12 +522,17 @@ def test_download_with_resume():
 
 
 def test_sotu_corpus_end_to_end():
-    """data/sotu from fetch_sotu.py: newest first, val whole documents, and the whole
-    token stream equal to js-tiktoken's over the 233 addresses."""
+    """data/sotu from fetch_sotu.py: the newest 13 first (the val split, whole documents), the
+    others mixed so that every train shard holds every era, and the whole token stream equal to
+    js-tiktoken's over the 233 addresses."""
     raw = _sotu_jsonl()
     lines = [json.loads(l) for l in raw.decode().splitlines() if l.strip()]
     years = [d["meta"]["year"] for d in lines]
-    assert len(lines) == 233 and years == sorted(years, reverse=True), years[:5]
+    n_val = fetch_sotu.VAL_ADDRESSES
+    assert len(lines) == 233 and years[:n_val] == sorted(years, reverse=True)[:n_val], years[:n_val + 2]
+    assert years[:n_val] == list(range(2021, 2008, -1)) and min(years) == 1790, (years[:n_val], min(years))
+    for part in (years[n_val:122], years[122:]):  # each half of the train addresses: both centuries
+        assert min(part) < 1850 and max(part) > 1950, sorted(part)
     assert all(d["meta"]["pile_set_name"] == "SOTU" for d in lines)
     plain = os.path.join(Env.tmp, "sotu.jsonl")
     with open(plain, "wb") as f:

