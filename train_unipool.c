@@ -8,7 +8,8 @@ G*E experts, and layer l's router chooses among the E experts of pool
 g(l) = l / (L/G). G = L is vanilla MoE, G = 1 is UniPool, anything between is
 a grouped pool. Nothing else in the code knows which of them it runs.
 
-The model (../shared/SPEC.md is the contract, to the last term):
+The model (dev/SPEC.md is the contract, to the last term; "SPEC section N" below
+cites it):
   token embedding -> L pre-norm blocks [RMSNorm, causal attention with GQA and
   rotate-half RoPE, RMSNorm, router + top-K of SwiGLU experts] -> RMSNorm ->
   untied LM head over a padded vocabulary.
