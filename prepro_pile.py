@@ -37,7 +37,7 @@ from an earlier run that this run did not write are deleted, so OUT holds one
 consistent set (a failed run leaves the earlier set as it was). The output is
 byte-identical for any -j.
 
-Tokenizer: tiktoken's gpt2 if `import tiktoken` works, else gpt2_bpe.py (this
+Tokenizer: tiktoken's gpt2 if `import tiktoken` works, else dev/gpt2_bpe.py (this
 repo, standard library only, same ids) over encoder.json and vocab.bpe from
 --encoder-dir (default data/cache/gpt2/, fetched by dev/data/fetch_sotu.py).
 
@@ -62,7 +62,6 @@ import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "dev"))
 import gpt2_bpe  # noqa: E402
 from magic import magic  # noqa: E402
@@ -502,7 +501,7 @@ def parse_args(argv):
     p.add_argument("--cache-dir", default=DEFAULT_CACHE,
                    help="where URLs are downloaded to (default: data/cache under the repo)")
     p.add_argument("--tokenizer", choices=["auto", "builtin", "tiktoken"], default="auto",
-                   help="auto: tiktoken if importable, else builtin gpt2_bpe.py (same ids)")
+                   help="auto: tiktoken if importable, else builtin dev/gpt2_bpe.py (same ids)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.add_argument("--encode", metavar="TEXT", help="print the GPT-2 ids of TEXT ('-': stdin) and exit")
     p.add_argument("--decode", metavar="IDS", help="print the text of space-separated ids ('-': stdin) and exit")

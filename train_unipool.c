@@ -8,14 +8,17 @@ G*E experts, and layer l's router chooses among the E experts of pool
 g(l) = l / (L/G). G = L is vanilla MoE, G = 1 is UniPool, anything between is
 a grouped pool. Nothing else in the code knows which of them it runs.
 
-The model (../shared/SPEC.md is the contract, to the last term):
+The model (dev/SPEC.md is the contract, to the last term; "SPEC section N" below
+cites it):
   token embedding -> L pre-norm blocks [RMSNorm, causal attention with GQA and
   rotate-half RoPE, RMSNorm, router + top-K of SwiGLU experts] -> RMSNorm ->
   untied LM head over a padded vocabulary.
 
-Reading order: helpers, configuration and the parameter table, layers (each
-_forward next to its _backward, fast kernels next to their naive twins), the
-model, the optimizer, the training step, main.
+Reading order: helpers, configuration and the parameter table, the kernels'
+interface, the layers (each _forward next to its _backward, in plain loops),
+the routers, the model (ownership, the aux losses, the mixture of experts,
+forward and backward), AdamW, the training step, data, checkpoints, main;
+last, the machinery: the fast kernels behind the interface.
 
 Short names, the same everywhere:
   B batch, T time, N = B*T tokens, C channels, L layers, NH query heads,
@@ -49,90 +52,26 @@ Short names, the same everywhere:
 
 #define EXIT_USAGE 2
 
-// Naive twins of the fast kernels are only called by test_unipool.c.
-#define NAIVE_TWIN __attribute__((unused)) static
-
 #ifdef UNIPOOL_FUZZ
 #include <setjmp.h>
 static jmp_buf fuzz_escape;  // dev/fuzz: a rejected input returns to the harness instead of exiting
 #endif
 
-// Prints "error: " fmt tail as one line and exits with code.
-__attribute__((noreturn))
-static void die(int code, const char *tail, const char *fmt, va_list ap) {
-    fputs("error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs(tail, stderr);
-    fputc('\n', stderr);
-#ifdef UNIPOOL_FUZZ
-    longjmp(fuzz_escape, 1);
-#endif
-    exit(code);
-}
-
-__attribute__((format(printf, 1, 2), noreturn))
-static void fail(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    die(EXIT_FAILURE, "", fmt, ap);
-}
-
-__attribute__((format(printf, 1, 2), noreturn))
-static void usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    die(EXIT_USAGE, "; run with -h for help", fmt, ap);
-}
-
-static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line) {
-    FILE *f = fopen(path, mode);
-    if (!f) fail("cannot open '%s' (%s): %s; check the path and permissions [%s:%d]",
-                 path, mode[0] == 'r' ? "read" : "write", strerror(errno), src, line);
-    return f;
-}
+// Defined with the I/O code below ("Errors and checked I/O").
+__attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt, ...);
+__attribute__((format(printf, 1, 2), noreturn)) static void usage_error(const char *fmt, ...);
+static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line);
 #define fopen_check(path, mode) fopen_check_(path, mode, __FILE__, __LINE__)
-
-// Reads exactly n items or fails naming the file: short files are the usual
-// sign of a truncated download or an interrupted write.
-static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path,
-                         const char *src, int line) {
-    size_t got = fread(dst, size, n, f);
-    if (got != n) fail("'%s' is truncated or unreadable (wanted %zu items of %zu bytes, got %zu); "
-                       "re-create the file [%s:%d]", path, n, size, got, src, line);
-}
+static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path, const char *src, int line);
 #define fread_check(dst, size, n, f, path) fread_check_(dst, size, n, f, path, __FILE__, __LINE__)
-
-static void *malloc_check_(size_t size, const char *src, int line) {
-    void *p = malloc(size ? size : 1);
-    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
-                 size / 1048576.0, src, line);
-    return p;
-}
+static void *malloc_check_(size_t size, const char *src, int line);
 #define malloc_check(size) malloc_check_(size, __FILE__, __LINE__)
-
-static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
-    void *p = calloc(n ? n : 1, size);
-    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
-                 (double)n * size / 1048576.0, src, line);
-    return p;
-}
+static void *calloc_check_(size_t n, size_t size, const char *src, int line);
 #define calloc_check(n, size) calloc_check_(n, size, __FILE__, __LINE__)
 
 /* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
-   activations), in 2 MiB-aligned blocks the kernel is asked to back with huge
-   pages: at 182M that is 4.8 million page faults fewer at start (about 30 s
-   of system time here), and fewer TLB misses in the matmuls. The advice may be
-   ignored; the memory is the same either way. */
-static void *calloc_big_(size_t size, const char *src, int line) {
-    size_t huge = (size_t)2 << 20, n = (size + huge - 1) / huge * huge;
-    void *p = aligned_alloc(huge, n ? n : huge);
-    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]", size / 1048576.0, src, line);
-#ifdef MADV_HUGEPAGE
-    madvise(p, n, MADV_HUGEPAGE);
-#endif
-    memset(p, 0, n);
-    return p;
-}
+   activations); defined in the machinery section (huge pages). */
+static void *calloc_big_(size_t size, const char *src, int line);
 #define calloc_big(size) calloc_big_(size, __FILE__, __LINE__)
 
 // ----------------------------------------------------------------------------
@@ -265,6 +204,48 @@ static const char *config_error(const Config *c) {
 }
 
 // ----------------------------------------------------------------------------
+// The kernels' interface. The model calls these names; each has two
+// definitions: a plain one (name_ref) next to its math below, and a fast one
+// (name_fast) in the machinery section at the end of the file. A build runs
+// on the fast ones, `make REFERENCE=1` (-DUNIPOOL_REFERENCE) on the plain
+// ones, and test_unipool holds each fast kernel to its plain twin.
+
+#ifdef UNIPOOL_REFERENCE
+#define KERNEL(name) name##_ref
+#else
+#define KERNEL(name) name##_fast
+#endif
+#define KERNEL_DEF __attribute__((unused)) static  // a build leaves one definition of each unused
+
+#define exponential KERNEL(exp)                      // expf
+#define matmul_forward KERNEL(matmul_forward)        // a linear map and its gradients
+#define matmul_backward KERNEL(matmul_backward)
+#define attention_forward KERNEL(attention_forward)  // causal attention with grouped key/value heads
+#define attention_backward KERNEL(attention_backward)
+#define moe_forward KERNEL(moe_forward)              // the expert set: one layer's mixture of experts
+#define moe_backward KERNEL(moe_backward)
+
+typedef struct MoeLayer MoeLayer;  // one layer's view of its pool (see "The mixture of experts")
+
+/* One attention call: B sequences of T queries at positions [t0, t0 + T),
+   NH query heads and NKV key/value heads of hd each. */
+typedef struct {
+    int B, T, t0, NH, NKV, hd;
+    const float *q;      // (B,T,NH*hd) queries after RoPE
+    const float *k, *v;  // (B,t0+T,NKV*hd) keys after RoPE, values
+} Attention;
+
+static inline float exp_fast(float x);
+KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows, int n_in, int n_out);
+KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                                     int rows, int n_in, int n_out);
+KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at);
+KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                        const float *lse, const Attention *at);
+KERNEL_DEF void moe_forward_fast(float *y, const MoeLayer *ml);
+KERNEL_DEF void moe_backward_fast(float *dx, float *dscore, const float *dy, const MoeLayer *ml);
+
+// ----------------------------------------------------------------------------
 // Small vector helpers. gcc vectorises a float sum only when it may reorder
 // it; 16 independent partial sums give it that freedom without -ffast-math,
 // and the order (hence the result) is fixed.
@@ -295,33 +276,9 @@ static inline float max_of(const float *x, int n) {  // 16 partial maxima, for t
     return m[0];
 }
 
-/* exp(x) in a form gcc vectorises (libm's expf is a call per element):
-   x = n ln2 + r with |r| <= ln2/2, exp(r) by the degree-6 polynomial of
-   Cephes' expf, 2^n written into the exponent bits. Within 2 ulp of libm on
-   [-87, 88]; inputs are clamped to it (exp(-87) ~ 1.6e-38 stands in for 0),
-   and NaN stays NaN. test_unipool holds it to libm. */
-static inline float exp_fast(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round(x / ln2) lands in the low bits
-    float n = t - 12582912.0f;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts, for an exact product
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t bits;
-    memcpy(&bits, &t, sizeof bits);
-    bits = (bits - 0x4B400000u + 127u) << 23;  // n + 127, the biased exponent of 2^n
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+static inline float exp_ref(float x) { return expf(x); }
 
-static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exponential(-x)); }
 
 /* sum_i exp(x[i] - shift), in 8 double partial sums: 50,000 terms stay
    exact to ~1e-9. The terms are stored in out (which may be x) unless it is
@@ -331,12 +288,12 @@ static inline double sum_exp(float *out, const float *x, int n, float shift) {
     int i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) {
-            float e = exp_fast(x[i + j] - shift);
+            float e = exponential(x[i + j] - shift);
             if (out) out[i + j] = e;
             acc[j] += e;
         }
     for (; i < n; i++) {
-        float e = exp_fast(x[i] - shift);
+        float e = exponential(x[i] - shift);
         if (out) out[i] = e;
         acc[0] += e;
     }
@@ -396,286 +353,34 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
     }
 }
 
-/* Matrix multiply. Every product in the model is C (M,N) = [C +] A (M,K) B (K,N)
-   with A and B read through strides, so one kernel serves the forward
-   (out = inp W^T, W as nn.Linear stores it) and both backward products.
-   It is the classic cache-blocked GEMM: a KC x NC block of B and the KC-deep
-   slices of A are packed into contiguous panels, and a register tile of
-   GM_MR x GM_NR outputs runs over each panel pair. The sum over K always runs
-   in the same order and each output has one owner, so the result does not
-   depend on the thread count. */
-
-// Block sizes, tuned on this machine with dev/bench (-DGM_KC=... overrides them).
-#define GM_MR 6          // register tile: rows of A
-#define GM_NR 16         // register tile: columns of B (two 8-float vectors)
-#ifndef GM_KC
-#define GM_KC 256        // depth of a block: a packed B panel (KC x NR) stays in L1
-#endif
-#ifndef GM_MC
-#define GM_MC 144        // rows of A per block, a multiple of MR: a packed A block (MC x KC) stays in L2
-#endif
-#ifndef GM_NC
-#define GM_NC 3072       // columns of B per block: a packed B block (KC x NC) stays in L3
-#endif
-#ifndef GM_KROW
-#define GM_KROW 4096     // depth of a block when A is read in place: a B panel (KROW x NR) stays in L2
-#endif
-#ifndef GM_SMALL
-#define GM_SMALL 192     // an operand multiplied by fewer rows or columns than this is read in place
-#endif
-
-typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
-
-/* The register tile: acc (MR,NR) = sum over kc of column k of A times row k
-   of B, with A's rows at a[i] (step ak along k) and B's rows step bk apart.
-   Packed panels have ak = MR, bk = NR; an operand read in place has its own
-   strides. With gcc or clang it is written in vector extensions: 12
-   accumulators in registers, B rows loaded once, A values broadcast straight
-   from memory (a broadcast from a register would take a slot of an FMA
-   port). Elsewhere plain C computes the same sums in the same order.
-   An operand read in place from memory can be fetched ahead, pa floats past
-   A's rows (a line per row every 16 steps) or pb floats past B's rows (each
-   step); 0 fetches nothing. */
-#if defined(__GNUC__)
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline void gemm_tile(float acc_out[GM_MR][GM_NR], const float *const a[GM_MR], size_t ak,
-                             const float *restrict b, size_t bk, int kc, size_t pa, size_t pb) {
-    v8f acc[GM_MR][2];
-    memset(acc, 0, sizeof acc);
-#pragma GCC unroll 4
-    for (int k = 0; k < kc; k++, b += bk) {
-        if (pa && k % 16 == 0)
-            for (int i = 0; i < GM_MR; i++) __builtin_prefetch(a[i] + k * ak + pa);
-        if (pb) __builtin_prefetch(b + pb);
-        v8f b0, b1;
-        memcpy(&b0, b, sizeof b0);
-        memcpy(&b1, b + 8, sizeof b1);
-        for (int i = 0; i < GM_MR; i++) {
-            float x = a[i][k * ak];
-            v8f ai = {x, x, x, x, x, x, x, x};
-            acc[i][0] += ai * b0;
-            acc[i][1] += ai * b1;
-        }
-    }
-    memcpy(acc_out, acc, sizeof acc);
-}
-#else
-static inline void gemm_tile(float acc[GM_MR][GM_NR], const float *const a[GM_MR], size_t ak,
-                             const float *restrict b, size_t bk, int kc, size_t pa, size_t pb) {
-    (void)pa, (void)pb;
-    memset(acc, 0, sizeof(float) * GM_MR * GM_NR);
-    for (int k = 0; k < kc; k++, b += bk)
-        for (int i = 0; i < GM_MR; i++)
-            for (int j = 0; j < GM_NR; j++) acc[i][j] += a[i][k * ak] * b[j];
-}
-#endif
-
-/* Asks for the C lines a tile will update while the tile is being computed:
-   C is usually far bigger than the caches, and a tile's 6 row misses would
-   otherwise stall the store after every product. */
-static inline void tile_prefetch(const float *c, size_t crs, size_t ccs, int mr) {
-#if defined(__GNUC__)
-    for (int i = 0; i < mr; i++) {
-        __builtin_prefetch(c + (size_t)i * crs, 1);
-        __builtin_prefetch(c + (size_t)i * crs + (GM_NR - 1) * ccs, 1);
-    }
-#else
-    (void)c, (void)crs, (void)ccs, (void)mr;
-#endif
-}
-
-/* C rows r0.., columns c0.. [+]= the mr x nr corner of a tile; a full tile
-   into contiguous rows goes as whole rows (the loop vectorises). */
-static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR][GM_NR], int mr, int nr, int add) {
-    if (ccs == 1 && nr == GM_NR) {
-        for (int i = 0; i < mr; i++) {
-            float *restrict row = c + (size_t)i * crs;
-            if (add)
-                for (int j = 0; j < GM_NR; j++) row[j] += acc[i][j];
-            else
-                for (int j = 0; j < GM_NR; j++) row[j] = acc[i][j];
-        }
-        return;
-    }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float *x = c + (size_t)i * crs + (size_t)j * ccs;
-            *x = add ? *x + acc[i][j] : acc[i][j];
-        }
-}
-
-static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only scratch for the packed panels
-    if (n > *cap) {
-        free(*buf);
-        *buf = malloc_check(n * sizeof(float));
-        *cap = n;
-    }
-    return *buf;
-}
-
-/* Packed panels are a cache line more than kc x width apart: a multiple of
-   4 KiB apart, the lines a pack writes at one depth k (one per panel) would
-   all fall in the same L1 set. */
-static size_t panel_stride(int kc, int width) { return (size_t)kc * width + GM_NR; }
-
-/* Packs rows [0, rows) and depth [k0, k0+kc) of X into panels of `width`
-   rows, each k-major and zero-padded: panel i holds X(i*width + w, k0 + k) at
-   dst[i panel_stride + k width + w]. The loop runs along whichever index of X
-   is contiguous, so a transposed operand packs as fast as a plain one. */
-static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) {
-    int np = (rows + width - 1) / width;
-    if (X.rs == 1) {  // columns of X are contiguous: each is cut into the panels' rows at depth k
-#pragma omp parallel for schedule(static)
-        for (int k = 0; k < kc; k++) {
-            const float *col = X.p + (size_t)(k0 + k) * X.cs;
-            for (int i = 0; i < np; i++) {
-                float *d = dst + i * panel_stride(kc, width) + (size_t)k * width;
-                int r0 = i * width, n = rows - r0 < width ? rows - r0 : width;
-                for (int w = 0; w < n; w++) d[w] = col[r0 + w];
-                for (int w = n; w < width; w++) d[w] = 0.0f;
-            }
-        }
-    } else {
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < np; i++)
-            for (int k = 0; k < kc; k++)
-                for (int w = 0; w < width; w++) {
-                    int r = i * width + w;
-                    dst[i * panel_stride(kc, width) + (size_t)k * width + w] = r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
-                }
-    }
-}
-
-/* C (M,N) [+]= A (M,K) B (K,N), element (r, c) of C at C[r crs + c ccs].
-   Blocks: KC-deep slices of A and B; B in blocks of NC columns (packed into
-   NR-wide panels, read from L3), A in blocks of MC rows (packed into MR-high
-   panels, kept in L2 by the thread that works on that block). An operand
-   that meets fewer than GM_SMALL rows or columns of the other is read in
-   place instead (packing it would cost as much as the product): B when M is
-   small and its rows are contiguous (and not 4 KiB apart), A when N is small
-   and its rows are. Such an operand comes from memory, so the tiles fetch
-   ahead what the next one will read: the next B panel, and the next rows of
-   A when those are short (the hardware prefetcher follows a row only after
-   a few lines of it). With few rows on the other side, a line serves only a
-   few FMAs and the loads must not wait. Measured on UniPool's experts (about
-   11 rows each per layer) in a training step: fetching ahead makes fc1's
-   forward and d input 5-10% faster, and packing fc2's weights (rows 12 KiB
-   apart) in blocks of whole rows makes its d input 30% faster. */
-static void gemm(float *C, size_t crs, size_t ccs, Mat A, Mat B, int M, int N, int K, int add) {
-    static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (expert_matmuls)
-    static _Thread_local size_t acap, bcap;
-    // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
-    // would evict itself before the next rows of A come to use it, so it is packed
-    int few = M < GM_SMALL;  // few rows of A
-    int a_direct = A.cs == 1 && N < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
-    // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
-    // threads' shares of the tiles are even; a few rows are one block and the threads split B
-    int mp = (M + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
-    int mcp = (mp + nmc - 1) / nmc;
-    // An A read in place goes whole rows at a time, up to KROW (long runs from memory, which the
-    // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
-    // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
-    // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
-    int kcb = a_direct ? (K < GM_KROW ? K : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
-    int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
-    ncb = N < ncb ? (N + GM_NR - 1) / GM_NR * GM_NR : ncb;
-    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
-    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb / GM_NR + 1) * panel_stride(kcb, GM_NR));
-    for (int n0 = 0; n0 < N; n0 += ncb) {
-        int nc = N - n0 < ncb ? N - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
-        int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
-        Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};  // B's columns are its panels' rows
-        for (int k0 = 0; k0 < K; k0 += kcb) {
-            int kc = K - k0 < kcb ? K - k0 : kcb, accumulate = add || k0 > 0;
-            if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
-            if (!a_direct) pack_panels(ap, A, M, k0, kc, GM_MR);
-            // tiles: blocks of A rows outermost, so a thread keeps its A block in L2 across all B panels
-#pragma omp parallel for schedule(static)
-            for (int t = 0; t < nmc * np; t++) {
-                int mb = t / np, j = t % np, c0 = n0 + j * GM_NR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
-                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (j - inplace) * panel_stride(kc, GM_NR);
-                size_t bk = j < inplace ? B.rs : GM_NR;
-                int i1 = (mb + 1) * mcp < mp ? (mb + 1) * mcp : mp;
-                for (int i = mb * mcp; i < i1; i++) {
-                    int r0 = i * GM_MR, mr = M - r0 < GM_MR ? M - r0 : GM_MR;
-                    const float *a[GM_MR];
-                    float acc[GM_MR][GM_NR];
-                    tile_prefetch(C + (size_t)r0 * crs + (size_t)c0 * ccs, crs, ccs, mr);
-                    // fetched ahead: the next panel, if read in place too, and the next tile's rows of
-                    // an A read in place, if they are shorter than a page (4 KiB). Both packed, the
-                    // call has constants and its copy of the tile loop no checks.
-                    size_t pb = j + 1 < inplace ? GM_NR : 0;
-                    if (a_direct) {  // rows past M repeat the last one; their sums are dropped
-                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
-                        size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= M ? GM_MR * A.rs : 0;
-                        gemm_tile(acc, a, 1, b, bk, kc, pa, pb);
-                    } else {
-                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + i * panel_stride(kc, GM_MR) + ii;
-                        if (j < inplace)
-                            gemm_tile(acc, a, GM_MR, b, bk, kc, 0, pb);
-                        else
-                            gemm_tile(acc, a, GM_MR, b, GM_NR, kc, 0, 0);
-                    }
-                    tile_store(C + (size_t)r0 * crs + (size_t)c0 * ccs, crs, ccs, acc, mr, nr, accumulate);
-                }
-            }
-        }
-    }
-}
-
-/* out (M,N) = inp (M,K) W^T, W (N,K): the forward of a linear map. A few
-   rows (decoding one token) are dot products straight off W. Up to
-   GM_SMALL rows (an expert's share of a batch) run as out^T = W inp^T, so
-   that W, the big operand, is read in place rather than packed. */
-static void matmul_forward(float *out, const float *inp, const float *w, int M, int K, int N) {
-    if (M >= GM_SMALL) {
-        gemm(out, (size_t)N, 1, (Mat){inp, (size_t)K, 1}, (Mat){w, 1, (size_t)K}, M, N, K, 0);
-    } else if (M >= GM_MR) {
-        gemm(out, 1, (size_t)N, (Mat){w, (size_t)K, 1}, (Mat){inp, 1, (size_t)K}, N, M, K, 0);
-    } else {
-#pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++)
-            for (int m = 0; m < M; m++) out[(size_t)m * N + n] = dot(inp + (size_t)m * K, w + (size_t)n * K, K);
-    }
-}
-
-/* dinp (M,K) += dout (M,N) W; dW (N,K) += dout^T inp; either may be NULL.
-   With few input features (K < GM_SMALL) the weight gradient runs as
-   dW^T = inp^T dout, so that dout, the big operand (the logits of a small
-   model), is read in place rather than packed. */
-static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                            int M, int K, int N) {
-    if (dinp) gemm(dinp, (size_t)K, 1, (Mat){dout, (size_t)N, 1}, (Mat){w, (size_t)K, 1}, M, K, N, 1);
-    if (dw && K < GM_SMALL && N >= GM_SMALL)
-        gemm(dw, 1, (size_t)K, (Mat){inp, 1, (size_t)K}, (Mat){dout, (size_t)N, 1}, K, N, M, 1);
-    else if (dw)
-        gemm(dw, (size_t)K, 1, (Mat){dout, 1, (size_t)N}, (Mat){inp, (size_t)K, 1}, N, K, M, 1);
-}
-
-// The naive twins the tests hold the fast kernels to.
-NAIVE_TWIN void matmul_forward_naive(float *out, const float *inp, const float *w, int M, int K, int N) {
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++) {
+/* A linear map, y = x W^T with W (out, in) as nn.Linear stores it:
+     forward:  out (rows,n_out) = inp (rows,n_in) W^T,  W (n_out,n_in)
+     backward: dinp (rows,n_in) += dout (rows,n_out) W,  dW (n_out,n_in) += dout^T inp
+   Here n_in and n_out are the map's input and output sizes. The plain loops sum in
+   double. */
+KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < n_out; o++) {
             double s = 0.0;
-            for (int k = 0; k < K; k++) s += (double)inp[(size_t)m * K + k] * w[(size_t)n * K + k];
-            out[(size_t)m * N + n] = (float)s;
+            for (int i = 0; i < n_in; i++) s += (double)inp[(size_t)r * n_in + i] * w[(size_t)o * n_in + i];
+            out[(size_t)r * n_out + o] = (float)s;
         }
 }
 
-NAIVE_TWIN void matmul_backward_naive(float *dinp, float *dw, const float *dout, const float *inp,
-                                  const float *w, int M, int K, int N) {
-    for (int m = 0; m < M && dinp; m++)
-        for (int k = 0; k < K; k++) {
+KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                                    int rows, int n_in, int n_out) {
+    // either of dinp, dw may be NULL
+    for (int r = 0; r < rows && dinp; r++)
+        for (int i = 0; i < n_in; i++) {
             double s = 0.0;
-            for (int n = 0; n < N; n++) s += (double)dout[(size_t)m * N + n] * w[(size_t)n * K + k];
-            dinp[(size_t)m * K + k] += (float)s;
+            for (int o = 0; o < n_out; o++) s += (double)dout[(size_t)r * n_out + o] * w[(size_t)o * n_in + i];
+            dinp[(size_t)r * n_in + i] += (float)s;
         }
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
+    for (int o = 0; o < n_out && dw; o++)
+        for (int i = 0; i < n_in; i++) {
             double s = 0.0;
-            for (int m = 0; m < M; m++) s += (double)dout[(size_t)m * N + n] * inp[(size_t)m * K + k];
-            dw[(size_t)n * K + k] += (float)s;
+            for (int r = 0; r < rows; r++) s += (double)dout[(size_t)r * n_out + o] * inp[(size_t)r * n_in + i];
+            dw[(size_t)o * n_in + i] += (float)s;
         }
 }
 
@@ -710,223 +415,68 @@ static void rope_apply(float *x, const float *cosv, const float *sinv, int N, in
     }
 }
 
-/* Causal attention with grouped key/value heads; query head h reads kv head
-   h / (NH/NKV). Neither pass stores the T x T matrix: the work goes in
-   blocks of ATT_QB queries, whose scores S = Q K^T / sqrt(hd) (ATT_QB x keys)
-   live in a scratch block; the forward keeps each row's output and
-   logsumexp, the backward recomputes P = exp(S - lse) and uses
-   dS = P (dO V^T - rowsum(dO O)). Every product is a register-tiled matmul
-   (gemm_tile). Tasks are (batch, kv head) pairs: each transposes its K and V
-   once and alone writes their gradients. The queries may start at position
-   t0 (KV-cache decoding, B = 1): keys and values then hold [0, t0 + T). */
-
-#define ATT_QB 48  // queries per block, a multiple of GM_MR
-
-/* c (m,n) [+]= a (m,k) b (k,n), one thread: row r of a at a + r a_rs with
-   step a_ks along k, row k of b at b + k b_ks, row r of c at c + r c_rs.
-   A ragged last column panel is copied into tail (k x GM_NR) first. */
-static void tile_gemm(float *c, size_t c_rs, const float *a, size_t a_rs, size_t a_ks, const float *b,
-                      size_t b_ks, int m, int n, int k, int add, float *tail) {
-    for (int c0 = 0; c0 < n; c0 += GM_NR) {
-        int nr = n - c0 < GM_NR ? n - c0 : GM_NR;
-        const float *bp = b + c0;
-        size_t bk = b_ks;
-        if (nr < GM_NR) {
-            for (int kk = 0; kk < k; kk++)
-                for (int j = 0; j < GM_NR; j++) tail[(size_t)kk * GM_NR + j] = j < nr ? b[(size_t)kk * b_ks + c0 + j] : 0.0f;
-            bp = tail, bk = GM_NR;
-        }
-        for (int r0 = 0; r0 < m; r0 += GM_MR) {
-            int mr = m - r0 < GM_MR ? m - r0 : GM_MR;
-            const float *ap[GM_MR];
-            for (int i = 0; i < GM_MR; i++) ap[i] = a + (size_t)(r0 + (i < mr ? i : mr - 1)) * a_rs;
-            float acc[GM_MR][GM_NR];
-            gemm_tile(acc, ap, a_ks, bp, bk, k, 0, 0);
-            tile_store(c + (size_t)r0 * c_rs + c0, c_rs, 1, acc, mr, nr, add);
-        }
-    }
-}
-
-/* A grow-only scratch buffer per thread: attention runs every layer, and a
-   fresh malloc of this size would be fresh pages from the kernel each time. */
-static float *thread_scratch(size_t n) {
-    static _Thread_local float *buf;
-    static _Thread_local size_t cap;
-    if (n > cap) {
-        free(buf);
-        buf = malloc_check(n * sizeof(float));
-        cap = n;
-    }
-    return buf;
-}
-
-/* Row stride of the blocks over S keys (and of the copies of K and V, S =
-   hd): S rounded up to whole panels (a panel row is one 64-byte line), and
-   to an odd number of them, so that a panel's rows fall in every L1 set. A
-   stride of a power-of-two lines puts them in a few sets, where they evict
-   each other: K and V as the model stores them are NKV hd floats apart,
-   1 KiB at 182M, and a T = 1024 block's rows 4 KiB. */
-static size_t att_ld(int S) {
-    size_t panels = ((size_t)S + GM_NR - 1) / GM_NR;
-    return (panels | 1) * GM_NR;
-}
-
-static void att_copy(float *y, size_t ld, const float *x, size_t stride, int S, int hd) {  // y (S,ld) = x (S,hd)
-    for (int s = 0; s < S; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
-}
-
-static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int S, int hd) {  // xt (hd,ld) = x (S,hd)^T
-    for (int s = 0; s < S; s++)
-        for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
-}
-
-/* Scores of queries q0 .. q0+m-1 (absolute positions pos0 + q0 + r) against
-   keys 0 .. n-1, scaled; keys past a query's position are -inf. */
-static void att_block_scores(float *s, size_t ld, const float *q, size_t qs, const float *kt, size_t kld, int m, int n,
-                             int hd, int pos, float scale, float *tail) {
-    tile_gemm(s, ld, q, qs, 1, kt, kld, m, n, hd, 0, tail);
-    for (int r = 0; r < m; r++)
-        for (int j = 0; j < n; j++) s[(size_t)r * ld + j] = j <= pos + r ? s[(size_t)r * ld + j] * scale : -INFINITY;
-}
-
-static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
-                              int B, int T, int t0, int NH, int NKV, int hd) {
+/* Causal attention with grouped key/value heads: query head h reads
+   key/value head h / (NH/NKV), and the query at position t sees keys j <= t:
+     s_j = q_t . k_j / sqrt(hd),  p = softmax(s),  o_t = sum_j p_j v_j
+   The forward keeps each row's logsumexp, lse = log sum_j exp(s_j), so the
+   backward recomputes p_j = exp(s_j - lse) instead of storing T x T of them:
+     ds_j = p_j (do_t . v_j - do_t . o_t)
+     dq_t += sum_j ds_j k_j / sqrt(hd),  dk_j += ds_j q_t / sqrt(hd),  dv_j += p_j do_t
+   The queries may start at position t0 (KV-cache decoding, B = 1): keys and
+   values then hold positions [0, t0 + T). */
+KERNEL_DEF void attention_forward_ref(float *out, float *lse, const Attention *at) {
     // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
-    float scale = 1.0f / sqrtf((float)hd);
-    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV, S = t0 + T;
-    size_t ld = att_ld(S), lv = att_ld(hd);
-#pragma omp parallel
-    {
-        // transposed K (hd,ld) with zero padding, V (S,hd) at row stride lv, a block of scores, the
-        // tail panel of tile_gemm
-        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)S * lv + (size_t)hd * GM_NR);
-        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)S * lv, *tail = sb + (size_t)ATT_QB * ld;
-        memset(kt, 0, (size_t)hd * ld * sizeof(float));
-#pragma omp for collapse(2) schedule(static)
-        for (int b = 0; b < B; b++)
-            for (int kh = 0; kh < NKV; kh++) {
-                att_transpose(kt, ld, k + (size_t)b * S * ks + kh * hd, ks, S, hd);
-                att_copy(vb, lv, v + (size_t)b * S * ks + kh * hd, ks, S, hd);
-                for (int h = kh * grp; h < (kh + 1) * grp; h++)
-                    for (int q0 = 0; q0 < T; q0 += ATT_QB) {
-                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;  // keys the block's last query sees
-                        size_t qo = ((size_t)b * T + q0) * qs + h * hd;
-                        att_block_scores(sb, ld, q + qo, qs, kt, ld, m, n, hd, t0 + q0, scale, tail);
-                        for (int r = 0; r < m; r++) {  // softmax of each row, in place
-                            float *p = sb + (size_t)r * ld, mx = max_of(p, n);
-                            double sum = sum_exp(p, p, n, mx);
-                            float inv = (float)(1.0 / sum);
-                            for (int j = 0; j < n; j++) p[j] *= inv;
-                            lse[((size_t)b * T + q0 + r) * NH + h] = mx + (float)log(sum);
-                        }
-                        tile_gemm(out + qo, qs, sb, ld, 1, vb, lv, m, hd, n, 0, tail);
-                    }
-            }
-    }
-}
-
-static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const float *out, const float *lse, int B,
-                               int T, int NH, int NKV, int hd) {
-    // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
-    float scale = 1.0f / sqrtf((float)hd);
+    int B = at->B, T = at->T, t0 = at->t0, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
-    size_t ld = att_ld(T), hl = (size_t)hd * ld, lv = att_ld(hd);
-#pragma omp parallel
-    {
-        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dS,
-        // K (T,hd) at row stride lv
-        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + (size_t)T * lv + ((size_t)ld + hd + ATT_QB) * GM_NR);
-        float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl, *db = pb + (size_t)ATT_QB * ld;
-        float *kb = db + (size_t)ATT_QB * ld, *tail = kb + (size_t)T * lv;
-        memset(kt, 0, 2 * hl * sizeof(float));  // the zero padding of K^T and V^T
-#pragma omp for collapse(2) schedule(static)
-        for (int b = 0; b < B; b++)
-            for (int kh = 0; kh < NKV; kh++) {
-                size_t ko = (size_t)b * T * ks + kh * hd;
-                att_transpose(kt, ld, k + ko, ks, T, hd);
-                att_transpose(vt, ld, v + ko, ks, T, hd);
-                att_copy(kb, lv, k + ko, ks, T, hd);
-                memset(dkt, 0, 2 * hl * sizeof(float));
-                for (int h = kh * grp; h < (kh + 1) * grp; h++)
-                    for (int q0 = 0; q0 < T; q0 += ATT_QB) {
-                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = q0 + m;
-                        size_t qo = ((size_t)b * T + q0) * qs + h * hd;
-                        att_block_scores(pb, ld, q + qo, qs, kt, ld, m, n, hd, q0, scale, tail);
-                        tile_gemm(db, ld, dout + qo, qs, 1, vt, ld, m, n, hd, 0, tail);  // dP = dO V^T
-                        for (int r = 0; r < m; r++) {
-                            size_t row = (size_t)b * T + q0 + r;
-                            float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd), l = lse[row * NH + h];
-                            float *p = pb + (size_t)r * ld, *d = db + (size_t)r * ld;
-                            for (int j = 0; j < n; j++) {
-                                p[j] = exp_fast(p[j] - l);       // masked: exp_fast(-inf) ~ 1.6e-38
-                                d[j] = p[j] * (d[j] - D) * scale;  // dS
-                            }
-                        }
-                        tile_gemm(dq + qo, qs, db, ld, 1, kb, lv, m, hd, n, 1, tail);               // dQ += dS K
-                        tile_gemm(dkt, ld, q + qo, 1, qs, db, ld, hd, n, m, 1, tail);               // dK^T += Q^T dS
-                        tile_gemm(dvt, ld, dout + qo, 1, qs, pb, ld, hd, n, m, 1, tail);            // dV^T += dO^T P
-                    }
-                for (int s = 0; s < T; s++)
-                    for (int i = 0; i < hd; i++) {
-                        dk[ko + (size_t)s * ks + i] += dkt[(size_t)i * ld + s];
-                        dv[ko + (size_t)s * ks + i] += dvt[(size_t)i * ld + s];
-                    }
-            }
-    }
-}
-
-// The naive twin: the full T x T probability matrix per head, as textbooks write it.
-NAIVE_TWIN void attention_forward_naive(float *out, float *att, const float *q, const float *k, const float *v,
-                                    int B, int T, int NH, int NKV, int hd) {
-    // out (B,T,NH*hd), att (B,NH,T,T) probabilities (0 above the diagonal)
-    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
+    double scale = 1.0 / sqrt((double)hd), *p = malloc_check((size_t)(t0 + T) * sizeof(double));
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++)
             for (int t = 0; t < T; t++) {
-                float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                const float *qt = q + ((size_t)b * T + t) * qs + h * hd;
+                const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd, *vb = v + (kb - k);
+                float *o = out + ((size_t)b * T + t) * qs + h * hd;
+                int n = t0 + t + 1;  // keys this query sees
                 double mx = -INFINITY, sum = 0.0;
-                for (int s = 0; s < T; s++) {
-                    double sc = 0.0;
-                    for (int i = 0; i < hd; i++)
-                        sc += (double)q[((size_t)b * T + t) * qs + h * hd + i] *
-                              k[((size_t)b * T + s) * ks + (h / grp) * hd + i];
-                    a[s] = s <= t ? (float)(sc / sqrt((double)hd)) : -INFINITY;
-                    if (a[s] > mx) mx = a[s];
+                for (int j = 0; j < n; j++) {
+                    double s = 0.0;
+                    for (int i = 0; i < hd; i++) s += (double)qt[i] * kb[(size_t)j * ks + i];
+                    p[j] = s * scale;
+                    mx = p[j] > mx ? p[j] : mx;
                 }
-                for (int s = 0; s < T; s++) sum += s <= t ? exp(a[s] - mx) : 0.0;
-                for (int s = 0; s < T; s++) a[s] = s <= t ? (float)(exp(a[s] - mx) / sum) : 0.0f;
+                for (int j = 0; j < n; j++) sum += (p[j] = exp(p[j] - mx));
                 for (int i = 0; i < hd; i++) {
-                    double o = 0.0;
-                    for (int s = 0; s <= t; s++) o += (double)a[s] * v[((size_t)b * T + s) * ks + (h / grp) * hd + i];
-                    out[((size_t)b * T + t) * qs + h * hd + i] = (float)o;
+                    double acc = 0.0;
+                    for (int j = 0; j < n; j++) acc += p[j] / sum * vb[(size_t)j * ks + i];
+                    o[i] = (float)acc;
                 }
+                lse[((size_t)b * T + t) * NH + h] = (float)(mx + log(sum));
             }
+    free(p);
 }
 
-NAIVE_TWIN void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                                     const float *k, const float *v, const float *att, int B, int T, int NH,
-                                     int NKV, int hd) {
+KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                       const float *lse, const Attention *at) {
+    // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
+    int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
     double scale = 1.0 / sqrt((double)hd);
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++)
             for (int t = 0; t < T; t++) {
-                const float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                const float *dot_ = dout + ((size_t)b * T + t) * qs + h * hd;
-                double datt[T], sum = 0.0;  // d loss / d att[t][s], then softmax backward
-                for (int s = 0; s <= t; s++) {
-                    const float *vs = v + ((size_t)b * T + s) * ks + (h / grp) * hd;
-                    datt[s] = 0.0;
-                    for (int i = 0; i < hd; i++) datt[s] += (double)dot_[i] * vs[i];
-                    sum += datt[s] * a[s];
-                    for (int i = 0; i < hd; i++) dv[((size_t)b * T + s) * ks + (h / grp) * hd + i] += a[s] * dot_[i];
-                }
-                for (int s = 0; s <= t; s++) {
-                    double ds = a[s] * (datt[s] - sum) * scale;
+                size_t qo = ((size_t)b * T + t) * qs + h * hd, ko = (size_t)b * T * ks + (h / grp) * hd;
+                double D = 0.0, l = lse[((size_t)b * T + t) * NH + h];  // D = do_t . o_t
+                for (int i = 0; i < hd; i++) D += (double)dout[qo + i] * out[qo + i];
+                for (int j = 0; j <= t; j++) {
+                    size_t kj = ko + (size_t)j * ks;
+                    double s = 0.0, dp = 0.0;
+                    for (int i = 0; i < hd; i++) s += (double)q[qo + i] * k[kj + i], dp += (double)dout[qo + i] * v[kj + i];
+                    double pj = exp(s * scale - l), ds = pj * (dp - D) * scale;
                     for (int i = 0; i < hd; i++) {
-                        dq[((size_t)b * T + t) * qs + h * hd + i] += (float)(ds * k[((size_t)b * T + s) * ks + (h / grp) * hd + i]);
-                        dk[((size_t)b * T + s) * ks + (h / grp) * hd + i] += (float)(ds * q[((size_t)b * T + t) * qs + h * hd + i]);
+                        dq[qo + i] += (float)(ds * k[kj + i]);
+                        dk[kj + i] += (float)(ds * q[qo + i]);
+                        dv[kj + i] += (float)(pj * dout[qo + i]);
                     }
                 }
             }
@@ -949,7 +499,7 @@ static void router_forward(float *score, const float *z, float sigma, const Conf
         if (c->router == ROUTER_SOFTMAX) {
             float mx = zn[0], sum = 0.0f;
             for (int j = 1; j < E; j++) mx = zn[j] > mx ? zn[j] : mx;
-            for (int j = 0; j < E; j++) sum += (s[j] = exp_fast(zn[j] - mx));
+            for (int j = 0; j < E; j++) sum += (s[j] = exponential(zn[j] - mx));
             for (int j = 0; j < E; j++) s[j] /= sum;
         } else if (c->router == ROUTER_NORM) {
             float inv = 1.0f / (sqrtf(dot(zn, zn, E)) + c->router_eps);
@@ -1016,7 +566,7 @@ static void router_backward(float *dz, float *dsigma, const float *dscore, const
             float r = sqrtf(dot(zn, zn, E)), re = r + c->router_eps, duz = 0.0f;
             for (int j = 0; j < E; j++) {
                 float u = zn[j] / re;
-                d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du, for now
+                d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du; dz below
                 dsig += (double)c->router_c * (u > 0.0f ? u : 0.0f) * ds[j];
                 duz += d[j] * zn[j];
             }
@@ -1073,295 +623,6 @@ static float norm_router_c(int E, int K, long draws, uint64_t seed) {
     return used ? (float)(sum / used) : 1.0f;
 }
 
-// SwiGLU: h = [a; b] (2F), out = silu(a) * b, silu(a) = a sigmoid(a)
-
-static void swiglu_forward(float *out, const float *h, int M, int F) {
-    // out (M,F), h (M,2F)
-#pragma omp parallel for schedule(static)
-    for (int m = 0; m < M; m++) {
-        const float *a = h + (size_t)m * 2 * F, *b = a + F;
-        float *o = out + (size_t)m * F;
-        for (int i = 0; i < F; i++) o[i] = a[i] * sigmoid(a[i]) * b[i];
-    }
-}
-
-/* da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a);
-   and the forward's output again, act = silu(a) b (the same bits), which
-   the weight gradient of fc2 needs. In place: dh may be h and act may be
-   dout. Each element is read before it is written, but a vectorised loop
-   may not assume so; inputs go through a small copy. */
-#define SWIGLU_CHUNK 256
-static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M, int F) {
-    // dh (M,2F) written, act (M,F) written, dout (M,F), h (M,2F)
-#pragma omp parallel for schedule(static)
-    for (int m = 0; m < M; m++)
-        for (int i0 = 0; i0 < F; i0 += SWIGLU_CHUNK) {
-            int n = F - i0 < SWIGLU_CHUNK ? F - i0 : SWIGLU_CHUNK;
-            float a[SWIGLU_CHUNK], b[SWIGLU_CHUNK], d[SWIGLU_CHUNK];
-            memcpy(a, h + (size_t)m * 2 * F + i0, n * sizeof(float));
-            memcpy(b, h + (size_t)m * 2 * F + F + i0, n * sizeof(float));
-            memcpy(d, dout + (size_t)m * F + i0, n * sizeof(float));
-            float *restrict da = dh + (size_t)m * 2 * F + i0, *restrict db = da + F, *restrict o = act + (size_t)m * F + i0;
-            for (int i = 0; i < n; i++) {
-                float sg = sigmoid(a[i]), silu = a[i] * sg;
-                da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
-                db[i] = d[i] * silu;
-                o[i] = silu * b[i];
-            }
-        }
-}
-
-/* The mixture of one layer, dropless: y_n = sum_k gate_nk expert_{chosen_nk}(x_n).
-   The N*K (token, slot) assignments are counting-sorted by expert (stable,
-   so deterministic); each expert then runs as one matmul over its contiguous
-   block of gathered rows, and the results are scattered back with the gates.
-   fc1 and fc2 point at the E experts this layer's router sees. */
-typedef struct {
-    int *order;   // (N*K) assignment a = n*K + k at each sorted position
-    int *slot;    // (N*K) sorted position of each assignment (inverse of order)
-    int *offset;  // (E+1) first sorted position of each expert
-} Dispatch;
-
-static void moe_dispatch(Dispatch *d, const int *chosen, int NK, int E) {
-    for (int e = 0; e <= E; e++) d->offset[e] = 0;
-    for (int a = 0; a < NK; a++) d->offset[chosen[a] + 1]++;
-    for (int e = 0; e < E; e++) d->offset[e + 1] += d->offset[e];
-    for (int a = 0; a < NK; a++) d->slot[a] = d->offset[chosen[a]]++;
-    for (int e = E; e > 0; e--) d->offset[e] = d->offset[e - 1];  // undo the increments
-    d->offset[0] = 0;
-    for (int a = 0; a < NK; a++) d->order[d->slot[a]] = a;
-}
-
-static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int K, int C) {
-    // xs (N*K,C) rows in sorted order, x (N,C)
-#pragma omp parallel for schedule(static)
-    for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
-}
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-/* The experts' products of one layer, each over its block of sorted rows:
-   y_e = x_e W_e^T (forward: x rows of K, y rows of N) or y_e += x_e W_e
-   (backward for the input: x rows of N, y rows of K), W (E,N,K). Experts
-   with more rows than a thread's share of the layer's run in turn, each on
-   all threads; the rest run one per thread, largest first, which keeps the
-   threads about equally busy. Split across threads, a product of a few dozen
-   rows (a UniPool expert's tokens of a layer) would wait at dozens of
-   barriers for microseconds of work each, and even one of a few hundred
-   rows loses a tenth of its time to them. A product computes the same sums
-   whichever threads run it, so the result does not depend on them. */
-static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int K, int N,
-                          int backward) {  // expert e's product of expert_matmuls, below
-    size_t ys = backward ? (size_t)K : (size_t)N, xs = backward ? (size_t)N : (size_t)K;
-    int p0 = offset[e], ne = offset[e + 1] - p0;
-    float *ye = y + (size_t)p0 * ys;
-    const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * N * K;
-    if (backward)
-        matmul_backward(ye, NULL, xe, NULL, we, ne, K, N);
-    else
-        matmul_forward(ye, xe, we, ne, K, N);
-}
-
-static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int K, int N,
-                           int backward) {
-    int by_size[E];  // experts by rows, descending (insertion sort: E is at most a few hundred)
-    for (int e = 0; e < E; e++) {
-        int i = e, ne = offset[e + 1] - offset[e];
-        for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--) by_size[i] = by_size[i - 1];
-        by_size[i] = e;
-    }
-    int share = (offset[E] + max_threads() - 1) / max_threads();  // rows per thread
-    // the big ones outside any parallel region: inside one, even an inactive one (if false), the
-    // GEMM's own regions would be nested ones, which cost more to start (measured with libgomp: a
-    // 4096-row product 20% slower)
-    for (int i = 0; i < E; i++)
-        if (offset[by_size[i] + 1] - offset[by_size[i]] > share) expert_matmul(y, x, w, offset, by_size[i], K, N, backward);
-#pragma omp parallel for schedule(dynamic)
-    for (int i = 0; i < E; i++) {
-        int ne = offset[by_size[i] + 1] - offset[by_size[i]];
-        if (ne > 0 && ne <= share) expert_matmul(y, x, w, offset, by_size[i], K, N, backward);
-    }
-}
-
-static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, const float *x,
-                        const float *score, const int *chosen, const Dispatch *d, const float *fc1,
-                        const float *fc2, int N, int C, int F, int E, int K) {
-    // y (N,C) out; saved: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
-    // x (N,C), score (N,E), chosen (N,K), fc1 (E,2F,C), fc2 (E,C,F)
-    moe_gather(xs, x, d, N * K, K, C);
-    expert_matmuls(h, xs, fc1, d->offset, E, C, 2 * F, 0);
-    swiglu_forward(act, h, N * K, F);
-    expert_matmuls(eout, act, fc2, d->offset, E, F, C, 0);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *yn = y + (size_t)n * C;
-        for (int i = 0; i < C; i++) yn[i] = 0.0f;
-        for (int k = 0; k < K; k++) {
-            int a = n * K + k;
-            axpy(yn, score[(size_t)n * E + chosen[a]], eout + (size_t)d->slot[a] * C, C);
-        }
-    }
-}
-
-/* The backward of one layer's mixture, for its input and gates:
-     dgate_nk = dy_n . expert output, d(expert output) = gate dy_n,
-   then back through fc2, SwiGLU and fc1 to the gathered inputs. The experts'
-   weight gradients wait (moe_weight_grads): with a shared pool, one expert
-   serves every layer, and summing its rows of all layers in one product
-   writes its gradient once instead of once per layer. What that product
-   needs stays in place of what this one no longer does: d h over h, and
-   SwiGLU's output act, recomputed. Experts with no tokens cost nothing. */
-static void moe_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs,
-                         const float *dy, const float *score, const int *chosen, const Dispatch *d,
-                         const float *fc1, const float *fc2, int N, int C, int F, int E, int K) {
-    // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten for
-    // the weight gradients: eout (N*K,C) the expert outputs -> their gradients, h (N*K,2F) -> d h;
-    // act (N*K,F) written; scratch dxs (N*K,C); score (N,E), chosen (N,K)
-    int NK = N * K;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int a = n * K + k;
-            const float *dyn = dy + (size_t)n * C;
-            float g = score[(size_t)n * E + chosen[a]], *eo = eout + (size_t)d->slot[a] * C;
-            dscore[(size_t)n * E + chosen[a]] += dot(dyn, eo, C);
-            for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
-        }
-    memset(act, 0, (size_t)NK * F * sizeof(float));
-    expert_matmuls(act, eout, fc2, d->offset, E, F, C, 1);  // d act, until SwiGLU's backward
-    swiglu_backward(h, act, act, h, NK, F);
-    memset(dxs, 0, (size_t)NK * C * sizeof(float));
-    expert_matmuls(dxs, h, fc1, d->offset, E, C, 2 * F, 1);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
-}
-
-/* One expert's weight gradients from R of its rows (rows[r] = layer j of the
-   pool times SK plus the dispatch position):
-     dfc2 += d(out)^T act,   dfc1 += dh^T x.
-   Rows that are one run (vanilla: an expert's rows of its one layer) are read
-   in place; rows of several layers are gathered into the scratch first, and
-   the inputs x always are. */
-static void expert_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs,
-                                const int *rows, int R, const float *dh, const float *deout, const float *act,
-                                const float *x, const int *order, size_t S, int C, int F, int K) {
-    // dfc1 (2F,C) +=, dfc2 (C,F) +=; scratch hs (R,2F), as (R,F), ds, xs (R,C)
-    size_t SK = S * K, q0 = (size_t)rows[0];
-    int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) {
-        size_t q = (size_t)rows[r], j = q / SK;  // row q of the pool's (layer, position) blocks
-        if (!run) {
-            memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
-            memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
-            memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
-        }
-        memcpy(xs + (size_t)r * C, x + (j * S + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
-    }
-    matmul_backward(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
-    matmul_backward(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
-}
-
-/* The weight gradients of a pool's E experts, once its nl layers are all
-   backpropagated: each expert's rows of every layer, in layer then dispatch
-   order, in chunks of at most N*K rows (the scratch). Vanilla MoE is nl = 1. */
-static void moe_weight_grads(float *dfc1, float *dfc2, float *hs, float *as, float *ds, float *xs, int *rows,
-                             const float *dh, const float *deout, const float *act, const float *x,
-                             const int *order, const int *offset, int nl, size_t S, int N, int C, int F, int E,
-                             int K) {
-    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=; per layer j of the pool, blocks S rows apart:
-    // dh (nl,S*K,2F), deout (nl,S*K,C), act (nl,S*K,F), x (nl,S,C), order (nl,S*K), offset (nl,E+1)
-    size_t SK = S * K;
-    for (int e = 0; e < E; e++) {
-        float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
-        int R = 0;
-        for (int j = 0; j < nl; j++)
-            for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
-                rows[R++] = (int)(j * SK + p);
-                if (R == N * K) {
-                    expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, dh, deout, act, x, order, S, C, F, K);
-                    R = 0;
-                }
-            }
-        if (R) expert_weight_grads(d1, d2, hs, as, ds, xs, rows, R, dh, deout, act, x, order, S, C, F, K);
-    }
-}
-
-// The naive twin: every token through its experts one at a time, in double.
-NAIVE_TWIN void moe_forward_naive(float *y, const float *x, const float *score, const int *chosen,
-                              const float *fc1, const float *fc2, int N, int C, int F, int E, int K) {
-    double *hh = malloc_check(2 * (size_t)F * sizeof(double));
-    for (int n = 0; n < N; n++)
-        for (int i = 0; i < C; i++) y[(size_t)n * C + i] = 0.0f;
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int e = chosen[n * K + k];
-            const float *w1 = fc1 + (size_t)e * 2 * F * C, *w2 = fc2 + (size_t)e * C * F;
-            for (int r = 0; r < 2 * F; r++) {
-                hh[r] = 0.0;
-                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * x[(size_t)n * C + i];
-            }
-            for (int r = 0; r < F; r++) hh[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
-            for (int i = 0; i < C; i++) {
-                double o = 0.0;
-                for (int r = 0; r < F; r++) o += (double)w2[(size_t)i * F + r] * hh[r];
-                y[(size_t)n * C + i] += (float)(score[(size_t)n * E + e] * o);
-            }
-        }
-    free(hh);
-}
-
-NAIVE_TWIN void moe_backward_naive(float *dx, float *dscore, float *dfc1, float *dfc2, const float *dy,
-                               const float *x, const float *score, const int *chosen, const float *fc1,
-                               const float *fc2, int N, int C, int F, int E, int K) {
-    double *hh = malloc_check(2 * (size_t)F * sizeof(double)), *act = malloc_check((size_t)F * sizeof(double));
-    double *dact = malloc_check((size_t)F * sizeof(double)), *dh = malloc_check(2 * (size_t)F * sizeof(double));
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int e = chosen[n * K + k];
-            const float *w1 = fc1 + (size_t)e * 2 * F * C, *w2 = fc2 + (size_t)e * C * F;
-            const float *xn = x + (size_t)n * C, *dyn = dy + (size_t)n * C;
-            double g = score[(size_t)n * E + e], dg = 0.0;
-            for (int r = 0; r < 2 * F; r++) {
-                hh[r] = 0.0;
-                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
-            }
-            for (int r = 0; r < F; r++) act[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
-            for (int r = 0; r < F; r++) dact[r] = 0.0;
-            for (int i = 0; i < C; i++) {
-                double o = 0.0;
-                for (int r = 0; r < F; r++) {
-                    o += (double)w2[(size_t)i * F + r] * act[r];
-                    dact[r] += g * dyn[i] * w2[(size_t)i * F + r];
-                    dfc2[(size_t)e * C * F + (size_t)i * F + r] += (float)(g * dyn[i] * act[r]);
-                }
-                dg += dyn[i] * o;
-            }
-            dscore[(size_t)n * E + e] += (float)dg;
-            for (int r = 0; r < F; r++) {
-                double a = hh[r], b = hh[F + r], sg = 1.0 / (1.0 + exp(-a));
-                dh[r] = dact[r] * b * sg * (1.0 + a * (1.0 - sg));
-                dh[F + r] = dact[r] * a * sg;
-            }
-            for (int r = 0; r < 2 * F; r++)
-                for (int i = 0; i < C; i++) {
-                    dx[(size_t)n * C + i] += (float)(dh[r] * w1[(size_t)r * C + i]);
-                    dfc1[(size_t)e * 2 * F * C + (size_t)r * C + i] += (float)(dh[r] * xn[i]);
-                }
-        }
-    free(hh);
-    free(act);
-    free(dact);
-    free(dh);
-}
-
 /* Cross-entropy over the first V of Vp logits: loss_n = lse_n - logit[target].
    The backward writes d logits over the logits (they are not needed after):
    (softmax - onehot) * dloss for the first V, 0 for the padding. */
@@ -1387,7 +648,7 @@ static void crossentropy_backward(float *logits, const float *lse, const int *ta
     for (int n = 0; n < N; n++) {
         float *lg = logits + (size_t)n * Vp;
         float l = lse[n];
-        for (int i = 0; i < V; i++) lg[i] = exp_fast(lg[i] - l) * dloss;
+        for (int i = 0; i < V; i++) lg[i] = exponential(lg[i] - l) * dloss;
         lg[targets[n]] -= dloss;
         for (int i = V; i < Vp; i++) lg[i] = 0.0f;
     }
@@ -1577,14 +838,14 @@ static void act_alloc(Model *m, int N) {
 
 /* Load-balancing loss (SPEC section 4), one formula for every mode:
      aux = sum_l sum_j coef[l][j] P[l][j],   P[l][j] = mean_n score[l][n][j]
-     coef[l][j] = alpha E fbar[j] / |S|,     fbar = mean over l' in S of f[l'][j]
-   where S is l's group: {l} for the per-layer loss (aux 1), the layers of
+     coef[l][j] = alpha E fbar[j] / |group|,     fbar = mean over l' in group of f[l'][j]
+   where group is l's group: {l} for the per-layer loss (aux 1), the layers of
    l's pool for the pool losses (aux 2, 3); aux 2 takes f from the previous
    training micro-batch (none yet: no loss). f[l][j] = count / (K N) carries
    no gradient, so d aux / d score[l][n][j] = coef[l][j] / N. */
 static double aux_forward(Model *m, int N, int training) {
     const Config *c = &m->cfg;
-    int L = c->L, E = c->E, S = c->aux == AUX_LAYER ? 1 : L / c->G;
+    int L = c->L, E = c->E, group = c->aux == AUX_LAYER ? 1 : L / c->G;
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             const int *off = m->acts.offset + (size_t)l * (E + 1);
@@ -1596,12 +857,12 @@ static double aux_forward(Model *m, int N, int training) {
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             double fbar = 0.0, P = 0.0;
-            int l0 = l / S * S;
-            for (int ll = l0; ll < l0 + S; ll++) fbar += fsrc[ll * E + j];
-            fbar /= S;
+            int l0 = l / group * group;
+            for (int ll = l0; ll < l0 + group; ll++) fbar += fsrc[ll * E + j];
+            fbar /= group;
             for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * m->maxN + n) * E + j];
             P /= N;
-            float coef = active ? (float)(c->alpha * E * fbar / S) : 0.0f;
+            float coef = active ? (float)(c->alpha * E * fbar / group) : 0.0f;
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P;
         }
@@ -1635,6 +896,137 @@ static void expert_bias_update(Model *m) {
             cnt[j] = 0;
         }
     }
+}
+
+// ----------------------------------------------------------------------------
+// The mixture of experts: one layer's view of its pool
+
+/* The N*K (token, slot) assignments counting-sorted by expert (stable, so
+   deterministic): the experts' loads for the aux loss, and the order in
+   which the fast path gathers each expert's rows. */
+typedef struct {
+    int *order;   // (N*K) assignment a = n*K + k at each sorted position
+    int *slot;    // (N*K) sorted position of each assignment (inverse of order)
+    int *offset;  // (E+1) first sorted position of each expert
+} Dispatch;
+
+static void moe_dispatch(Dispatch *d, const int *chosen, int NK, int E) {
+    for (int e = 0; e <= E; e++) d->offset[e] = 0;
+    for (int a = 0; a < NK; a++) d->offset[chosen[a] + 1]++;
+    for (int e = 0; e < E; e++) d->offset[e + 1] += d->offset[e];
+    for (int a = 0; a < NK; a++) d->slot[a] = d->offset[chosen[a]]++;
+    for (int e = E; e > 0; e--) d->offset[e] = d->offset[e - 1];  // undo the increments
+    d->offset[0] = 0;
+    for (int a = 0; a < NK; a++) d->order[d->slot[a]] = a;
+}
+
+/* A layer's mixture, dropless: y_n = sum_k gate_nk expert_{chosen_nk}(x_n),
+   with expert_e(x) = fc2_e (silu(a) * b), [a; b] = fc1_e x (a the gate rows,
+   b the up rows), silu(a) = a sigmoid(a). Ownership is all a layer needs to
+   know: fc1 and fc2 below point at the E experts of its pool
+   (layer_first_expert), so with G < L several layers read the same rows. */
+struct MoeLayer {
+    int N, C, F, E, K;
+    const float *x;          // (N,C) input: the ffn norm's output
+    const float *score;      // (N,E) router scores; the chosen ones are the gates
+    const int *chosen;       // (N,K) chosen experts, indices into the pool
+    const float *fc1, *fc2;  // (E,2F,C), (E,C,F) the pool's experts
+    float *dfc1, *dfc2;      // (E,2F,C), (E,C,F) their gradients (+=)
+    Dispatch d;              // the assignments sorted by expert
+    Model *m;                // the fast path's saved activations and scratch: layer l,
+    int l;                   // rows from row of its (L, maxN) blocks
+    size_t row;
+};
+
+static MoeLayer moe_layer(Model *m, int l, size_t row, int N) {
+    const Config *c = &m->cfg;
+    Acts *a = &m->acts;
+    int C = c->C, F = c->F, E = c->E, K = c->K;
+    size_t e0 = layer_first_expert(c, l);
+    return (MoeLayer){N, C, F, E, K, a->ln2 + row * C, a->score + row * E, a->chosen + row * K,
+                      m->params.expert_fc1 + e0 * 2 * F * C, m->params.expert_fc2 + e0 * C * F,
+                      m->grads.expert_fc1 + e0 * 2 * F * C, m->grads.expert_fc2 + e0 * C * F,
+                      {a->order + row * K, a->slot + row * K, a->offset + (size_t)l * (E + 1)}, m, l, row};
+}
+
+/* The forward, one token and one expert at a time, in double. */
+KERNEL_DEF void moe_forward_ref(float *y, const MoeLayer *ml) {
+    // y (N,C)
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    double *hh = malloc_check(2 * (size_t)F * sizeof(double));  // (2F) fc1 x, then silu(a) * b
+    for (int n = 0; n < N; n++) {
+        const float *xn = ml->x + (size_t)n * C;
+        float *yn = y + (size_t)n * C;
+        for (int i = 0; i < C; i++) yn[i] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            int e = ml->chosen[n * K + k];
+            const float *w1 = ml->fc1 + (size_t)e * 2 * F * C, *w2 = ml->fc2 + (size_t)e * C * F;
+            for (int r = 0; r < 2 * F; r++) {
+                hh[r] = 0.0;
+                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
+            }
+            for (int r = 0; r < F; r++) hh[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
+            for (int i = 0; i < C; i++) {
+                double o = 0.0;
+                for (int r = 0; r < F; r++) o += (double)w2[(size_t)i * F + r] * hh[r];
+                yn[i] += (float)(ml->score[(size_t)n * E + e] * o);
+            }
+        }
+    }
+    free(hh);
+}
+
+/* The backward, recomputing each expert's activations from x. With g the
+   gate, act = silu(a) * b and o = fc2 act the expert's output:
+     dgate = dy . o,  dact = g fc2^T dy,  dfc2 += g dy act^T,
+     da = dact b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))),  db = dact silu(a),
+     dx += fc1^T [da; db],  dfc1 += [da; db] x^T
+   dfc1 and dfc2 are the pool's: a shared expert's gradient is the sum of its
+   rows' contributions from every layer that used it, each layer's backward
+   adding its own. */
+KERNEL_DEF void moe_backward_ref(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
+    // dx (N,C) +=, dscore (N,E) += at the chosen experts, dy (N,C)
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    double *hh = malloc_check(2 * (size_t)F * sizeof(double)), *act = malloc_check((size_t)F * sizeof(double));
+    double *dact = malloc_check((size_t)F * sizeof(double)), *dh = malloc_check(2 * (size_t)F * sizeof(double));
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int e = ml->chosen[n * K + k];
+            const float *w1 = ml->fc1 + (size_t)e * 2 * F * C, *w2 = ml->fc2 + (size_t)e * C * F;
+            float *d1 = ml->dfc1 + (size_t)e * 2 * F * C, *d2 = ml->dfc2 + (size_t)e * C * F;
+            const float *xn = ml->x + (size_t)n * C, *dyn = dy + (size_t)n * C;
+            double g = ml->score[(size_t)n * E + e], dg = 0.0;
+            for (int r = 0; r < 2 * F; r++) {
+                hh[r] = 0.0;
+                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
+            }
+            for (int r = 0; r < F; r++) act[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
+            for (int r = 0; r < F; r++) dact[r] = 0.0;
+            for (int i = 0; i < C; i++) {
+                double o = 0.0;
+                for (int r = 0; r < F; r++) {
+                    o += (double)w2[(size_t)i * F + r] * act[r];
+                    dact[r] += g * dyn[i] * w2[(size_t)i * F + r];
+                    d2[(size_t)i * F + r] += (float)(g * dyn[i] * act[r]);
+                }
+                dg += dyn[i] * o;
+            }
+            dscore[(size_t)n * E + e] += (float)dg;
+            for (int r = 0; r < F; r++) {
+                double a = hh[r], b = hh[F + r], sg = 1.0 / (1.0 + exp(-a));
+                dh[r] = dact[r] * b * sg * (1.0 + a * (1.0 - sg));
+                dh[F + r] = dact[r] * a * sg;
+            }
+            for (int r = 0; r < 2 * F; r++)
+                for (int i = 0; i < C; i++) {
+                    dx[(size_t)n * C + i] += (float)(dh[r] * w1[(size_t)r * C + i]);
+                    d1[(size_t)r * C + i] += (float)(dh[r] * xn[i]);
+                }
+        }
+    free(hh);
+    free(act);
+    free(dact);
+    free(dh);
 }
 
 /* The routing-randomisation probe: each token's K experts are replaced by K
@@ -1678,7 +1070,7 @@ static void check_tokens(const int *tok, int N, int V, const char *what) {
    The logits (T,Vp) of the new positions are rows 0..T-1 of m->acts.logits. */
 static void model_forward(Model *m, const int *inputs, const int *targets, int B, int T, int t0, int training) {
     const Config *c = &m->cfg;
-    int N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, hd = HD(c);
+    int N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, hd = HD(c);
     int Q = c->NH * hd, KV = c->NKV * hd, NK = N * K;
     if (t0 + T > c->maxT) fail("sequence length %d exceeds the model's maxT %d; use a smaller -t", t0 + T, c->maxT);
     if (t0 > 0 && (B != 1 || targets || t0 + T > m->maxN)) fail("internal: KV-cache forward beyond its capacity");
@@ -1687,14 +1079,14 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
     m->T = T;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params;
-    size_t S = (size_t)m->maxN;  // rows per layer block
+    size_t block = (size_t)m->maxN;  // rows per layer block
     check_tokens(inputs, N, c->V, "input");
     memcpy(a->inputs + t0, inputs, (size_t)N * sizeof(int));
     encoder_forward(a->resid + (size_t)t0 * C, inputs, p->wte, N, C);
     for (int l = 0; l < L; l++) {
-        size_t lS = (size_t)l * S + t0, lK = ((size_t)l * S + t0) * K;  // this call's first row of layer l
+        size_t lS = (size_t)l * block + t0, lK = ((size_t)l * block + t0) * K;  // this call's first row of layer l
         float *x = a->resid + lS * C, *ln1 = a->ln1 + lS * C, *xm = a->resmid + lS * C, *ln2 = a->ln2 + lS * C;
-        float *k = a->k + (size_t)l * S * KV, *v = a->v + (size_t)l * S * KV;  // from row 0: the cache
+        float *k = a->k + (size_t)l * block * KV, *v = a->v + (size_t)l * block * KV;  // from row 0: the cache
         float *q = a->q + lS * Q, *atty = a->atty + lS * Q, *z = a->z + lS * E, *score = a->score + lS * E;
         int *chosen = a->chosen + lK;
         // attention sublayer
@@ -1704,7 +1096,7 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         matmul_forward(v + (size_t)t0 * KV, ln1, p->wv + (size_t)l * KV * C, N, C, KV);
         rope_apply(q, m->rope_cos, m->rope_sin, N, T, t0, c->NH, hd, +1);
         rope_apply(k + (size_t)t0 * KV, m->rope_cos, m->rope_sin, N, T, t0, c->NKV, hd, +1);
-        attention_forward(atty, a->att_lse + lS * c->NH, q, k, v, B, T, t0, c->NH, c->NKV, hd);
+        attention_forward(atty, a->att_lse + lS * c->NH, &(Attention){B, T, t0, c->NH, c->NKV, hd, q, k, v});
         matmul_forward(a->y, atty, p->wo + (size_t)l * C * Q, N, Q, C);
         for (size_t i = 0; i < (size_t)N * C; i++) xm[i] = x[i] + a->y[i];
         // expert sublayer: route into this layer's pool, run the chosen experts
@@ -1714,15 +1106,13 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         topk_forward(chosen, score, c->router == ROUTER_SIGMOID ? m->expert_bias + (size_t)l * E : NULL, N, E, K);
         if (c->router == ROUTER_SIGMOID && K > 1) router_gates(score, chosen, N, E, K);
         if (l == m->probe_layer) probe_reroute(chosen, score, N, E, K, m->probe_set, m->probe_n, &m->probe_rng);
-        Dispatch d = {a->order + lK, a->slot + lK, a->offset + (size_t)l * (E + 1)};
-        moe_dispatch(&d, chosen, NK, E);
-        size_t e0 = layer_first_expert(c, l);
-        moe_forward(a->y, a->h + lK * 2 * F, a->eout + lK * C, a->xs, a->act, ln2, score, chosen, &d,
-                    p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E, K);
-        float *xn = a->resid + (lS + S) * C;
+        MoeLayer ml = moe_layer(m, l, lS, N);
+        moe_dispatch(&ml.d, chosen, NK, E);
+        moe_forward(a->y, &ml);
+        float *xn = a->resid + (lS + block) * C;
         for (size_t i = 0; i < (size_t)N * C; i++) xn[i] = xm[i] + a->y[i];
     }
-    rmsnorm_forward(a->lnf, a->rstdf, a->resid + ((size_t)L * S + t0) * C, p->final_norm, N, C, c->norm_eps);
+    rmsnorm_forward(a->lnf, a->rstdf, a->resid + ((size_t)L * block + t0) * C, p->final_norm, N, C, c->norm_eps);
     matmul_forward(a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     if (!targets) return;
     check_tokens(targets, N, c->V, "target");
@@ -1735,48 +1125,39 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
    m->grads (scale = 1 / micro-batches per step). The logits become d logits. */
 static void model_backward(Model *m, float scale) {
     const Config *c = &m->cfg;
-    int B = m->B, T = m->T, N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, hd = HD(c);
-    int Q = c->NH * hd, KV = c->NKV * hd, LP = L / c->G;  // LP layers per pool
+    int B = m->B, T = m->T, N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, hd = HD(c);
+    int Q = c->NH * hd, KV = c->NKV * hd;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params, *g = &m->grads;
-    size_t S = (size_t)m->maxN;  // rows per layer block, as in the forward
+    size_t block = (size_t)m->maxN;  // rows per layer block, as in the forward
     crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / N, N, c->V, c->Vp);
     memset(a->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     memset(a->dresid, 0, (size_t)N * C * sizeof(float));
-    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * S * C, p->final_norm, a->rstdf, N, C);
+    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * block * C, p->final_norm, a->rstdf, N, C);
     for (int l = L - 1; l >= 0; l--) {  // a->dresid holds d(residual leaving layer l)
-        size_t lN = (size_t)l * S;
+        size_t lN = (size_t)l * block;
         const float *ln2 = a->ln2 + lN * C, *ln1 = a->ln1 + lN * C;
         const float *z = a->z + lN * E, *score = a->score + lN * E;
         const int *chosen = a->chosen + lN * K;
-        Dispatch d = {a->order + lN * K, a->slot + lN * K, a->offset + (size_t)l * (E + 1)};
-        size_t e0 = layer_first_expert(c, l);
+        MoeLayer ml = moe_layer(m, l, lN, N);
         // expert sublayer: d score = gate path + aux path, then router and norm
         for (int n = 0; n < N; n++)
             for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_backward(a->dln, a->dscore, a->eout + lN * K * C, a->h + lN * K * 2 * F,
-                     a->act_pool + (size_t)(l % LP) * S * K * F, a->dxs, a->dresid, score, chosen, &d,
-                     p->expert_fc1 + e0 * 2 * F * C, p->expert_fc2 + e0 * C * F, N, C, F, E, K);
-        if (l % LP == 0) {  // the pool's first layer: all its layers are done, so now its experts' weights
-            size_t f0 = (size_t)l * S;
-            moe_weight_grads(g->expert_fc1 + e0 * 2 * F * C, g->expert_fc2 + e0 * C * F, a->hs, a->act, a->dxs, a->xs,
-                             a->rows, a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C,
-                             a->order + f0 * K, a->offset + (size_t)l * (E + 1), LP, S, N, C, F, E, K);
-        }
+        moe_backward(a->dln, a->dscore, a->dresid, &ml);  // adds to the gradients of the pool's experts
         router_backward(a->dz, g->router_scale + l, a->dscore, z, score, chosen, p->router_scale[l], c, N);
         matmul_backward(a->dln, g->router + (size_t)l * E * C, a->dz, ln2, p->router + (size_t)l * E * C, N, C, E);
         rmsnorm_backward(a->dresid, g->ffn_norm + (size_t)l * C, a->dln, a->resmid + lN * C,
                          p->ffn_norm + (size_t)l * C, a->rstd2 + lN, N, C);
-        // attention sublayer; a->dresid now holds d(residual after attention)
+        // attention sublayer; a->dresid holds d(residual after attention)
         memset(a->datty, 0, (size_t)N * Q * sizeof(float));
         matmul_backward(a->datty, g->wo + (size_t)l * C * Q, a->dresid, a->atty + lN * Q, p->wo + (size_t)l * C * Q, N, Q, C);
         memset(a->dq, 0, (size_t)N * Q * sizeof(float));
         memset(a->dk, 0, (size_t)N * KV * sizeof(float));
         memset(a->dv, 0, (size_t)N * KV * sizeof(float));
-        attention_backward(a->dq, a->dk, a->dv, a->datty, a->q + lN * Q, a->k + lN * KV, a->v + lN * KV,
-                           a->atty + lN * Q, a->att_lse + lN * c->NH, B, T, c->NH, c->NKV, hd);
+        attention_backward(a->dq, a->dk, a->dv, a->datty, a->atty + lN * Q, a->att_lse + lN * c->NH,
+                           &(Attention){B, T, 0, c->NH, c->NKV, hd, a->q + lN * Q, a->k + lN * KV, a->v + lN * KV});
         rope_apply(a->dq, m->rope_cos, m->rope_sin, N, T, 0, c->NH, hd, -1);
         rope_apply(a->dk, m->rope_cos, m->rope_sin, N, T, 0, c->NKV, hd, -1);
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
@@ -1885,6 +1266,66 @@ static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm
     float s = o->clip > 0.0f ? (float)(o->clip / (grad_norm + 1e-6)) : 1.0f;
     adamw_update(m, o, lr, s < 1.0f ? s : 1.0f);
     if (m->cfg.router == ROUTER_SIGMOID) expert_bias_update(m);
+}
+
+// ----------------------------------------------------------------------------
+// Errors and checked I/O: the definitions of the helpers declared at the top.
+
+// Prints "error: " fmt tail as one line and exits with code.
+__attribute__((noreturn))
+static void die(int code, const char *tail, const char *fmt, va_list ap) {
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs(tail, stderr);
+    fputc('\n', stderr);
+#ifdef UNIPOOL_FUZZ
+    longjmp(fuzz_escape, 1);
+#endif
+    exit(code);
+}
+
+__attribute__((format(printf, 1, 2), noreturn))
+static void fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    die(EXIT_FAILURE, "", fmt, ap);
+}
+
+__attribute__((format(printf, 1, 2), noreturn))
+static void usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    die(EXIT_USAGE, "; run with -h for help", fmt, ap);
+}
+
+static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line) {
+    FILE *f = fopen(path, mode);
+    if (!f) fail("cannot open '%s' (%s): %s; check the path and permissions [%s:%d]",
+                 path, mode[0] == 'r' ? "read" : "write", strerror(errno), src, line);
+    return f;
+}
+
+// Reads exactly n items or fails naming the file: short files are the usual
+// sign of a truncated download or an interrupted write.
+static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path,
+                         const char *src, int line) {
+    size_t got = fread(dst, size, n, f);
+    if (got != n) fail("'%s' is truncated or unreadable (wanted %zu items of %zu bytes, got %zu); "
+                       "re-create the file [%s:%d]", path, n, size, got, src, line);
+}
+
+static void *malloc_check_(size_t size, const char *src, int line) {
+    void *p = malloc(size ? size : 1);
+    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
+                 size / 1048576.0, src, line);
+    return p;
+}
+
+static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
+    void *p = calloc(n ? n : 1, size);
+    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]",
+                 (double)n * size / 1048576.0, src, line);
+    return p;
 }
 
 // ----------------------------------------------------------------------------
@@ -3237,3 +2678,733 @@ int main(int argc, char **argv) {
     return 0;
 }
 #endif
+
+// ============================================================================
+// Machinery: the fast definitions behind the kernels' interface (see the top
+// of the file) and the memory they run in. Nothing above depends on how they
+// work. Each computes what its plain twin computes, in float32, with every
+// sum in an order fixed by the shapes and never by the thread count, so the
+// same seed and thread count give the same bits.
+// ============================================================================
+
+/* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
+   activations), in 2 MiB-aligned blocks the kernel is asked to back with huge
+   pages: 512 times fewer page faults when the buffers are first touched, and
+   fewer TLB misses in the matmuls. The advice may be ignored; the memory is
+   the same either way. */
+static void *calloc_big_(size_t size, const char *src, int line) {
+    size_t huge = (size_t)2 << 20, n = (size + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, n ? n : huge);
+    if (!p) fail("out of memory allocating %.1f MiB; use a smaller model or batch [%s:%d]", size / 1048576.0, src, line);
+#ifdef MADV_HUGEPAGE
+    madvise(p, n, MADV_HUGEPAGE);
+#endif
+    memset(p, 0, n);
+    return p;
+}
+
+/* exp(x) in a form gcc vectorises (libm's expf is a call per element):
+   x = n ln2 + r with |r| <= ln2/2, exp(r) by the degree-6 polynomial of
+   Cephes' expf, 2^n written into the exponent bits. Within 2 ulp of libm on
+   [-87, 88]; inputs are clamped to it (exp(-87) ~ 1.6e-38 stands in for 0),
+   and NaN stays NaN. test_unipool holds it to libm. */
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round(x / ln2) lands in the low bits
+    float n = t - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts, for an exact product
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;  // n + 127, the biased exponent of 2^n
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Matrix multiply. Every product in the model is C (M,N) = [C +] A (M,K) B (K,N)
+   with A and B read through strides, so one kernel serves the forward
+   (out = inp W^T, W as nn.Linear stores it) and both backward products.
+   It is the classic cache-blocked GEMM: a KC x NC block of B and the KC-deep
+   slices of A are packed into contiguous panels, and a register tile of
+   GM_MR x GM_NR outputs runs over each panel pair. The sum over K always runs
+   in the same order and each output has one owner, so the result does not
+   depend on the thread count. */
+
+// Block sizes, sized for the caches named below; dev/bench times other choices (-DGM_KC=... overrides them).
+#define GM_MR 6          // register tile: rows of A
+#define GM_NR 16         // register tile: columns of B (two 8-float vectors)
+#ifndef GM_KC
+#define GM_KC 256        // depth of a block: a packed B panel (KC x NR) stays in L1
+#endif
+#ifndef GM_MC
+#define GM_MC 144        // rows of A per block, a multiple of MR: a packed A block (MC x KC) stays in L2
+#endif
+#ifndef GM_NC
+#define GM_NC 3072       // columns of B per block: a packed B block (KC x NC) stays in L3
+#endif
+#ifndef GM_KROW
+#define GM_KROW 4096     // depth of a block when A is read in place: a B panel (KROW x NR) stays in L2
+#endif
+#ifndef GM_SMALL
+#define GM_SMALL 192     // an operand multiplied by fewer rows or columns than this is read in place
+#endif
+
+typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
+
+/* The register tile: acc (MR,NR) = sum over kc of column k of A times row k
+   of B, with A's rows at a[i] (step ak along k) and B's rows step bk apart.
+   Packed panels have ak = MR, bk = NR; an operand read in place has its own
+   strides. With gcc or clang it is written in vector extensions: 12
+   accumulators in registers, B rows loaded once, A values broadcast straight
+   from memory (a broadcast from a register would take a slot of an FMA
+   port). Elsewhere plain C computes the same sums in the same order.
+   An operand read in place from memory can be fetched ahead, pa floats past
+   A's rows (a line per row every 16 steps) or pb floats past B's rows (each
+   step); 0 fetches nothing. */
+#if defined(__GNUC__)
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline void gemm_tile(float acc_out[GM_MR][GM_NR], const float *const a[GM_MR], size_t ak,
+                             const float *restrict b, size_t bk, int kc, size_t pa, size_t pb) {
+    v8f acc[GM_MR][2];
+    memset(acc, 0, sizeof acc);
+#pragma GCC unroll 4
+    for (int k = 0; k < kc; k++, b += bk) {
+        if (pa && k % 16 == 0)
+            for (int i = 0; i < GM_MR; i++) __builtin_prefetch(a[i] + k * ak + pa);
+        if (pb) __builtin_prefetch(b + pb);
+        v8f b0, b1;
+        memcpy(&b0, b, sizeof b0);
+        memcpy(&b1, b + 8, sizeof b1);
+        for (int i = 0; i < GM_MR; i++) {
+            float x = a[i][k * ak];
+            v8f ai = {x, x, x, x, x, x, x, x};
+            acc[i][0] += ai * b0;
+            acc[i][1] += ai * b1;
+        }
+    }
+    memcpy(acc_out, acc, sizeof acc);
+}
+#else
+static inline void gemm_tile(float acc[GM_MR][GM_NR], const float *const a[GM_MR], size_t ak,
+                             const float *restrict b, size_t bk, int kc, size_t pa, size_t pb) {
+    (void)pa, (void)pb;
+    memset(acc, 0, sizeof(float) * GM_MR * GM_NR);
+    for (int k = 0; k < kc; k++, b += bk)
+        for (int i = 0; i < GM_MR; i++)
+            for (int j = 0; j < GM_NR; j++) acc[i][j] += a[i][k * ak] * b[j];
+}
+#endif
+
+/* Asks for the C lines a tile will update while the tile is being computed:
+   C is usually far bigger than the caches, and a tile's 6 row misses would
+   otherwise stall the store after every product. */
+static inline void tile_prefetch(const float *c, size_t crs, size_t ccs, int mr) {
+#if defined(__GNUC__)
+    for (int i = 0; i < mr; i++) {
+        __builtin_prefetch(c + (size_t)i * crs, 1);
+        __builtin_prefetch(c + (size_t)i * crs + (GM_NR - 1) * ccs, 1);
+    }
+#else
+    (void)c, (void)crs, (void)ccs, (void)mr;
+#endif
+}
+
+/* C rows r0.., columns c0.. [+]= the mr x nr corner of a tile; a full tile
+   into contiguous rows goes as whole rows (the loop vectorises). */
+static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR][GM_NR], int mr, int nr, int add) {
+    if (ccs == 1 && nr == GM_NR) {
+        for (int i = 0; i < mr; i++) {
+            float *restrict row = c + (size_t)i * crs;
+            if (add)
+                for (int j = 0; j < GM_NR; j++) row[j] += acc[i][j];
+            else
+                for (int j = 0; j < GM_NR; j++) row[j] = acc[i][j];
+        }
+        return;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float *x = c + (size_t)i * crs + (size_t)j * ccs;
+            *x = add ? *x + acc[i][j] : acc[i][j];
+        }
+}
+
+static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only scratch for the packed panels
+    if (n > *cap) {
+        free(*buf);
+        *buf = malloc_check(n * sizeof(float));
+        *cap = n;
+    }
+    return *buf;
+}
+
+/* Packed panels are a cache line more than kc x width apart: a multiple of
+   4 KiB apart, the lines a pack writes at one depth k (one per panel) would
+   all fall in the same L1 set. */
+static size_t panel_stride(int kc, int width) { return (size_t)kc * width + GM_NR; }
+
+/* Packs rows [0, rows) and depth [k0, k0+kc) of X into panels of `width`
+   rows, each k-major and zero-padded: panel i holds X(i*width + w, k0 + k) at
+   dst[i panel_stride + k width + w]. The loop runs along whichever index of X
+   is contiguous, so a transposed operand packs as fast as a plain one. */
+static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) {
+    int np = (rows + width - 1) / width;
+    if (X.rs == 1) {  // columns of X are contiguous: each is cut into the panels' rows at depth k
+#pragma omp parallel for schedule(static)
+        for (int k = 0; k < kc; k++) {
+            const float *col = X.p + (size_t)(k0 + k) * X.cs;
+            for (int i = 0; i < np; i++) {
+                float *d = dst + i * panel_stride(kc, width) + (size_t)k * width;
+                int r0 = i * width, n = rows - r0 < width ? rows - r0 : width;
+                for (int w = 0; w < n; w++) d[w] = col[r0 + w];
+                for (int w = n; w < width; w++) d[w] = 0.0f;
+            }
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < np; i++)
+            for (int k = 0; k < kc; k++)
+                for (int w = 0; w < width; w++) {
+                    int r = i * width + w;
+                    dst[i * panel_stride(kc, width) + (size_t)k * width + w] = r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
+                }
+    }
+}
+
+/* out (rows,cols) [+]= A (rows,depth) B (depth,cols), element (r, c) of out at out[r ors + c ocs].
+   Blocks: KC-deep slices of A and B; B in blocks of NC columns (packed into
+   NR-wide panels, read from L3), A in blocks of MC rows (packed into MR-high
+   panels, kept in L2 by the thread that works on that block). An operand
+   that meets fewer than GM_SMALL rows or columns of the other is read in
+   place instead (packing it would cost as much as the product): B when rows is
+   small and its rows are contiguous (and not 4 KiB apart), A when cols is small
+   and its rows are. Such an operand comes from memory, so the tiles fetch
+   ahead what the next one will read: the next B panel, and the next rows of
+   A when those are short (the hardware prefetcher follows a row only after
+   a few lines of it). With few rows on the other side, a line serves only a
+   few FMAs and the loads must not wait. This is the case of UniPool's
+   experts, a few dozen rows each per layer; for them fc2's weights, whose
+   rows are F floats apart, are packed in blocks of whole rows, which the
+   hardware prefetcher follows. */
+static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth, int add) {
+    static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (expert_matmuls)
+    static _Thread_local size_t acap, bcap;
+    // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
+    // would evict itself before the next rows of A come to use it, so it is packed
+    int few = rows < GM_SMALL;  // few rows of A
+    int a_direct = A.cs == 1 && cols < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
+    // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
+    // threads' shares of the tiles are even; a few rows are one block and the threads split B
+    int mp = (rows + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
+    int mcp = (mp + nmc - 1) / nmc;
+    // An A read in place goes whole rows at a time, up to KROW (long runs from memory, which the
+    // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
+    // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
+    // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
+    int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
+    int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
+    ncb = cols < ncb ? (cols + GM_NR - 1) / GM_NR * GM_NR : ncb;
+    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
+    float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb / GM_NR + 1) * panel_stride(kcb, GM_NR));
+    for (int n0 = 0; n0 < cols; n0 += ncb) {
+        int nc = cols - n0 < ncb ? cols - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
+        int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
+        Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};  // B's columns are its panels' rows
+        for (int k0 = 0; k0 < depth; k0 += kcb) {
+            int kc = depth - k0 < kcb ? depth - k0 : kcb, accumulate = add || k0 > 0;
+            if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
+            if (!a_direct) pack_panels(ap, A, rows, k0, kc, GM_MR);
+            // tiles: blocks of A rows outermost, so a thread keeps its A block in L2 across all B panels
+#pragma omp parallel for schedule(static)
+            for (int t = 0; t < nmc * np; t++) {
+                int mb = t / np, j = t % np, c0 = n0 + j * GM_NR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
+                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (j - inplace) * panel_stride(kc, GM_NR);
+                size_t bk = j < inplace ? B.rs : GM_NR;
+                int i1 = (mb + 1) * mcp < mp ? (mb + 1) * mcp : mp;
+                for (int i = mb * mcp; i < i1; i++) {
+                    int r0 = i * GM_MR, mr = rows - r0 < GM_MR ? rows - r0 : GM_MR;
+                    const float *a[GM_MR];
+                    float acc[GM_MR][GM_NR];
+                    tile_prefetch(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, mr);
+                    // fetched ahead: the next panel, if read in place too, and the next tile's rows of
+                    // an A read in place, if they are shorter than a page (4 KiB). Both packed, the
+                    // call has constants and its copy of the tile loop no checks.
+                    size_t pb = j + 1 < inplace ? GM_NR : 0;
+                    if (a_direct) {  // A's rows past the last repeat it; their sums are dropped
+                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
+                        size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= rows ? GM_MR * A.rs : 0;
+                        gemm_tile(acc, a, 1, b, bk, kc, pa, pb);
+                    } else {
+                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + i * panel_stride(kc, GM_MR) + ii;
+                        if (j < inplace)
+                            gemm_tile(acc, a, GM_MR, b, bk, kc, 0, pb);
+                        else
+                            gemm_tile(acc, a, GM_MR, b, GM_NR, kc, 0, 0);
+                    }
+                    tile_store(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, acc, mr, nr, accumulate);
+                }
+            }
+        }
+    }
+}
+
+/* out (rows,n_out) = inp (rows,n_in) W^T, W (n_out,n_in): the forward of a linear map. A few
+   rows (decoding one token) are dot products straight off W. Up to
+   GM_SMALL rows (an expert's share of a batch) run as out^T = W inp^T, so
+   that W, the big operand, is read in place rather than packed. */
+KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+    if (rows >= GM_SMALL) {
+        gemm(out, (size_t)n_out, 1, (Mat){inp, (size_t)n_in, 1}, (Mat){w, 1, (size_t)n_in}, rows, n_out, n_in, 0);
+    } else if (rows >= GM_MR) {
+        gemm(out, 1, (size_t)n_out, (Mat){w, (size_t)n_in, 1}, (Mat){inp, 1, (size_t)n_in}, n_out, rows, n_in, 0);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int o = 0; o < n_out; o++)
+            for (int r = 0; r < rows; r++) out[(size_t)r * n_out + o] = dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
+    }
+}
+
+/* dinp (rows,n_in) += dout (rows,n_out) W; dW (n_out,n_in) += dout^T inp; either may be NULL.
+   With few input features (n_in < GM_SMALL) the weight gradient runs as
+   dW^T = inp^T dout, so that dout, the big operand (the logits of a small
+   model), is read in place rather than packed. */
+KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                            int rows, int n_in, int n_out) {
+    if (dinp) gemm(dinp, (size_t)n_in, 1, (Mat){dout, (size_t)n_out, 1}, (Mat){w, (size_t)n_in, 1}, rows, n_in, n_out, 1);
+    if (dw && n_in < GM_SMALL && n_out >= GM_SMALL)
+        gemm(dw, 1, (size_t)n_in, (Mat){inp, 1, (size_t)n_in}, (Mat){dout, (size_t)n_out, 1}, n_in, n_out, rows, 1);
+    else if (dw)
+        gemm(dw, (size_t)n_in, 1, (Mat){dout, 1, (size_t)n_out}, (Mat){inp, (size_t)n_in, 1}, n_out, n_in, rows, 1);
+}
+
+/* Causal attention with grouped key/value heads; query head h reads kv head
+   h / (NH/NKV). Neither pass stores the T x T matrix: the work goes in
+   blocks of ATT_QB queries, whose scores Q K^T / sqrt(hd) (ATT_QB x keys)
+   live in a scratch block; the forward keeps each row's output and
+   logsumexp, the backward recomputes P = exp(scores - lse) and uses
+   dscores = P (dO V^T - rowsum(dO O)). Every product is a register-tiled matmul
+   (gemm_tile). Tasks are (batch, kv head) pairs: each transposes its K and V
+   once and alone writes their gradients. The queries may start at position
+   t0 (KV-cache decoding, B = 1): keys and values then hold [0, t0 + T). */
+
+#define ATT_QB 48  // queries per block, a multiple of GM_MR
+
+/* c (m,n) [+]= a (m,k) b (k,n), one thread: row r of a at a + r a_rs with
+   step a_ks along k, row k of b at b + k b_ks, row r of c at c + r c_rs.
+   A ragged last column panel is copied into tail (k x GM_NR) first. */
+static void tile_gemm(float *c, size_t c_rs, Mat A, Mat Bk, int m, int n, int k, int add, float *tail) {
+    const float *a = A.p, *b = Bk.p;
+    size_t a_rs = A.rs, a_ks = A.cs, b_ks = Bk.rs;
+    for (int c0 = 0; c0 < n; c0 += GM_NR) {
+        int nr = n - c0 < GM_NR ? n - c0 : GM_NR;
+        const float *bp = b + c0;
+        size_t bk = b_ks;
+        if (nr < GM_NR) {
+            for (int kk = 0; kk < k; kk++)
+                for (int j = 0; j < GM_NR; j++) tail[(size_t)kk * GM_NR + j] = j < nr ? b[(size_t)kk * b_ks + c0 + j] : 0.0f;
+            bp = tail, bk = GM_NR;
+        }
+        for (int r0 = 0; r0 < m; r0 += GM_MR) {
+            int mr = m - r0 < GM_MR ? m - r0 : GM_MR;
+            const float *ap[GM_MR];
+            for (int i = 0; i < GM_MR; i++) ap[i] = a + (size_t)(r0 + (i < mr ? i : mr - 1)) * a_rs;
+            float acc[GM_MR][GM_NR];
+            gemm_tile(acc, ap, a_ks, bp, bk, k, 0, 0);
+            tile_store(c + (size_t)r0 * c_rs + c0, c_rs, 1, acc, mr, nr, add);
+        }
+    }
+}
+
+/* A grow-only scratch buffer per thread: attention runs every layer, and a
+   fresh malloc of this size would be fresh pages from the kernel each time. */
+static float *thread_scratch(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t cap;
+    if (n > cap) {
+        free(buf);
+        buf = malloc_check(n * sizeof(float));
+        cap = n;
+    }
+    return buf;
+}
+
+/* Row stride of the blocks over n keys (and of the copies of K and V, n =
+   hd): n rounded up to whole panels (a panel row is one 64-byte line), and
+   to an odd number of them, so that a panel's rows fall in every L1 set. A
+   stride of a power-of-two lines puts them in a few sets, where they evict
+   each other: K and V as the model stores them are NKV hd floats apart,
+   1 KiB at 182M, and a T = 1024 block's rows 4 KiB. */
+static size_t att_ld(int n) {
+    size_t panels = ((size_t)n + GM_NR - 1) / GM_NR;
+    return (panels | 1) * GM_NR;
+}
+
+static void att_copy(float *y, size_t ld, const float *x, size_t stride, int n, int hd) {  // y (n,ld) = x (n,hd)
+    for (int s = 0; s < n; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
+}
+
+static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int n, int hd) {  // xt (hd,ld) = x (n,hd)^T
+    for (int s = 0; s < n; s++)
+        for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
+}
+
+/* Scores of queries q0 .. q0+m-1 (absolute positions pos0 + q0 + r) against
+   keys 0 .. n-1, scaled by 1/sqrt(hd); keys past a query's position are
+   -inf. Q's rows are q.rs apart; K^T (hd, n) has rows ld apart, as s has. */
+static void att_block_scores(float *s, size_t ld, Mat q, const float *kt, int m, int n, int hd, int pos, float *tail) {
+    float scale = 1.0f / sqrtf((float)hd);
+    tile_gemm(s, ld, q, (Mat){kt, ld, 1}, m, n, hd, 0, tail);
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < n; j++) s[(size_t)r * ld + j] = j <= pos + r ? s[(size_t)r * ld + j] * scale : -INFINITY;
+}
+
+KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at) {
+    // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
+    int B = at->B, T = at->T, t0 = at->t0, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
+    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV, nkeys = t0 + T;
+    size_t ld = att_ld(nkeys), lv = att_ld(hd);
+#pragma omp parallel
+    {
+        // transposed K (hd,ld) with zero padding, V (nkeys,hd) at row stride lv, a block of scores, the
+        // tail panel of tile_gemm
+        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)nkeys * lv + (size_t)hd * GM_NR);
+        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)nkeys * lv, *tail = sb + (size_t)ATT_QB * ld;
+        memset(kt, 0, (size_t)hd * ld * sizeof(float));
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int kh = 0; kh < NKV; kh++) {
+                att_transpose(kt, ld, k + (size_t)b * nkeys * ks + kh * hd, ks, nkeys, hd);
+                att_copy(vb, lv, v + (size_t)b * nkeys * ks + kh * hd, ks, nkeys, hd);
+                for (int h = kh * grp; h < (kh + 1) * grp; h++)
+                    for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;  // keys the block's last query sees
+                        size_t qo = ((size_t)b * T + q0) * qs + h * hd;
+                        att_block_scores(sb, ld, (Mat){q + qo, qs, 1}, kt, m, n, hd, t0 + q0, tail);
+                        for (int r = 0; r < m; r++) {  // softmax of each row, in place
+                            float *p = sb + (size_t)r * ld, mx = max_of(p, n);
+                            double sum = sum_exp(p, p, n, mx);
+                            float inv = (float)(1.0 / sum);
+                            for (int j = 0; j < n; j++) p[j] *= inv;
+                            lse[((size_t)b * T + q0 + r) * NH + h] = mx + (float)log(sum);
+                        }
+                        tile_gemm(out + qo, qs, (Mat){sb, ld, 1}, (Mat){vb, lv, 1}, m, hd, n, 0, tail);
+                    }
+            }
+    }
+}
+
+KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                        const float *lse, const Attention *at) {
+    // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
+    int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
+    float scale = 1.0f / sqrtf((float)hd);
+    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
+    size_t ld = att_ld(T), hl = (size_t)hd * ld, lv = att_ld(hd);
+#pragma omp parallel
+    {
+        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dscores,
+        // K (T,hd) at row stride lv
+        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + (size_t)T * lv + ((size_t)ld + hd + ATT_QB) * GM_NR);
+        float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl, *db = pb + (size_t)ATT_QB * ld;
+        float *kb = db + (size_t)ATT_QB * ld, *tail = kb + (size_t)T * lv;
+        memset(kt, 0, 2 * hl * sizeof(float));  // the zero padding of K^T and V^T
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int kh = 0; kh < NKV; kh++) {
+                size_t ko = (size_t)b * T * ks + kh * hd;
+                att_transpose(kt, ld, k + ko, ks, T, hd);
+                att_transpose(vt, ld, v + ko, ks, T, hd);
+                att_copy(kb, lv, k + ko, ks, T, hd);
+                memset(dkt, 0, 2 * hl * sizeof(float));
+                for (int h = kh * grp; h < (kh + 1) * grp; h++)
+                    for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = q0 + m;
+                        size_t qo = ((size_t)b * T + q0) * qs + h * hd;
+                        att_block_scores(pb, ld, (Mat){q + qo, qs, 1}, kt, m, n, hd, q0, tail);
+                        tile_gemm(db, ld, (Mat){dout + qo, qs, 1}, (Mat){vt, ld, 1}, m, n, hd, 0, tail);  // dP = dO V^T
+                        for (int r = 0; r < m; r++) {
+                            size_t row = (size_t)b * T + q0 + r;
+                            float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd), l = lse[row * NH + h];
+                            float *p = pb + (size_t)r * ld, *d = db + (size_t)r * ld;
+                            for (int j = 0; j < n; j++) {
+                                p[j] = exp_fast(p[j] - l);       // masked: exp_fast(-inf) ~ 1.6e-38
+                                d[j] = p[j] * (d[j] - D) * scale;  // dscores
+                            }
+                        }
+                        tile_gemm(dq + qo, qs, (Mat){db, ld, 1}, (Mat){kb, lv, 1}, m, hd, n, 1, tail);               // dQ += dscores K
+                        tile_gemm(dkt, ld, (Mat){q + qo, 1, qs}, (Mat){db, ld, 1}, hd, n, m, 1, tail);               // dK^T += Q^T dscores
+                        tile_gemm(dvt, ld, (Mat){dout + qo, 1, qs}, (Mat){pb, ld, 1}, hd, n, m, 1, tail);            // dV^T += dO^T P
+                    }
+                for (int s = 0; s < T; s++)
+                    for (int i = 0; i < hd; i++) {
+                        dk[ko + (size_t)s * ks + i] += dkt[(size_t)i * ld + s];
+                        dv[ko + (size_t)s * ks + i] += dvt[(size_t)i * ld + s];
+                    }
+            }
+    }
+}
+
+// SwiGLU: h = [a; b] (2F), out = silu(a) * b, silu(a) = a sigmoid(a)
+
+static void swiglu_forward(float *out, const float *h, int M, int F) {
+    // out (M,F), h (M,2F)
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        const float *a = h + (size_t)m * 2 * F, *b = a + F;
+        float *o = out + (size_t)m * F;
+        for (int i = 0; i < F; i++) o[i] = a[i] * sigmoid(a[i]) * b[i];
+    }
+}
+
+/* da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a);
+   and the forward's output again, act = silu(a) b (the same bits), which
+   the weight gradient of fc2 needs. In place: dh may be h and act may be
+   dout. Each element is read before it is written, but a vectorised loop
+   may not assume so; inputs go through a small copy. */
+#define SWIGLU_CHUNK 256
+static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M, int F) {
+    // dh (M,2F) written, act (M,F) written, dout (M,F), h (M,2F)
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        for (int i0 = 0; i0 < F; i0 += SWIGLU_CHUNK) {
+            int n = F - i0 < SWIGLU_CHUNK ? F - i0 : SWIGLU_CHUNK;
+            float a[SWIGLU_CHUNK], b[SWIGLU_CHUNK], d[SWIGLU_CHUNK];
+            memcpy(a, h + (size_t)m * 2 * F + i0, n * sizeof(float));
+            memcpy(b, h + (size_t)m * 2 * F + F + i0, n * sizeof(float));
+            memcpy(d, dout + (size_t)m * F + i0, n * sizeof(float));
+            float *restrict da = dh + (size_t)m * 2 * F + i0, *restrict db = da + F, *restrict o = act + (size_t)m * F + i0;
+            for (int i = 0; i < n; i++) {
+                float sg = sigmoid(a[i]), silu = a[i] * sg;
+                da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
+                db[i] = d[i] * silu;
+                o[i] = silu * b[i];
+            }
+        }
+}
+
+static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int K, int C) {
+    // xs (N*K,C) rows in sorted order, x (N,C)
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
+}
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* The experts' products of one layer, each over its block of sorted rows:
+   y_e = x_e W_e^T (forward: x rows of n_in, y rows of n_out) or
+   y_e += x_e W_e (backward for the input: x rows of n_out, y rows of n_in),
+   W (E,n_out,n_in). Experts
+   with more rows than a thread's share of the layer's run in turn, each on
+   all threads; the rest run one per thread, largest first, which keeps the
+   threads about equally busy. Split across threads, a product of a few dozen
+   rows (a UniPool expert's tokens of a layer) would wait at dozens of
+   barriers for microseconds of work each. A product computes the same sums
+   whichever threads run it, so the result does not depend on them. */
+static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int n_in, int n_out,
+                          int backward) {  // expert e's product of expert_matmuls, below
+    size_t ys = backward ? (size_t)n_in : (size_t)n_out, xs = backward ? (size_t)n_out : (size_t)n_in;
+    int p0 = offset[e], ne = offset[e + 1] - p0;
+    float *ye = y + (size_t)p0 * ys;
+    const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * n_out * n_in;
+    if (backward)
+        matmul_backward_fast(ye, NULL, xe, NULL, we, ne, n_in, n_out);
+    else
+        matmul_forward_fast(ye, xe, we, ne, n_in, n_out);
+}
+
+static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int n_in, int n_out,
+                           int backward) {
+    int by_size[E];  // experts by rows, descending (insertion sort: E is at most a few hundred)
+    for (int e = 0; e < E; e++) {
+        int i = e, ne = offset[e + 1] - offset[e];
+        for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--) by_size[i] = by_size[i - 1];
+        by_size[i] = e;
+    }
+    int share = (offset[E] + max_threads() - 1) / max_threads();  // rows per thread
+    // the big ones outside any parallel region: inside one, even an inactive one (if false), the
+    // GEMM's own regions would be nested ones, which cost more to start
+    for (int i = 0; i < E; i++)
+        if (offset[by_size[i] + 1] - offset[by_size[i]] > share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
+#pragma omp parallel for schedule(dynamic)
+    for (int i = 0; i < E; i++) {
+        int ne = offset[by_size[i] + 1] - offset[by_size[i]];
+        if (ne > 0 && ne <= share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
+    }
+}
+
+static void experts_forward(float *y, float *h, float *eout, float *xs, float *act, const MoeLayer *ml) {
+    // y (N,C) out; saved: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
+    const float *x = ml->x, *score = ml->score, *fc1 = ml->fc1, *fc2 = ml->fc2;
+    const int *chosen = ml->chosen;
+    const Dispatch *d = &ml->d;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    moe_gather(xs, x, d, N * K, K, C);
+    expert_matmuls(h, xs, fc1, d->offset, E, C, 2 * F, 0);
+    swiglu_forward(act, h, N * K, F);
+    expert_matmuls(eout, act, fc2, d->offset, E, F, C, 0);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *yn = y + (size_t)n * C;
+        for (int i = 0; i < C; i++) yn[i] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            int a = n * K + k;
+            axpy(yn, score[(size_t)n * E + chosen[a]], eout + (size_t)d->slot[a] * C, C);
+        }
+    }
+}
+
+/* The backward of one layer's mixture, for its input and gates:
+     dgate_nk = dy_n . expert output, d(expert output) = gate dy_n,
+   then back through fc2, SwiGLU and fc1 to the gathered inputs. The experts'
+   weight gradients wait (moe_weight_grads): with a shared pool, one expert
+   serves every layer, and summing its rows of all layers in one product
+   writes its gradient once instead of once per layer. What that product
+   needs is written over what this backward has finished with: d h over h,
+   and SwiGLU's output act, recomputed. Experts with no tokens cost nothing. */
+static void experts_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs,
+                             const float *dy, const MoeLayer *ml) {
+    // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten for
+    // the weight gradients: eout (N*K,C) the expert outputs -> their gradients, h (N*K,2F) -> d h;
+    // act (N*K,F) written; scratch dxs (N*K,C); dy (N,C)
+    const float *score = ml->score, *fc1 = ml->fc1, *fc2 = ml->fc2;
+    const int *chosen = ml->chosen;
+    const Dispatch *d = &ml->d;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    int NK = N * K;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int a = n * K + k;
+            const float *dyn = dy + (size_t)n * C;
+            float g = score[(size_t)n * E + chosen[a]], *eo = eout + (size_t)d->slot[a] * C;
+            dscore[(size_t)n * E + chosen[a]] += dot(dyn, eo, C);
+            for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
+        }
+    memset(act, 0, (size_t)NK * F * sizeof(float));
+    expert_matmuls(act, eout, fc2, d->offset, E, F, C, 1);  // d act, until SwiGLU's backward
+    swiglu_backward(h, act, act, h, NK, F);
+    memset(dxs, 0, (size_t)NK * C * sizeof(float));
+    expert_matmuls(dxs, h, fc1, d->offset, E, C, 2 * F, 1);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
+}
+
+/* A pool's saved rows for its experts' weight gradients: nl layers, each a
+   block of `block` tokens (block*K assignments) in the activations. */
+typedef struct {
+    const float *dh;     // (nl,block*K,2F) gradient of the fc1 output, dispatch order
+    const float *deout;  // (nl,block*K,C) gradient of the expert output
+    const float *act;    // (nl,block*K,F) SwiGLU output
+    const float *x;      // (nl,block,C) the experts' input
+    const int *order;    // (nl,block*K) dispatch: assignment at each position
+    const int *offset;   // (nl,E+1) dispatch: first position of each expert
+    int nl;
+    size_t block;
+} PoolRows;
+
+// Scratch for a chunk of up to N*K rows of one expert: hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
+typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
+
+/* One expert's weight gradients from R of its rows (rows[r] = layer j of the
+   pool times blockK plus the dispatch position):
+     dfc2 += d(out)^T act,   dfc1 += dh^T x.
+   Rows that are one run (vanilla: an expert's rows of its one layer) are read
+   in place; rows of several layers are gathered into the scratch first, and
+   the inputs x always are. */
+static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R, const PoolRows *pr, int C,
+                                int F, int K) {
+    // dfc1 (2F,C) +=, dfc2 (C,F) +=
+    float *hs = sc->hs, *as = sc->as, *ds = sc->ds, *xs = sc->xs;
+    const float *dh = pr->dh, *deout = pr->deout, *act = pr->act, *x = pr->x;
+    const int *rows = sc->rows, *order = pr->order;
+    size_t block = pr->block;
+    size_t blockK = block * K, q0 = (size_t)rows[0];
+    int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        size_t q = (size_t)rows[r], j = q / blockK;  // row q of the pool's (layer, position) blocks
+        if (!run) {
+            memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
+            memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
+            memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
+        }
+        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
+    }
+    matmul_backward_fast(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
+    matmul_backward_fast(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
+}
+
+/* The weight gradients of a pool's E experts, once its nl layers are all
+   backpropagated: each expert's rows of every layer, in layer then dispatch
+   order, in chunks of at most N*K rows (the scratch). Vanilla MoE is nl = 1. */
+static void moe_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr, int N, int C, int F,
+                             int E, int K) {
+    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
+    const int *offset = pr->offset;
+    int *rows = sc->rows, nl = pr->nl;
+    size_t blockK = pr->block * K;
+    for (int e = 0; e < E; e++) {
+        float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
+        int R = 0;
+        for (int j = 0; j < nl; j++)
+            for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
+                rows[R++] = (int)(j * blockK + p);
+                if (R == N * K) {
+                    expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
+                    R = 0;
+                }
+            }
+        if (R) expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
+    }
+}
+
+/* The fast path of one layer's mixture. Its forward gathers each expert's
+   rows in dispatch order and runs them as one product per weight
+   (experts_forward), keeping the fc1 output h and each expert's output eout.
+   Its backward computes the input and gate gradients layer by layer
+   (experts_backward) and defers the experts' weight gradients: when the
+   backward reaches the first layer of a pool, each expert's rows of all the
+   pool's layers go through one product per weight (moe_weight_grads), so a
+   shared expert's gradient is written once per pool instead of once per
+   layer. Until then each layer's h and eout hold their gradients, and
+   SwiGLU's output is kept per layer of the pool (act_pool). */
+KERNEL_DEF void moe_forward_fast(float *y, const MoeLayer *ml) {
+    Acts *a = &ml->m->acts;
+    int C = ml->C, F = ml->F, K = ml->K;
+    size_t rK = ml->row * K;
+    experts_forward(y, a->h + rK * 2 * F, a->eout + rK * C, a->xs, a->act, ml);
+}
+
+KERNEL_DEF void moe_backward_fast(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
+    const Config *c = &ml->m->cfg;
+    Acts *a = &ml->m->acts;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K, l = ml->l, LP = c->L / c->G;  // LP layers per pool
+    size_t block = (size_t)ml->m->maxN, rK = ml->row * K;
+    experts_backward(dx, dscore, a->eout + rK * C, a->h + rK * 2 * F, a->act_pool + (size_t)(l % LP) * block * K * F,
+                     a->dxs, dy, ml);
+    if (l % LP == 0) {  // the pool's first layer: all its layers are done, so its experts' weights
+        size_t f0 = (size_t)l * block;
+        GradScratch sc = {a->hs, a->act, a->dxs, a->xs, a->rows};
+        PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C, a->order + f0 * K,
+                       a->offset + (size_t)l * (E + 1), LP, block};
+        moe_weight_grads(ml->dfc1, ml->dfc2, &sc, &pr, N, C, F, E, K);
+    }
+}

@@ -1,4 +1,4 @@
-"""Write the reference-dump suite (shared/SPEC.md section 6) into dev/dumps/.
+"""Write the reference-dump suite (dev/SPEC.md section 6) into dev/dumps/.
 
     /usr/bin/python3 dev/make_dumps.py [--out DIR] [--only NAME]
 

@@ -1,4 +1,4 @@
-"""PyTorch reference of the UniPool model (shared/SPEC.md, sections 1-5).
+"""PyTorch reference of the UniPool model (dev/SPEC.md, sections 1-5).
 
 A Mixture-of-Experts transformer whose L layers route into G expert pools of
 E experts each; layer l uses pool l // (L // G). G = L is a vanilla MoE, G = 1

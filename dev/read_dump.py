@@ -1,4 +1,4 @@
-"""Read and print a UniPool reference dump (shared/SPEC.md section 6).
+"""Read and print a UniPool reference dump (dev/SPEC.md section 6).
 
     /usr/bin/python3 dev/read_dump.py FILE.bin [...]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tests of the data pipeline: gpt2_bpe.py, prepro_pile.py, dev/data/fetch_sotu.py.
+"""Tests of the data pipeline: dev/gpt2_bpe.py, prepro_pile.py, dev/data/fetch_sotu.py.
 
     /usr/bin/python3 dev/test_data.py            # all tests (about 30 s)
     /usr/bin/python3 dev/test_data.py -k shard   # only tests whose name has "shard"

@@ -144,8 +144,8 @@ static void bench_gemm(void) {
 
 static void bench_step(int argc, char **argv) {
     Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
-                  .router_eps = 1e-8f};
-    TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 3, .seed = 1,
+                  .router_c = 1.0f, .router_eps = 1e-8f};
+    TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 3, .val_batches = 1, .gen_tokens = 1, .keep = 1, .seed = 1,
                       .opt = {.lr = 1e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
     Paths paths = {0};
     cfg.L = presets[0].L, cfg.C = presets[0].C, cfg.NH = presets[0].NH, cfg.NKV = presets[0].NKV, cfg.F = presets[0].F;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every speed and memory figure of the README, measured side by side in one
-# run on this machine: the FMA peak, the GEMM kernels on the 182M shapes, and
+# run: the FMA peak, the GEMM kernels on the 182M shapes, and
 # training steps of C and of the PyTorch reference at the same configuration,
 # batch and threads, with their tokens/s ratio. Takes about 20 minutes; the
 # 182M runs need 16 GiB of memory. Usage: dev/bench/run.sh [THREADS]
@@ -8,19 +8,18 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 THREADS=${1:-2}
 export OMP_NUM_THREADS=$THREADS
-# PyTorch allocates and frees its activations and temporaries every step, and page faults on this
-# VM are slow, so both programs run with the glibc settings that suit PyTorch best here. Tiny: malloc
-# keeps what it frees (without it PyTorch is 1.7x slower). 182M: that would not fit in memory, so
-# malloc asks for huge pages instead (PyTorch 27 -> 19 s/step). The C program allocates once, and
-# asks for huge pages itself.
+# PyTorch allocates and frees its activations and temporaries every step, and page faults are
+# slow on a VM, so both programs run with the glibc settings that suit PyTorch best. Tiny: malloc
+# keeps what it frees. 182M: that would not fit in memory, so malloc asks for huge pages instead.
+# The C program allocates once, and asks for huge pages itself.
 KEEP="MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000"
 HUGE="GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
 make -s dev/bench/bench
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB;" \
      "$(gcc --version | head -1); $THREADS threads"
-# The peak is a maximum, and this VM now and then runs both threads on one core for seconds at a
-# time: the best of five measurements a few seconds apart.
+# The peak is a maximum, and a VM may run both threads on one core for seconds at a time: the
+# best of five measurements a few seconds apart.
 for i in 1 2 3 4 5; do ./dev/bench/bench peak; sleep 2; done | tee /tmp/unipool_peak.txt
 PEAK=$(sed -n 's/.*, \([0-9.]*\) GFLOP\/s on [0-9]* threads/\1/p' /tmp/unipool_peak.txt | sort -g | tail -1)
 echo "peak used for every MFU below: $PEAK GFLOP/s"

@@ -184,7 +184,7 @@ def prepro_cmd(workers):
 def stamp_of(workers):
     """What the shards depend on: the input, the tokenizer files and code, the options."""
     h = hashlib.sha256()
-    for p in [JSONL, os.path.join(ROOT, "prepro_pile.py"), os.path.join(ROOT, "gpt2_bpe.py"),
+    for p in [JSONL, os.path.join(ROOT, "prepro_pile.py"), os.path.join(ROOT, "dev", "gpt2_bpe.py"),
               os.path.join(ROOT, "dev", "magic.py")] + [os.path.join(GPT2_DIR, f) for f in GPT2_FILES]:
         h.update(sha256_file(p).encode())
     # magic numbers live in train_unipool.c

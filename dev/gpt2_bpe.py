@@ -43,7 +43,7 @@ import re
 import sys
 import unicodedata
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ENCODER_DIR = os.path.join(ROOT, "data", "cache", "gpt2")
 EOT = 50256          # <|endoftext|>
 N_VOCAB = 50257
@@ -361,7 +361,7 @@ def decode(ids):
 
 
 if __name__ == "__main__":
-    # gpt2_bpe.py "text" | gpt2_bpe.py -   -> ids, space-separated
+    # dev/gpt2_bpe.py "text" | dev/gpt2_bpe.py -   -> ids, space-separated
     arg = sys.argv[1] if len(sys.argv) > 1 else "-"
     text = sys.stdin.read() if arg == "-" else arg
     try:
