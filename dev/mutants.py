@@ -261,7 +261,9 @@ def main():
                 print(f"NOBUILD {name}: {build.stderr.strip().splitlines()[-1]}")
                 survivors.append(name)
                 continue
-            run = subprocess.run([exe], cwd=root, capture_output=True, text=True, timeout=600)
+            # 2 threads whatever the caller set: some mutants sit in code that only a second thread runs
+            run = subprocess.run([exe], cwd=root, capture_output=True, text=True, timeout=600,
+                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
             failed = [l.split()[2] if l.startswith("NOT OK") else l for l in run.stdout.splitlines()
                       if l.startswith("NOT OK")]
             if run.returncode == 1:
