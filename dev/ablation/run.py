@@ -6,8 +6,8 @@ arm's flags (ARMS), for seeds 1..N, each run on one thread (the same seed gives 
 runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a summary in
 dev/ablation/runs/<arm>_s<seed>.json; a summary for the current recipe, flags and corpus (a fingerprint
 of data/sotu's shards) means the run is done, so a sitting on a fresh clone trains only what no committed
-summary covers. A run stopped part-way
-resumes from its last checkpoint in out/ablation/<arm>_s<seed>/ (-r latest) if that folder is still there.
+summary covers. A run stopped part-way resumes from its last checkpoint in out/ablation/<arm>_s<seed>/
+(-r latest) if that folder is still there.
 After a run of the first seed of vanilla_softmax or unipool, infer_unipool's routing-randomisation probe
 runs on its final checkpoint. Last, the report: dev/ablation/results.md, results.json, val_curves.svg.
 
@@ -164,7 +164,7 @@ def train(s, arm, seed):
     if action == "skip":
         return "skipped", ""
     if os.path.exists(summary_path(s, arm, seed)):
-        say(f"stale summary {rel(summary_path(s, arm, seed))} (another recipe or flags): running again")
+        say(f"stale summary {rel(summary_path(s, arm, seed))} (another recipe, flags or corpus): running again")
     folder = run_dir(s, arm, seed)
     meta = read_json(os.path.join(folder, META)) if action == "resume" else start_fresh(s, arm, seed)
     say(f"{action} {name(arm, seed)}: {shlex.join(command)}")
@@ -477,7 +477,7 @@ def markdown(res):
              "", "## Routing-randomisation probe", "", *md_probe(res),
              "", "## Missing and stale", "",
              "Missing runs: " + (", ".join(res["missing"]) or "none") + ".",
-             "Stale summaries (another recipe or flags, left out): " + (", ".join(res["stale"]) or "none") + ".",
+             "Stale summaries (another recipe, flags or corpus, left out): " + (", ".join(res["stale"]) or "none") + ".",
              "", "Val curves: val_curves.svg."]
     return "\n".join(lines) + "\n"
 
