@@ -43,7 +43,7 @@ $(DATA): dev/data/fetch_sotu.py prepro_pile.py dev/gpt2_bpe.py
 data: $(DATA)
 
 # The default run: a small UniPool model on the default corpus, about 10 minutes on 2 cores.
-TRAIN_FLAGS ?= -p tiny -o pool -b 16 -t 128 -n 400 -l 2e-3 -w 30 -I 0.025 -A 1e-3 -v 50 -S 200 -K 400 -O out/default
+TRAIN_FLAGS ?= -p tiny -o pool -b 16 -t 128 -n 400 -l 2e-3 -w 30 -I 0.025 -A 3e-4 -v 50 -S 200 -K 400 -O out/default
 train: train_unipool $(DATA)
 	./train_unipool $(TRAIN_FLAGS)
 

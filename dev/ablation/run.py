@@ -52,7 +52,7 @@ ARMS = [
 ]
 PAPER_NONE = "not given (\"matches or beats vanilla\")"
 REDUCED_POOL = 2 / 3  # {reduced} = round(REDUCED_POOL * 8 * L): 21 at L = 4, 11 at L = 2
-RECIPE = "-p tiny -b 16 -t 128 -n 600 -l 2e-3 -w 30 -I 0.025 -A 1e-3 -v 50 -V 40 -S 0 -K 200 -N 1"
+RECIPE = "-p tiny -b 16 -t 128 -n 600 -l 2e-3 -w 30 -I 0.025 -A 3e-4 -v 50 -V 40 -S 0 -K 200 -N 1"
 SMOKE_RECIPE = "-p tiny -L 2 -C 32 -NH 2 -NKV 1 -F 32 -b 2 -t 16 -n 6 -v 3 -V 2 -S 0 -K 3 -N 2"
 PRESET_LAYERS = {"tiny": 4, "182m": 12, "469m": 24, "650m": 36, "830m": 48, "978m": 24}
 BASELINE = "vanilla_softmax"
