@@ -58,8 +58,8 @@ train: train_unipool $(DATA)
 	./train_unipool $(TRAIN_FLAGS)
 
 # Every test: kernels and reference dumps (C), the PyTorch reference, the programs, the data pipeline,
-# the ablation driver (on a micro model).
-test: $(PROGS) train_unipool_ref test_unipool_ref $(DATA)
+# the ablation driver (on a micro model), data parallelism over MPI (when mpicc exists; else it says so).
+test: $(PROGS) train_unipool_ref test_unipool_ref $(if $(shell command -v $(MPICC)),train_unipool_mpi) $(DATA)
 	./test_unipool
 	./test_unipool_ref
 	$(PY) dev/test_reference.py
@@ -68,6 +68,7 @@ test: $(PROGS) train_unipool_ref test_unipool_ref $(DATA)
 	$(PY) dev/test_convert.py
 	$(PY) dev/test_data.py
 	$(PY) dev/ablation/test_ablation.py
+	$(PY) dev/test_mpi.py
 
 # Speed and memory figures (dev/bench/run.sh prints them all); never part of make test.
 dev/bench/bench: dev/bench/bench.c train_unipool.c

@@ -17,8 +17,9 @@ cites it):
 Reading order: helpers, configuration and the parameter table, the kernels'
 interface, the layers (each _forward next to its _backward, in plain loops),
 the routers, the model (ownership, the aux losses, the mixture of experts,
-forward and backward), AdamW, the training step, data, checkpoints, main;
-last, the machinery: the fast kernels behind the interface.
+forward and backward), AdamW, the training step, data parallelism over MPI
+(make MPI=1), data, checkpoints, main; last, the machinery: the fast kernels
+behind the interface.
 
 Short names, the same everywhere:
   B batch, T time, N = B*T tokens, C channels, L layers, NH query heads,

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Proves the tests can fail: plants one deliberate bug at a time in a copy of
 train_unipool.c, builds test_unipool against it and expects it to report a
-failure (exit 1). A mutant that passes is a hole in the tests.
+failure (exit 1). A mutant that passes is a hole in the tests. The bugs in
+data parallelism (MPI_MUTANTS) are held to dev/test_mpi.py instead, on one
+model (its unipool arm), with both programs built from the mutated copy;
+without mpicc they are skipped, unless UNIPOOL_REQUIRE_MPI=1 (CI).
 
     python3 dev/mutants.py            # all mutants, from the repository root
     python3 dev/mutants.py rope       # only those whose name contains "rope"
@@ -53,7 +56,7 @@ MUTANTS = [
      "float r = 1.0f / sqrtf(dot(x, x, C) / C + eps);",
      "float r = 1.0f / sqrtf(dot(x, x, C) / C + 0.0f * eps);"),
     ("aux gradient missing",
-     "a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / N;",
+     "a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / m->N_all;",
      "a->dscore[(size_t)n * E + j] = 0.0f;"),
     ("aux without the factor E",
      "float coef = active ? (float)(c->alpha * E * fbar / group) : 0.0f;",
@@ -217,6 +220,25 @@ MUTANTS = [
      "for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K] * C, C);"),
 ]
 
+# Bugs only a run on several ranks shows (dev/test_mpi.py).
+MPI_MUTANTS = [
+    ("data parallel: expert counts not summed over the ranks",
+     "    world_sum_i64(m->counts, (size_t)L * E);\n",
+     ""),
+    ("data parallel: the loss means over this rank's tokens only",
+     "m->N_all = N * world.size;",
+     "m->N_all = N;"),
+    ("data parallel: the gradient range not summed over the ranks",
+     "for (int q = 1; q < R; q++) sum += in[(size_t)q * WORLD_CHUNK + i];",
+     "for (int q = 1; q < R; q++) sum += 0.0f * in[(size_t)q * WORLD_CHUNK + i];"),
+    ("data parallel: a resumed rank reads rank 0's AdamW moments",
+     "fseek(f, moments + (long)(lo * sizeof(float)), SEEK_SET);",
+     "fseek(f, moments, SEEK_SET);"),
+    ("data parallel: a rank's updated range not sent to the others",
+     "    world_allgather(m->params_memory, m->num_params);\n",
+     ""),
+]
+
 # Helpers some mutants call, added to the mutated copy only.
 PRELUDE = """
 static void matmul_forward_naive_t(float *out, const float *inp, const float *w, int M, int K, int N) {
@@ -240,11 +262,44 @@ def main():
     sys.stdout.reconfigure(line_buffering=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = open(os.path.join(root, "train_unipool.c")).read()
-    wanted = [m for m in MUTANTS if not sys.argv[1:] or any(a in m[0] for a in sys.argv[1:])]
+    pick = lambda ms: [m for m in ms if not sys.argv[1:] or any(a in m[0] for a in sys.argv[1:])]
+    wanted, wanted_mpi = pick(MUTANTS), pick(MPI_MUTANTS)
     cc = os.environ.get("CC", "gcc")
+    flags = ["-O2", "-march=native", "-std=c11", "-D_DEFAULT_SOURCE", "-fopenmp", "-ffp-contract=fast",
+             "-fno-trapping-math", "-fno-math-errno", "-w"]
     survivors = []
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(os.path.join(root, "test_unipool.c"), tmp)
+        for name, old, new in wanted_mpi:
+            if not shutil.which("mpicc"):
+                print(f"SKIPPED {name}: no mpicc (apt-get install libopenmpi-dev openmpi-bin)")
+                if os.environ.get("UNIPOOL_REQUIRE_MPI") == "1":
+                    survivors.append(name)
+                continue
+            if src.count(old) != 1:
+                print(f"STALE   {name}: its text occurs {src.count(old)} times in train_unipool.c; update dev/mutants.py")
+                survivors.append(name)
+                continue
+            with open(os.path.join(tmp, "train_unipool.c"), "w") as f:
+                f.write(src.replace(old, new))
+            plain, mpi = os.path.join(tmp, "train_unipool"), os.path.join(tmp, "train_unipool_mpi")
+            builds = [subprocess.run([cc] + flags + ["-o", plain, os.path.join(tmp, "train_unipool.c"), "-lm"],
+                                     capture_output=True, text=True),
+                      subprocess.run(["mpicc"] + flags + ["-DUNIPOOL_MPI", "-o", mpi, os.path.join(tmp, "train_unipool.c"),
+                                      "-lm"], capture_output=True, text=True, env=dict(os.environ, OMPI_CC=cc))]
+            if any(b.returncode for b in builds):
+                print(f"NOBUILD {name}: {' '.join(b.stderr.strip()[-200:] for b in builds)}")
+                survivors.append(name)
+                continue
+            run = subprocess.run([sys.executable, os.path.join(root, "dev", "test_mpi.py"), "unipool"], cwd=root,
+                                 capture_output=True, text=True, timeout=1200,
+                                 env=dict(os.environ, TRAIN_UNIPOOL=plain, TRAIN_UNIPOOL_MPI=mpi))
+            failed = [l[7:60] for l in run.stdout.splitlines() if l.startswith("NOT OK")]
+            if run.returncode == 1 and failed:
+                print(f"caught  {name}: {len(failed)} checks failed, first: {failed[0]}")
+            else:
+                print(f"MISSED  {name}: test_mpi exit {run.returncode}")
+                survivors.append(name)
         for name, old, new in wanted:
             if src.count(old) != 1:
                 print(f"STALE   {name}: its text occurs {src.count(old)} times in train_unipool.c; update dev/mutants.py")
@@ -254,8 +309,7 @@ def main():
             with open(os.path.join(tmp, "train_unipool.c"), "w") as f:
                 f.write(mutated)
             exe = os.path.join(tmp, "test_unipool")
-            build = subprocess.run([cc, "-O2", "-march=native", "-std=c11", "-D_DEFAULT_SOURCE", "-fopenmp",
-                                    "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-w", "-o", exe, os.path.join(tmp, "test_unipool.c"), "-lm"],
+            build = subprocess.run([cc] + flags + ["-o", exe, os.path.join(tmp, "test_unipool.c"), "-lm"],
                                    capture_output=True, text=True)
             if build.returncode:
                 print(f"NOBUILD {name}: {build.stderr.strip().splitlines()[-1]}")
@@ -271,7 +325,8 @@ def main():
             else:
                 print(f"MISSED  {name}: test exit {run.returncode}")
                 survivors.append(name)
-    print(f"{len(wanted) - len(survivors)} of {len(wanted)} mutants caught")
+    total = len(wanted) + len(wanted_mpi)
+    print(f"{total - len(survivors)} of {total} mutants caught")
     sys.exit(1 if survivors else 0)
 
 

@@ -12,7 +12,10 @@
 - failures end the whole job with a message and a non-zero exit, never a hang: a -b the ranks do not
   divide, a missing shard, a rank killed mid-run.
 
-    python3 dev/test_mpi.py        (after make train_unipool_mpi and make data)
+    python3 dev/test_mpi.py              (after make train_unipool_mpi and make data)
+    python3 dev/test_mpi.py unipool      one model's checks only (dev/mutants.py)
+
+TRAIN_UNIPOOL and TRAIN_UNIPOOL_MPI name other builds of the two programs (dev/mutants.py).
 
 Without mpicc or mpirun it says so and exits 0, unless UNIPOOL_REQUIRE_MPI=1 (CI), which makes that a
 failure. numpy for the checkpoint comparisons.
@@ -29,7 +32,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAIN, MPI = os.path.join(ROOT, "train_unipool"), os.path.join(ROOT, "train_unipool_mpi")
+PLAIN = os.environ.get("TRAIN_UNIPOOL", os.path.join(ROOT, "train_unipool"))
+MPI = os.environ.get("TRAIN_UNIPOOL_MPI", os.path.join(ROOT, "train_unipool_mpi"))
 CKPT_BODY = 1024 + 256 + 256 + 3 * 1024  # header blocks and data paths (version 2): the floats follow
 # a tiny model on the default corpus, 6 steps with a checkpoint every 3, one thread per rank
 RUN = ["-p", "tiny", "-L", "2", "-C", "64", "-NH", "2", "-NKV", "1", "-F", "64", "-b", "4", "-t", "32", "-m", "2",
@@ -84,6 +88,61 @@ def ckpt(out, step):
     return os.path.join(out, "ckpt_%08d.bin" % step)
 
 
+def memory_and_failures(tmp):
+    """The AdamW memory per rank; failures that must end the job."""
+    # ZeRO stage 1: the AdamW memory per rank
+    def adamw_mib(stdout):
+        m = re.search(r"AdamW ([0-9.]+) MiB", stdout)
+        return float(m.group(1)) if m else -1
+    one = mpirun(1, RUN + ["-n", "1", "-v", "0", "-K", "never", "-O", os.path.join(tmp, "mem1")])
+    two = mpirun(2, RUN + ["-n", "1", "-v", "0", "-K", "never", "-O", os.path.join(tmp, "mem2")])
+    check("2 ranks keep half the AdamW state each (%.1f against %.1f MiB)" % (adamw_mib(two.stdout),
+          adamw_mib(one.stdout)), abs(2 * adamw_mib(two.stdout) - adamw_mib(one.stdout)) < 0.2
+          and "memory per rank" in two.stdout)
+
+    # failures end the job: a message, a non-zero exit, no hang
+    def fails(name, args, mentions, code):
+        try:
+            r = mpirun(2, args, timeout=60)
+        except subprocess.TimeoutExpired:
+            return check(name, False, "still running after 60 s")
+        errors = [l for l in r.stderr.splitlines() if l.startswith("error")]
+        check(name, r.returncode == code and errors and all(mentions in l for l in errors),
+              "exit %d, stderr %r" % (r.returncode, r.stderr[-600:]))
+    fails("-b 3 on 2 ranks: a usage error naming -b, exit 2", RUN + ["-b", "3", "-O", os.path.join(tmp, "b3")],
+          "-b 3 is not a multiple of the 2 ranks", 2)
+    fails("a missing shard: an error naming it, exit 1", RUN + ["-i", os.path.join(tmp, "none_*.bin"), "-O",
+          os.path.join(tmp, "miss")], "none_*.bin", 1)
+
+    # a rank killed mid-run ends the job within seconds
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    out = os.path.join(tmp, "killed")
+    p = subprocess.Popen(["mpirun"] + root + ["--oversubscribe", "-np", "2", MPI] + RUN +
+                         ["-n", "100000", "-v", "0", "-K", "never", "-O", out], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = False
+    for line in p.stdout:
+        if line.startswith("step     2/"):
+            started = True
+            break
+    pids = subprocess.run(["pgrep", "-f", "^%s .* -O %s" % (MPI, out)], capture_output=True,
+                          text=True).stdout.split()
+    if started and len(pids) == 2:
+        os.kill(int(pids[-1]), signal.SIGKILL)
+        t = time.time()
+        try:
+            rc = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = None
+        check("a rank killed mid-run ends the job in %.1f s with exit %s" % (time.time() - t, rc),
+              rc not in (None, 0) and time.time() - t < 15)
+    else:
+        p.kill()
+        p.wait()
+        check("a rank killed mid-run ends the job", False, "the run did not start (%d processes)" % len(pids))
+
+
 def main():
     have = shutil.which("mpirun") and os.path.exists(MPI)
     if not have:
@@ -93,7 +152,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="unipool_mpi_")
     t0 = time.time()
     try:
+        only = sys.argv[1:]
         for arm, flags in ARMS.items():
+            if only and arm not in only:
+                continue
             args, d = RUN + flags, os.path.join(tmp, arm)
             plain, one, two, again = train(0, args, d + "_plain"), train(1, args, d + "_1"), train(2, args, d + "_2"), \
                 train(2, args, d + "_2again")
@@ -125,58 +187,8 @@ def main():
                 else:
                     close(floats(ckpt(src, 6)), floats(ckpt(out, 6)), floats(ckpt(src, 3)),
                           what + " ends at the uninterrupted run's state to float32 rounding")
-
-        # ZeRO stage 1: the AdamW memory per rank
-        def adamw_mib(stdout):
-            m = re.search(r"AdamW ([0-9.]+) MiB", stdout)
-            return float(m.group(1)) if m else -1
-        one = mpirun(1, RUN + ["-n", "1", "-v", "0", "-K", "never", "-O", os.path.join(tmp, "mem1")])
-        two = mpirun(2, RUN + ["-n", "1", "-v", "0", "-K", "never", "-O", os.path.join(tmp, "mem2")])
-        check("2 ranks keep half the AdamW state each (%.1f against %.1f MiB)" % (adamw_mib(two.stdout),
-              adamw_mib(one.stdout)), abs(2 * adamw_mib(two.stdout) - adamw_mib(one.stdout)) < 0.2
-              and "memory per rank" in two.stdout)
-
-        # failures end the job: a message, a non-zero exit, no hang
-        def fails(name, args, mentions, code):
-            try:
-                r = mpirun(2, args, timeout=60)
-            except subprocess.TimeoutExpired:
-                return check(name, False, "still running after 60 s")
-            errors = [l for l in r.stderr.splitlines() if l.startswith("error")]
-            check(name, r.returncode == code and errors and all(mentions in l for l in errors),
-                  "exit %d, stderr %r" % (r.returncode, r.stderr[-600:]))
-        fails("-b 3 on 2 ranks: a usage error naming -b, exit 2", RUN + ["-b", "3", "-O", os.path.join(tmp, "b3")],
-              "-b 3 is not a multiple of the 2 ranks", 2)
-        fails("a missing shard: an error naming it, exit 1", RUN + ["-i", os.path.join(tmp, "none_*.bin"), "-O",
-              os.path.join(tmp, "miss")], "none_*.bin", 1)
-
-        # a rank killed mid-run ends the job within seconds
-        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        out = os.path.join(tmp, "killed")
-        p = subprocess.Popen(["mpirun"] + root + ["--oversubscribe", "-np", "2", MPI] + RUN +
-                             ["-n", "100000", "-v", "0", "-K", "never", "-O", out], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started = False
-        for line in p.stdout:
-            if line.startswith("step     2/"):
-                started = True
-                break
-        pids = subprocess.run(["pgrep", "-f", "^%s .* -O %s" % (MPI, out)], capture_output=True,
-                              text=True).stdout.split()
-        if started and len(pids) == 2:
-            os.kill(int(pids[-1]), signal.SIGKILL)
-            t = time.time()
-            try:
-                rc = p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = None
-            check("a rank killed mid-run ends the job in %.1f s with exit %s" % (time.time() - t, rc),
-                  rc not in (None, 0) and time.time() - t < 15)
-        else:
-            p.kill()
-            p.wait()
-            check("a rank killed mid-run ends the job", False, "the run did not start (%d processes)" % len(pids))
+        if not only:
+            memory_and_failures(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%s (%.0f s)" % ("all passed" if not failures else "FAILED: " + ", ".join(failures), time.time() - t0))
