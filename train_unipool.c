@@ -1396,7 +1396,8 @@ static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwr
 // of algorithm, so the same seed, R and thread count give the same bits. On
 // another R the gradient's sums over tokens group differently (inside the
 // kernels, then across ranks), so runs agree to float32 rounding.
-// Without MPI, R = 1 and every function below does nothing.
+// Without MPI, R = 1: a rank's rows and range are all of them, and the
+// functions below that communicate do nothing.
 
 static void world_shard(size_t P, int q, size_t *lo, size_t *hi) {
     *lo = P * (size_t)q / (size_t)world.size;
