@@ -39,6 +39,8 @@ CKPT_BODY = 1024 + 256 + 256 + 3 * 1024  # header blocks and data paths (version
 RUN = ["-p", "tiny", "-L", "2", "-C", "64", "-NH", "2", "-NKV", "1", "-F", "64", "-b", "4", "-t", "32", "-m", "2",
        "-n", "6", "-l", "3e-3", "-w", "2", "-v", "3", "-V", "2", "-S", "0", "-K", "3", "-N", "3", "-T", "1"]
 ARMS = {"vanilla": ["-o", "layer"], "unipool": ["-o", "pool", "-e", "8"], "sigmoid": ["-o", "layer", "-R", "sigmoid", "-k", "2"]}
+# root may run mpirun only when it says so (CI runs as root); ranks may outnumber the cores
+MPIRUN = ["mpirun"] + (["--allow-run-as-root"] if os.geteuid() == 0 else []) + ["--oversubscribe"]
 failures = []
 
 
@@ -49,8 +51,7 @@ def check(name, ok, detail=""):
 
 
 def mpirun(n, args, **kw):
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    cmd = ["mpirun"] + root + ["--oversubscribe", "-np", str(n), MPI] + args
+    cmd = MPIRUN + ["-np", str(n), MPI] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 300), cwd=ROOT, **kw)
 
 
@@ -115,9 +116,8 @@ def memory_and_failures(tmp):
           os.path.join(tmp, "miss")], "none_*.bin", 1)
 
     # a rank killed mid-run ends the job within seconds
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     out = os.path.join(tmp, "killed")
-    p = subprocess.Popen(["mpirun"] + root + ["--oversubscribe", "-np", "2", MPI] + RUN +
+    p = subprocess.Popen(MPIRUN + ["-np", "2", MPI] + RUN +
                          ["-n", "100000", "-v", "0", "-K", "never", "-O", out], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = False
