@@ -1440,10 +1440,8 @@ static void world_sum_f64(double *x, int n) {
     free(all);
 }
 
-// Floats [c, c + WORLD_CHUNK) of the range [lo, hi), counted from lo: how many there are.
-static size_t chunk_len(size_t lo, size_t hi, size_t c) {
-    return c < hi - lo ? (hi - lo - c < WORLD_CHUNK ? hi - lo - c : WORLD_CHUNK) : 0;
-}
+// How many of the floats [c, c + WORLD_CHUNK) lie in a range of n floats.
+static size_t chunk_len(size_t n, size_t c) { return c < n ? (n - c < WORLD_CHUNK ? n - c : WORLD_CHUNK) : 0; }
 
 /* g (P) is this rank's gradient. Afterwards its own range holds the sum of
    all ranks' g there, added in rank order; the rest is left as it was. Chunk
@@ -1458,12 +1456,12 @@ static void world_reduce_scatter(float *g, size_t P) {
     float *in = malloc_check((size_t)R * WORLD_CHUNK * sizeof(float));  // (R,WORLD_CHUNK): rank q's part of the chunk
     MPI_Request *req = malloc_check(2 * (size_t)R * sizeof(MPI_Request));
     for (size_t c = 0; c < longest; c += WORLD_CHUNK) {
-        size_t n = chunk_len(lo, hi, c);
+        size_t n = chunk_len(hi - lo, c);
         nreq = 0;
         for (int q = 0; q < R; q++) {
             if (q == me) continue;
             world_shard(P, q, &qlo, &qhi);
-            size_t nq = chunk_len(qlo, qhi, c);
+            size_t nq = chunk_len(qhi - qlo, c);
             if (n) MPI_Irecv(in + (size_t)q * WORLD_CHUNK, (int)n, MPI_FLOAT, q, 0, MPI_COMM_WORLD, &req[nreq++]);
             if (nq) MPI_Isend(g + qlo + c, (int)nq, MPI_FLOAT, q, 0, MPI_COMM_WORLD, &req[nreq++]);
         }
@@ -1486,7 +1484,7 @@ static void world_allgather(float *p, size_t P) {
         size_t lo, hi;
         world_shard(P, q, &lo, &hi);
         for (size_t c = 0; c < hi - lo; c += WORLD_CHUNK)
-            MPI_Bcast(p + lo + c, (int)chunk_len(lo, hi, c), MPI_FLOAT, q, MPI_COMM_WORLD);
+            MPI_Bcast(p + lo + c, (int)chunk_len(hi - lo, c), MPI_FLOAT, q, MPI_COMM_WORLD);
     }
 }
 
@@ -1500,7 +1498,7 @@ static int world_write_ranges(FILE *f, const float *x, size_t P, int ok) {
         size_t qlo, qhi;
         world_shard(P, q, &qlo, &qhi);
         for (size_t c = 0; c < qhi - qlo; c += WORLD_CHUNK) {
-            size_t n = chunk_len(qlo, qhi, c);
+            size_t n = chunk_len(qhi - qlo, c);
             const float *part = x ? x + c : buf;
             if (q != 0 && world.rank == q) MPI_Send(part, (int)n, MPI_FLOAT, 0, 1, MPI_COMM_WORLD);
             if (q != 0 && world.rank == 0) MPI_Recv(buf, (int)n, MPI_FLOAT, q, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
