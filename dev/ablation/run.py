@@ -327,13 +327,42 @@ def arm_health(runs):
     }
 
 
+# Student t's 97.5% quantile by degrees of freedom: a two-sided 95% interval is mean +- T975[df] x se.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t975(df):
+    """The quantile at df rounded down, and at 10 above 10: both only widen the interval."""
+    return T975[min(10, max(1, int(df)))]
+
+
+def interval(diff, se, df):
+    half = t975(df) * se
+    return {"diff": diff, "se": se, "df": df, "lo": diff - half, "hi": diff + half}
+
+
 def versus(a, b):
-    """a's mean minus b's, its standard error and whether |diff| > 2 x that (None below 2 seeds each)."""
-    if a["std"] is None or b["std"] is None:
-        return None
-    diff = a["mean"] - b["mean"]
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return {"diff": diff, "se": se, "beyond_seed_noise": abs(diff) > 2 * se}
+    """Arm a's final val losses {seed: loss} against arm b's, two ways, each with a 95% interval:
+    welch, the difference of the means (Welch's t, Welch-Satterthwaite df); paired, the mean of the per-seed
+    differences over the seeds both have (a seed fixes the data order for every arm, so the pairs share it).
+    A test is None below 2 seeds (2 shared seeds for the paired one)."""
+    out = {"welch": None, "paired": None}
+    if len(a) >= 2 and len(b) >= 2:
+        sa, sb = stats(list(a.values())), stats(list(b.values()))
+        va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
+        df = ((va + vb) ** 2 / (va ** 2 / (sa["n"] - 1) + vb ** 2 / (sb["n"] - 1)) if va + vb > 0
+              else sa["n"] + sb["n"] - 2)
+        out["welch"] = interval(sa["mean"] - sb["mean"], math.sqrt(va + vb), df)
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        d = stats([a[seed] - b[seed] for seed in common])
+        out["paired"] = dict(interval(d["mean"], d["std"] / math.sqrt(d["n"]), d["n"] - 1), seeds=common,
+                             diffs=[a[seed] - b[seed] for seed in common])
+    tests = [t for t in out.values() if t]
+    beyond = sum(t["lo"] > 0 or t["hi"] < 0 for t in tests)
+    out["verdict"] = (None if not tests else "beyond seed noise" if beyond == len(tests) else
+                      "within seed noise" if beyond == 0 else "beyond seed noise in one test only")
+    return out
 
 
 def parse_probe(text):
@@ -383,8 +412,8 @@ def results(s):
         base = entry if arm.key == BASELINE else base
         arms.append(entry)
     for entry in arms:
-        if "stats" in entry and base and "stats" in base and entry is not base:
-            entry["versus_baseline"] = versus(entry["stats"], base["stats"])
+        if base and entry is not base:
+            entry["versus_baseline"] = versus(entry["seeds"], base["seeds"])
     missing = [f"{arm.key}_s{seed}" for arm in map(Arm._make, ARMS) for seed in s.seeds
                if seed not in {r["seed"] for r in runs.get(arm.key, [])}]
     commits = sorted({r["git_commit"] for rs in runs.values() for r in rs})
@@ -425,17 +454,19 @@ def md_health(res):
 
 
 def md_versus(res):
-    rows = [f"| arm | mean - {BASELINE} | sqrt(s1^2/n1 + s2^2/n2) | verdict |", "|---|---|---|---|"]
+    rows = ["A difference counts as beyond the seed noise when its 95% interval excludes 0, for both tests; "
+            "the Student t quantile is taken at the degrees of freedom rounded down.", "",
+            f"| arm | mean - {BASELINE} | Welch 95% interval | per seed (same seed: same data order) | "
+            "paired 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    span = lambda t: "-" if t is None else f"[{t['lo']:+.4f}, {t['hi']:+.4f}] (df {t['df']:.1f})"
     for a in res["arms"]:
-        if a["key"] == BASELINE:
-            continue
         v = a.get("versus_baseline")
-        if v is None:
-            rows.append(f"| {a['key']} | - | - | not comparable: needs 2+ seeds in both arms |")
+        if a["key"] == BASELINE or v is None:
             continue
-        word = "beyond seed noise" if v["beyond_seed_noise"] else "within seed noise"
-        rows.append(f"| {a['key']} | {v['diff']:+.4f} | {v['se']:.4f} | {word} (|diff| "
-                    f"{'>' if v['beyond_seed_noise'] else '<='} 2 x {v['se']:.4f}) |")
+        welch, paired = v["welch"], v["paired"]
+        per_seed = ", ".join(f"s{seed}: {d:+.4f}" for seed, d in zip(paired["seeds"], paired["diffs"])) if paired else "-"
+        rows.append(f"| {a['key']} | {'-' if welch is None else format(welch['diff'], '+.4f')} | {span(welch)} | {per_seed} | {span(paired)} | "
+                    f"{v['verdict'] or 'not comparable: needs 2+ seeds in both arms'} |")
     return rows
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Tests of dev/ablation/run.py with its --smoke micro model in a temporary folder (about 20 s on 2 cores):
-every arm gets a summary with a finite val loss and per-layer health; the report lists every arm and the
-probe; the SVG parses and has one mean line per arm; a second invocation trains nothing; a deleted summary
-re-runs only its arm; a run stopped after its first checkpoint resumes with -r latest and ends with the
-val loss of the uninterrupted run; a run that fails is reported and the command exits 1.
+"""Tests of dev/ablation/run.py. The seed statistics (Welch and paired 95% intervals, the verdict) against
+hand-worked figures; then its --smoke micro model in a temporary folder (about 20 s on 2 cores): every arm
+gets a summary with a finite val loss and per-layer health; the report lists every arm and the probe; the
+SVG parses and has one mean line per arm; a second invocation trains nothing; a deleted summary re-runs only
+its arm; a run stopped after its first checkpoint resumes with -r latest and ends with the val loss of the
+uninterrupted run; a run that fails is reported and the command exits 1.
 
     python3 dev/ablation/test_ablation.py        (from anywhere; it builds nothing that run.py does not)
 
@@ -146,8 +147,47 @@ def test_failure(folder):
           output(done))
 
 
+def near(x, y):
+    return abs(x - y) < 5e-4
+
+
+def test_versus():
+    """Hand-worked: a = 6.0, 6.2, 6.1 and b = 5.9, 6.0, 6.2 over seeds 1-3. Welch: means 6.1 and 6.0333, sds
+    0.1 and 0.15275, se = sqrt(0.01/3 + 0.023333/3) = 0.10541, df = 0.011111^2 / ((0.01/3)^2/2 + (0.023333/3)^2/2)
+    = 3.45, so t(3) = 3.182 and the interval is 0.0667 +- 0.3354. Paired: differences 0.1, 0.2, -0.1, sd
+    0.15275, se 0.08819, t(2) = 4.303, 0.0667 +- 0.3795."""
+    v = ablation.versus({1: 6.0, 2: 6.2, 3: 6.1}, {1: 5.9, 2: 6.0, 3: 6.2})
+    w, p = v["welch"], v["paired"]
+    check("versus: Welch's difference, se, df and interval", near(w["diff"], 0.0667) and near(w["se"], 0.10541) and
+          near(w["df"], 3.448) and near(w["lo"], 0.0667 - 0.3354) and near(w["hi"], 0.0667 + 0.3354), str(w))
+    check("versus: the paired differences, se and interval", p["seeds"] == [1, 2, 3] and
+          all(near(x, y) for x, y in zip(p["diffs"], [0.1, 0.2, -0.1])) and near(p["se"], 0.08819) and
+          p["df"] == 2 and near(p["lo"], 0.0667 - 0.3795) and near(p["hi"], 0.0667 + 0.3795), str(p))
+    check("versus: both intervals hold 0, within seed noise", v["verdict"] == "within seed noise", str(v))
+    # The same spread, shifted: a sits 1 above b on every seed (paired interval 1 +- 0). Equal variances
+    # and n give Welch df = 2 (n - 1) = 4, so its interval is 1 +- 2.776 x sqrt(0.01/3 + 0.01/3) = 1 +- 0.23.
+    clear = ablation.versus({1: 7.0, 2: 7.2, 3: 7.1}, {1: 6.0, 2: 6.2, 3: 6.1})
+    check("versus: a shift far outside the spread is beyond seed noise", clear["verdict"] == "beyond seed noise" and
+          near(clear["welch"]["df"], 4) and
+          near(clear["welch"]["hi"] - clear["welch"]["lo"], 2 * 2.776 * math.sqrt(0.02 / 3)), str(clear))
+    # a sits 0.1 above b on every seed, but the seeds spread 0.4: the paired interval excludes 0 and Welch's
+    # (se sqrt(0.04/3 + 0.04/3) = 0.163, df 4: 0.1 +- 0.45) holds it.
+    split = ablation.versus({1: 6.1, 2: 6.5, 3: 6.3}, {1: 6.0, 2: 6.4, 3: 6.2})
+    check("versus: a paired-only difference says so", split["verdict"] == "beyond seed noise in one test only" and
+          split["welch"]["lo"] < 0 < split["paired"]["lo"], str(split))
+    check("versus: t quantiles at df rounded down (a wider interval), df 10's beyond 10",
+          [ablation.t975(df) for df in (0.99, 1.7, 3.9, 25)] == [12.706, 12.706, 3.182, 2.228])
+    # Seeds 1 and 3 in common only: a paired test over them, a Welch test over everything.
+    part = ablation.versus({1: 6.0, 3: 6.1}, {1: 5.9, 2: 6.0, 3: 6.2})
+    check("versus: the paired test uses the shared seeds only", part["paired"]["seeds"] == [1, 3] and
+          part["paired"]["df"] == 1 and part["welch"] is not None, str(part))
+    check("versus: one seed in an arm compares nothing", ablation.versus({1: 6.0}, {1: 5.9, 2: 6.0}) ==
+          {"welch": None, "paired": None, "verdict": None})
+
+
 def main():
     start = time.time()
+    test_versus()
     with tempfile.TemporaryDirectory() as folder:
         test_first(folder)
         test_report(folder)
