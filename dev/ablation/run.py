@@ -56,6 +56,18 @@ RECIPE = "-p tiny -b 16 -t 128 -n 600 -l 2e-3 -w 30 -I 0.025 -A 3e-4 -v 50 -V 40
 SMOKE_RECIPE = "-p tiny -L 2 -C 32 -NH 2 -NKV 1 -F 32 -b 2 -t 16 -n 6 -v 3 -V 2 -S 0 -K 3 -N 2"
 PRESET_LAYERS = {"tiny": 4, "182m": 12, "469m": 24, "650m": 36, "830m": 48, "978m": 24}
 BASELINE = "vanilla_softmax"
+# The paper's claims as pairs of arms: (what the paper finds, arm a, arm b); each is tested as a minus b.
+CLAIMS = [
+    ("UniPool beats vanilla MoE", "unipool", "vanilla_softmax"),
+    ("UniPool beats the best vanilla router (sigmoid, expert bias)", "unipool", "vanilla_sigmoid"),
+    ("a reduced pool matches or beats vanilla", "unipool_reduced", "vanilla_softmax"),
+    ("in a shared pool the NormRouter beats softmax", "unipool", "pool_softmax_poolaux"),
+    ("in a shared softmax pool the pool loss beats the per-layer loss", "pool_softmax_poolaux", "pool_softmax_layeraux"),
+    ("a shared softmax pool with the pool loss beats vanilla", "pool_softmax_poolaux", "vanilla_softmax"),
+    ("a shared softmax pool with per-layer losses is worse than vanilla", "pool_softmax_layeraux", "vanilla_softmax"),
+    ("in vanilla layers the NormRouter is a little worse than softmax", "vanilla_norm", "vanilla_softmax"),
+    ("the sigmoid router beats softmax in vanilla layers", "vanilla_sigmoid", "vanilla_softmax"),
+]
 PROBED = ("vanilla_softmax", "unipool")
 HIGHLIGHT = "unipool"
 PROBE = ["./infer_unipool", "probe", "-i", "data/sotu/sotu_val_*.bin", "-n", "20", "-T", "1"]
@@ -401,7 +413,7 @@ def probes(s):
 
 def results(s):
     runs, stale = collect(s)
-    arms, base = [], None
+    arms = []
     for arm in map(Arm._make, ARMS):
         ours = runs.get(arm.key, [])
         entry = dict(arm._asdict(), flags=arm_flags(arm, s.recipe), runs=len(ours),
@@ -409,16 +421,16 @@ def results(s):
         if ours:
             entry.update(stats=stats(list(entry["seeds"].values())), health=arm_health(ours),
                          pool_size=ours[0].get("pool_size"), wall_seconds=mean([r["wall_seconds"] for r in ours]))
-        base = entry if arm.key == BASELINE else base
         arms.append(entry)
-    for entry in arms:
-        if base and entry is not base:
-            entry["versus_baseline"] = versus(entry["seeds"], base["seeds"])
+    by_key = {entry["key"]: entry for entry in arms}
+    claims = [dict(claim=claim, a=a, b=b, paper=None if by_key[a]["paper"] is None or by_key[b]["paper"] is None
+                   else by_key[a]["paper"] - by_key[b]["paper"], **versus(by_key[a]["seeds"], by_key[b]["seeds"]))
+              for claim, a, b in CLAIMS]
     missing = [f"{arm.key}_s{seed}" for arm in map(Arm._make, ARMS) for seed in s.seeds
                if seed not in {r["seed"] for r in runs.get(arm.key, [])}]
     commits = sorted({r["git_commit"] for rs in runs.values() for r in rs})
     return dict(command=s.command, recipe=s.recipe, corpus=s.corpus, layers=layers(s.recipe), seeds=s.seeds, commits=commits,
-                arms=arms, missing=missing, stale=stale, probes=probes(s)), runs
+                arms=arms, claims=claims, missing=missing, stale=stale, probes=probes(s)), runs
 
 
 def fmt(value, digits=4):
@@ -453,20 +465,20 @@ def md_health(res):
     return rows
 
 
-def md_versus(res):
-    rows = ["A difference counts as beyond the seed noise when its 95% interval excludes 0, for both tests; "
-            "the Student t quantile is taken at the degrees of freedom rounded down.", "",
-            f"| arm | mean - {BASELINE} | Welch 95% interval | per seed (same seed: same data order) | "
-            "paired 95% interval | verdict |", "|---|---|---|---|---|---|"]
+def md_claims(res):
+    rows = ["Each claim is tested as a's final val loss minus b's, two ways, with 95% intervals: Welch's (the "
+            "difference of the means) and paired (the mean of the per-seed differences: a seed fixes the data order "
+            "for every arm). Student t is taken at the degrees of freedom rounded down. A difference is beyond the "
+            "seed noise when both intervals exclude 0.", "",
+            "| the paper finds | a - b | paper: a - b | ours: a - b | Welch 95% interval | per seed | "
+            "paired 95% interval | verdict |", "|---|---|---|---|---|---|---|---|"]
     span = lambda t: "-" if t is None else f"[{t['lo']:+.4f}, {t['hi']:+.4f}] (df {t['df']:.1f})"
-    for a in res["arms"]:
-        v = a.get("versus_baseline")
-        if a["key"] == BASELINE or v is None:
-            continue
-        welch, paired = v["welch"], v["paired"]
+    for c in res["claims"]:
+        welch, paired = c["welch"], c["paired"]
         per_seed = ", ".join(f"s{seed}: {d:+.4f}" for seed, d in zip(paired["seeds"], paired["diffs"])) if paired else "-"
-        rows.append(f"| {a['key']} | {'-' if welch is None else format(welch['diff'], '+.4f')} | {span(welch)} | {per_seed} | {span(paired)} | "
-                    f"{v['verdict'] or 'not comparable: needs 2+ seeds in both arms'} |")
+        rows.append(f"| {c['claim']} | {c['a']} - {c['b']} | {'-' if c['paper'] is None else format(c['paper'], '+.4f')} | "
+                    f"{'-' if welch is None else format(welch['diff'], '+.4f')} | {span(welch)} | {per_seed} | "
+                    f"{span(paired)} | {c['verdict'] or 'not comparable: needs 2+ seeds in both arms'} |")
     return rows
 
 
@@ -503,7 +515,7 @@ def markdown(res):
              f"Corpus: data/sotu (`make data`), fingerprint {res['corpus']}.",
              "", "## Final val loss", "", *md_losses(res),
              "", "## Routing health at the last validation (mean over seeds)", "", *md_health(res),
-             "", f"## Difference from {BASELINE}", "", *md_versus(res),
+             "", "## The paper's claims, pair by pair", "", *md_claims(res),
              "", "## Ordering, lowest val loss first", "", *md_order(res),
              "", "## Routing-randomisation probe", "", *md_probe(res),
              "", "## Missing and stale", "",

@@ -85,6 +85,12 @@ def test_report(folder):
     check("results.md has the probe for both probed arms", all(
         re.search(rf"^\| {key} \| 1 \| \d+\.\d+ \| random over .* \| [-+]\d+\.\d+ \|$",
                   section(md, "Routing-randomisation probe"), re.M) for key in ablation.PROBED), md)
+    claims = section(md, "The paper's claims, pair by pair")
+    check("results.md tests every claim, one seed each: not comparable", all(
+        re.search(rf"^\| {re.escape(claim)} \| {a} - {b} \| .* \| not comparable: needs 2\+ seeds in both arms \|$",
+                  claims, re.M) for claim, a, b in ablation.CLAIMS), claims)
+    check("the paper's UniPool - vanilla difference is 1.9029 - 1.9317 = -0.0288",
+          "| unipool - vanilla_softmax | -0.0288 |" in claims, claims)
     try:
         lines = ET.parse(os.path.join(folder, "val_curves.svg")).getroot().iter("{http://www.w3.org/2000/svg}polyline")
         means = [e.get("data-arm") for e in lines if e.get("class") == "mean"]
