@@ -367,9 +367,9 @@ def versus(a, b):
         out["welch"] = interval(sa["mean"] - sb["mean"], math.sqrt(va + vb), df)
     common = sorted(set(a) & set(b))
     if len(common) >= 2:
-        d = stats([a[seed] - b[seed] for seed in common])
-        out["paired"] = dict(interval(d["mean"], d["std"] / math.sqrt(d["n"]), d["n"] - 1), seeds=common,
-                             diffs=[a[seed] - b[seed] for seed in common])
+        diffs = [a[seed] - b[seed] for seed in common]
+        d = stats(diffs)
+        out["paired"] = dict(interval(d["mean"], d["std"] / math.sqrt(d["n"]), d["n"] - 1), seeds=common, diffs=diffs)
     tests = [t for t in out.values() if t]
     beyond = sum(t["lo"] > 0 or t["hi"] < 0 for t in tests)
     out["verdict"] = (None if not tests else "beyond seed noise" if beyond == len(tests) else
@@ -433,8 +433,8 @@ def results(s):
                 arms=arms, claims=claims, missing=missing, stale=stale, probes=probes(s)), runs
 
 
-def fmt(value, digits=4):
-    return "-" if value is None else f"{value:.{digits}f}"
+def fmt(value, digits=4, sign=""):
+    return "-" if value is None else f"{value:{sign}.{digits}f}"
 
 
 def md_losses(res):
@@ -476,8 +476,8 @@ def md_claims(res):
     for c in res["claims"]:
         welch, paired = c["welch"], c["paired"]
         per_seed = ", ".join(f"s{seed}: {d:+.4f}" for seed, d in zip(paired["seeds"], paired["diffs"])) if paired else "-"
-        rows.append(f"| {c['claim']} | {c['a']} - {c['b']} | {'-' if c['paper'] is None else format(c['paper'], '+.4f')} | "
-                    f"{'-' if welch is None else format(welch['diff'], '+.4f')} | {span(welch)} | {per_seed} | "
+        rows.append(f"| {c['claim']} | {c['a']} - {c['b']} | {fmt(c['paper'], sign='+')} | "
+                    f"{fmt(welch and welch['diff'], sign='+')} | {span(welch)} | {per_seed} | "
                     f"{span(paired)} | {c['verdict'] or 'not comparable: needs 2+ seeds in both arms'} |")
     return rows
 
