@@ -6,6 +6,7 @@
     ./prepro_pile.py --encode "Hello world"          # prints: 15496 995
     echo "Hello world" | ./prepro_pile.py --encode -  # text from stdin
     ./prepro_pile.py --decode "15496 995"
+    ./prepro_pile.py corpus.jsonl --vocab 8192       # GPT-2's first 7935 merges
 
 Input: one JSON object a line, {"text": "...", "meta": {"pile_set_name": "..."}}.
 Inputs are read in the order given; http(s) URLs are downloaded first into the
@@ -13,8 +14,16 @@ cache folder (default data/cache/, as HOST/PATH), resuming a partial download.
 `.zst` files are read with the Python zstandard module, or else `zstd -dc`.
 
 Token stream: for each document (kept by --pile-set), the end-of-text token
-50256 and then the document's GPT-2 tokens. The text "<|endoftext|>" inside a
-document is tokenized as ordinary text.
+(50256, or N - 1 with --vocab N) and then the document's GPT-2 tokens. The text
+"<|endoftext|>" inside a document is tokenized as ordinary text.
+
+--vocab N (257..50257, default 50257): GPT-2's BPE restricted to the first
+N - 257 merges of vocab.bpe. GPT-2's id 256 + i is the token of merge i (ids
+0..255 are the bytes; checked against encoder.json when the tokenizer loads), so
+every id is GPT-2's own id for that piece, all below N - 1, and <|endoftext|>
+moves to N - 1. The shards record it in header slot [3] (0 for GPT-2's 50257, so
+the default output is byte-identical to that of versions without the flag); the
+tokenizer table holds N entries. --encode and --decode follow --vocab.
 
 Output, in --out (default data/NAME/):
   NAME_val_000000.bin     the validation split: the first documents of the
@@ -22,23 +31,26 @@ Output, in --out (default data/NAME/):
                           until it holds at least --val-tokens tokens (so it
                           ends at a document boundary and overshoots by less
                           than one document; no document is in both splits).
-                          None with --val-tokens 0.
+                          None with --val-tokens 0. --val-docs K instead: the
+                          first K documents exactly.
   NAME_train_000001.bin   then the rest of the stream in shards of exactly
   NAME_train_000002.bin   --shard-size tokens (the last one shorter); as in
   ...                     llm.c, a document may continue into the next shard.
   gpt2_tokenizer.bin      llm.c's decoding table for C: uint32[256] header
-                          (magic, version, vocab size 50257, eot id 50256), then
-                          for each token id a uint8 length and the raw bytes.
+                          (magic, version, vocab size N, eot id N - 1; 50257 and
+                          50256 by default), then for each token id a uint8
+                          length and the raw bytes.
 Each shard: int32[256] header ([0] magic, [1] version = uint16 tokens, [2] token
-count, rest 0), then the tokens as little-endian uint16. The magic numbers are
+count, [3] the vocab size N when --vocab N is not 50257, else 0; rest 0), then
+the tokens as little-endian uint16. The magic numbers are
 read from train_unipool.c (dev/magic.py). Shards are written into
 OUT/.NAME.partial/ and moved into OUT when the run succeeds; then shards of NAME
 from an earlier run that this run did not write are deleted, so OUT holds one
 consistent set (a failed run leaves the earlier set as it was). The output is
 byte-identical for any -j.
 
-Tokenizer: tiktoken's gpt2 if `import tiktoken` works, else dev/gpt2_bpe.py (this
-repo, standard library only, same ids) over encoder.json and vocab.bpe from
+Tokenizer: tiktoken's gpt2 if `import tiktoken` works and --vocab is 50257, else
+dev/gpt2_bpe.py (this repo, standard library only, same ids) over encoder.json and vocab.bpe from
 --encoder-dir (default data/cache/gpt2/, fetched by dev/data/fetch_sotu.py).
 
 Errors print one line `error: ...` and exit 1 (2 for bad usage).
@@ -279,7 +291,7 @@ def tokenize_batch(batch):
     """(label, [(lineno, line), ...]) ->
     (ndocs_kept, doc_lengths bytes, tokens bytes, input bytes, error)."""
     label, lines = batch
-    tok, sets, eot = _TOK, _SETS, gpt2_bpe.EOT
+    tok, sets, eot = _TOK, _SETS, _TOK.eot
     toks = array.array("H")
     lens = array.array("I")
     nbytes = sum(len(line) + 1 for _, line in lines)
@@ -350,6 +362,15 @@ def ordered_map(fn, items, workers):
 # ----------------------------------------------------------------------------
 # output
 
+def shard_header(ntokens, vocab=gpt2_bpe.N_VOCAB):
+    """The int32[256] header of a uint16 token shard: magic, version, token count,
+    then the vocab size when it is not GPT-2's 50257 (0 means 50257)."""
+    header = [0] * 256
+    header[0], header[1], header[2] = magic("SHARD_MAGIC"), magic("SHARD_VERSION_U16"), ntokens
+    header[3] = 0 if vocab == gpt2_bpe.N_VOCAB else vocab
+    return struct.pack("<256i", *header)
+
+
 def write_file(path, parts):
     """Writes the byte strings to PATH.tmp, fsyncs and renames it over PATH, so
     an interrupted write keeps what PATH held (dev/convert.py uses it too)."""
@@ -377,7 +398,7 @@ class ShardWriter:
     into OUT only when the whole run succeeded (finish); abort() drops them, so
     a failed run leaves the earlier set of shards as it was."""
 
-    def __init__(self, out, name, shard_size, val_tokens):
+    def __init__(self, out, name, shard_size, val_tokens, vocab=gpt2_bpe.N_VOCAB, val_docs=None):
         self.out, self.name = out, name
         self.stage = os.path.join(out, ".%s.partial" % name)
         shutil.rmtree(self.stage, ignore_errors=True)      # left by a killed run
@@ -385,9 +406,9 @@ class ShardWriter:
             os.makedirs(self.stage)
         except OSError as e:
             raise UserError("cannot create %s (%s); pass -o" % (self.stage, e.strerror))
-        self.shard_size, self.val_tokens = shard_size, val_tokens
-        self.magic, self.version = magic("SHARD_MAGIC"), magic("SHARD_VERSION_U16")
-        self.in_val = val_tokens > 0
+        self.shard_size, self.val_tokens, self.vocab = shard_size, val_tokens, vocab
+        self.val_docs_want = val_docs    # None: val by --val-tokens; else exactly this many docs
+        self.in_val = val_tokens > 0 if val_docs is None else val_docs > 0
         self.buf = bytearray()           # little-endian uint16 tokens not yet written
         self.val_docs = 0
         self.next_train = 1
@@ -395,9 +416,7 @@ class ShardWriter:
 
     def _write(self, fn, data):
         n = len(data) // 2
-        header = [0] * 256
-        header[0], header[1], header[2] = self.magic, self.version, n
-        write_file(os.path.join(self.stage, fn), [struct.pack("<256i", *header), data])
+        write_file(os.path.join(self.stage, fn), [shard_header(n, self.vocab), data])
         self.written.append((os.path.join(self.out, fn), n))
 
     def _flush_train(self, final):
@@ -418,7 +437,8 @@ class ShardWriter:
             for i, n in enumerate(lens):
                 pos += 2 * n
                 self.val_docs += 1
-                if len(self.buf) + pos >= 2 * self.val_tokens:
+                if (self.val_docs == self.val_docs_want if self.val_docs_want is not None
+                        else len(self.buf) + pos >= 2 * self.val_tokens):
                     self.buf += toks[:pos]
                     self._write("%s_val_%06d.bin" % (self.name, 0), bytes(self.buf))
                     self.buf = bytearray(toks[pos:])
@@ -437,7 +457,10 @@ class ShardWriter:
             if self.buf:
                 self._write("%s_val_%06d.bin" % (self.name, 0), bytes(self.buf))
                 warn = ("all %d tokens went to the val shard (fewer than --val-tokens %d); "
-                        "no train shards" % (len(self.buf) // 2, self.val_tokens))
+                        "no train shards" % (len(self.buf) // 2, self.val_tokens)
+                        if self.val_docs_want is None else
+                        "all %d documents went to the val shard (fewer than --val-docs %d); "
+                        "no train shards" % (self.val_docs, self.val_docs_want))
             self.buf = bytearray()
         else:
             self._flush_train(True)
@@ -465,15 +488,17 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def int_at_least(lo):
-    """An argparse type: an integer (underscores allowed) of at least lo."""
+def int_at_least(lo, hi=None):
+    """An argparse type: an integer (underscores allowed) of at least lo (and at most hi)."""
     def parse(s):
         try:
             v = int(s.replace("_", ""))
         except ValueError:
             raise argparse.ArgumentTypeError("%r is not an integer" % s)
-        if v < lo:
-            raise argparse.ArgumentTypeError("must be at least %d, got %d" % (lo, v))
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(
+                ("must be at least %d, got %d" % (lo, v)) if hi is None else
+                ("must be from %d to %d, got %d" % (lo, hi, v)))
         return v
     return parse
 
@@ -492,6 +517,12 @@ def parse_args(argv):
     p.add_argument("--val-tokens", type=int_at_least(0), default=10_000_000,
                    help="validation tokens: whole documents from the start of the stream until at "
                         "least this many (default: 10000000; 0 = no val shard)")
+    p.add_argument("--val-docs", type=int_at_least(0), default=None, metavar="K",
+                   help="validation split: exactly the first K documents kept (instead of "
+                        "--val-tokens; 0 = no val shard)")
+    p.add_argument("--vocab", type=int_at_least(257, gpt2_bpe.N_VOCAB), default=gpt2_bpe.N_VOCAB,
+                   metavar="N", help="GPT-2's BPE with only its first N - 257 merges: ids below "
+                   "N - 1, <|endoftext|> at N - 1 (257..50257, default 50257)")
     p.add_argument("-j", "--workers", type=int_at_least(1), default=os.cpu_count() or 1,
                    help="tokenizer processes (default: number of cores); output is the same for any")
     p.add_argument("--pile-set", action="append", metavar="NAME",
@@ -501,13 +532,17 @@ def parse_args(argv):
     p.add_argument("--cache-dir", default=DEFAULT_CACHE,
                    help="where URLs are downloaded to (default: data/cache under the repo)")
     p.add_argument("--tokenizer", choices=["auto", "builtin", "tiktoken"], default="auto",
-                   help="auto: tiktoken if importable, else builtin dev/gpt2_bpe.py (same ids)")
+                   help="auto: tiktoken if importable (and --vocab 50257), else builtin "
+                        "dev/gpt2_bpe.py (same ids)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.add_argument("--encode", metavar="TEXT", help="print the GPT-2 ids of TEXT ('-': stdin) and exit")
     p.add_argument("--decode", metavar="IDS", help="print the text of space-separated ids ('-': stdin) and exit")
     a = p.parse_args(argv)
     if a.encode is None and a.decode is None and not a.inputs:
         p.error("no INPUT given")
+    if a.tokenizer == "tiktoken" and a.vocab != gpt2_bpe.N_VOCAB:
+        p.error("argument --vocab: tiktoken serves only %d; use --tokenizer builtin or auto"
+                % gpt2_bpe.N_VOCAB)
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", a.name):
         p.error("argument --name: %r: use letters, digits, '_', '.', '-'" % a.name)
     return a
@@ -515,7 +550,7 @@ def parse_args(argv):
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    tok = gpt2_bpe.get_tokenizer(a.tokenizer, a.encoder_dir)
+    tok = gpt2_bpe.get_tokenizer(a.tokenizer, a.encoder_dir, a.vocab)
 
     if a.encode is not None or a.decode is not None:
         if a.encode is not None:
@@ -560,7 +595,7 @@ def main(argv=None):
     global _TOK, _SETS
     _TOK = tok
     _SETS = frozenset(a.pile_set) if a.pile_set else None
-    writer = ShardWriter(out, a.name, a.shard_size, a.val_tokens)
+    writer = ShardWriter(out, a.name, a.shard_size, a.val_tokens, a.vocab, a.val_docs)
     prog = Progress(a.quiet)
     docs = ntok = nbytes = 0
     t0 = time.time()

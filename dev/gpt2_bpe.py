@@ -14,6 +14,12 @@ js-tiktoken) on tricky strings, random Unicode and whole SOTU speeches.
 
 or the module-level shortcuts gpt2_bpe.encode(text) / gpt2_bpe.decode(ids).
 
+A smaller vocabulary: GPT2Tokenizer(vocab=N) (or get_tokenizer(vocab=N)), N from
+257 to 50257, is GPT-2's BPE restricted to the first N - 257 merges of vocab.bpe.
+GPT-2's id 256 + i is the token made by merge i (ids 0..255 are the bytes; the
+constructor checks this against encoder.json), so the ids it gives are GPT-2's ids
+below N - 1 and <|endoftext|> moves to N - 1. tiktoken serves only N = 50257.
+
 It needs OpenAI's GPT-2 files encoder.json and vocab.bpe (sha256-checked), by
 default in data/cache/gpt2/ (dev/data/fetch_sotu.py puts them there), or in the
 folder named by the GPT2_ENCODER_DIR environment variable or encoder_dir=.
@@ -59,6 +65,28 @@ WHITE_SPACE = ([(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0),
 
 class TokenizerError(Exception):
     """Expected problem (missing or wrong tokenizer files): message is for the user."""
+
+
+def check_vocab(vocab):
+    """Raises ValueError unless vocab is an int in [257, N_VOCAB]."""
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 257 <= vocab <= N_VOCAB:
+        raise ValueError("vocab must be an integer from 257 to %d, got %r" % (N_VOCAB, vocab))
+
+
+def check_merge_ids(encoder, merges):
+    """GPT-2's ids are laid out as a restricted vocabulary needs them: ids 0..255 are
+    the 256 single bytes, id 256 + i is the token that merge i (line i + 1 of
+    vocab.bpe) makes, and <|endoftext|> is the last id. Raises TokenizerError."""
+    byte_chars = set(bytes_to_unicode().values())
+    if sorted(encoder[c] for c in byte_chars if c in encoder) != list(range(256)):
+        raise TokenizerError("encoder.json: ids 0..255 are not the 256 byte tokens")
+    for i, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        if encoder.get(a + b) != 256 + i:
+            raise TokenizerError("encoder.json: merge %d of vocab.bpe (%r) has id %r, not %d"
+                                 % (i, m, encoder.get(a + b), 256 + i))
+    if encoder.get("<|endoftext|>") != 256 + len(merges) or len(encoder) != 257 + len(merges):
+        raise TokenizerError("encoder.json: <|endoftext|> is not the last id")
 
 
 def _esc(cp):
@@ -153,25 +181,31 @@ class GPT2Tokenizer:
     CACHE_PIECE_MAX = 256    # longer pieces are not cached
     SIMPLE_MAX = 64          # pieces up to this many bytes use the simple merge loop
 
-    def __init__(self, encoder_dir=None):
+    def __init__(self, encoder_dir=None, vocab=N_VOCAB):
+        check_vocab(vocab)
         d = encoder_dir or os.environ.get("GPT2_ENCODER_DIR") or DEFAULT_ENCODER_DIR
         enc = json.loads(_read_checked(os.path.join(d, "encoder.json"),
                                        ENCODER_JSON_SHA256, "encoder.json"))
         merges = _read_checked(os.path.join(d, "vocab.bpe"), VOCAB_BPE_SHA256,
                                "vocab.bpe").decode("utf-8").split("\n")
         # first line is "#version: 0.2", file ends with a newline
-        self.ranks = {tuple(m.split(" ")): i for i, m in enumerate(
-            line for line in merges[1:] if line)}
-        self.encoder = enc
+        merges = [line for line in merges[1:] if line]
+        assert len(enc) == N_VOCAB and enc["<|endoftext|>"] == EOT
+        if vocab < N_VOCAB:
+            check_merge_ids(enc, merges)
+        # vocab N: the first N - 257 merges; their tokens are ids 256..N-2, EOT is N-1
+        n_merges = vocab - 257
+        self.ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges[:n_merges])}
+        self.encoder = enc if vocab == N_VOCAB else {s: i for s, i in enc.items() if i < vocab - 1}
         self.byte_encoder = bytes_to_unicode()
         byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self.n_vocab = len(enc)
-        self.eot = enc["<|endoftext|>"]
-        assert self.n_vocab == N_VOCAB and self.eot == EOT
+        self.n_vocab = vocab
+        self.eot = vocab - 1
         self._bytes = [b""] * self.n_vocab
-        for s, i in enc.items():
-            self._bytes[i] = (s.encode("utf-8") if i == self.eot
-                              else bytes(byte_decoder[c] for c in s))
+        for s, i in self.encoder.items():
+            if i != EOT:
+                self._bytes[i] = bytes(byte_decoder[c] for c in s)
+        self._bytes[self.eot] = b"<|endoftext|>"
         # map each byte value to its printable character, via bytes.translate-free path
         self._byte_chars = [self.byte_encoder[b] for b in range(256)]
         self.pat = split_pattern()
@@ -316,9 +350,15 @@ def tiktoken_available():
     return importlib.util.find_spec("tiktoken") is not None
 
 
-def get_tokenizer(kind="auto", encoder_dir=None):
-    """kind: "auto" (tiktoken when `import tiktoken` works, else builtin),
-    "tiktoken" or "builtin". Raises TokenizerError on missing/wrong files."""
+def get_tokenizer(kind="auto", encoder_dir=None, vocab=N_VOCAB):
+    """kind: "auto" (tiktoken when `import tiktoken` works and vocab is GPT-2's
+    50257, else builtin), "tiktoken" (vocab 50257 only) or "builtin". Raises
+    TokenizerError on missing/wrong files, ValueError on a bad vocab."""
+    check_vocab(vocab)
+    if vocab != N_VOCAB:
+        if kind == "tiktoken":
+            raise ValueError("tiktoken serves only GPT-2's vocab of %d, not %d" % (N_VOCAB, vocab))
+        return GPT2Tokenizer(encoder_dir, vocab)
     if kind == "tiktoken" or (kind == "auto" and tiktoken_available()):
         try:
             return TiktokenTokenizer()

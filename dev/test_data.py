@@ -653,6 +653,218 @@ def test_error_disk_full():
         subprocess.run(["umount", mnt])
 
 
+# ----------------------------------------------------------------------------
+# --vocab N: GPT-2's first N - 257 merges
+
+def reference_restricted_bpe(text, n_merges):
+    """An independent restricted GPT-2 BPE: GPT-2's own bpe() loop (encoder.py) over
+    the raw files, ranks limited to the first n_merges lines of vocab.bpe, ids from
+    encoder.json. Pre-tokenization from the regex module when present."""
+    key = ("ref", n_merges)
+    if key not in _REF:
+        d = fetch_sotu.GPT2_DIR
+        enc = json.load(open(os.path.join(d, "encoder.json"), encoding="utf-8"))
+        lines = open(os.path.join(d, "vocab.bpe"), encoding="utf-8").read().split("\n")[1:]
+        merges = [tuple(l.split()) for l in lines if l][:n_merges]
+        _REF[key] = (enc, dict(zip(merges, range(len(merges)))))
+    enc, ranks = _REF[key]
+    try:
+        import regex
+        pieces = regex.findall(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+", text)
+    except ImportError:
+        pieces = Env.tok.split(text)
+    bu = gpt2_bpe.bytes_to_unicode()
+    out = []
+    for piece in pieces:
+        word = tuple(bu[b] for b in piece.encode("utf-8"))
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:]))
+            best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+            if best not in ranks:
+                break
+            new, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    new.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    new.append(word[i])
+                    i += 1
+            word = tuple(new)
+        out.extend(enc[w] for w in word)
+    return out
+
+
+_REF = {}
+VOCAB_TEXTS = None
+
+
+def vocab_texts():
+    return [t for t in TRICKY if "\ud800" not in t and "\udfff" not in t] + \
+        random_texts(300, seed=21) + [sotu_texts()[0][:20000]]
+
+
+def test_vocab_merge_ids_are_gpt2_ids():
+    """GPT-2's id 256 + i is merge i of vocab.bpe, ids 0..255 the bytes, EOT last:
+    what makes a restricted vocabulary a prefix of GPT-2's ids."""
+    d = fetch_sotu.GPT2_DIR
+    enc = json.load(open(os.path.join(d, "encoder.json"), encoding="utf-8"))
+    lines = [l for l in open(os.path.join(d, "vocab.bpe"), encoding="utf-8").read().split("\n")[1:] if l]
+    assert len(lines) == 50000 and len(enc) == 50257
+    gpt2_bpe.check_merge_ids(enc, lines)                     # raises if not
+    for i in (0, 1, 255, 7934, 49999):
+        a, b = lines[i].split(" ")
+        assert enc[a + b] == 256 + i, (i, lines[i])
+    # the check can fail: two merges' ids swapped, a byte token moved, EOT moved
+    for mutate in ("swap", "byte", "eot"):
+        bad = dict(enc)
+        if mutate == "swap":
+            x, y = "".join(lines[10].split(" ")), "".join(lines[11].split(" "))
+            bad[x], bad[y] = bad[y], bad[x]
+        elif mutate == "byte":
+            bad["!"], bad["Ġthe"] = bad["Ġthe"], bad["!"]
+        else:
+            bad["<|endoftext|>"] = 0
+        try:
+            gpt2_bpe.check_merge_ids(bad, lines)
+        except gpt2_bpe.TokenizerError:
+            pass
+        else:
+            raise AssertionError("check_merge_ids accepted a %s" % mutate)
+
+
+def test_vocab_restricted_encoding():
+    """At N = 257, 300, 8192, 20000: the ids equal an independent restricted BPE's,
+    every id is below N - 1, each id's bytes are GPT-2's for that id, and decode
+    gives the text back. At 50257 the tokenizer is GPT-2's."""
+    texts = vocab_texts()
+    full = Env.tok
+    for n in (257, 300, 8192, 20000):
+        tok = gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR, vocab=n)
+        assert tok.n_vocab == n and tok.eot == n - 1 and tok.token_bytes(n - 1) == b"<|endoftext|>"
+        for t in texts:
+            ids = tok.encode(t)
+            assert all(0 <= i < n - 1 for i in ids), (n, repr(t[:40]), max(ids))
+            assert tok.decode(ids) == t, (n, repr(t[:40]))
+            assert b"".join(full.token_bytes(i) for i in ids) == t.encode("utf-8"), (n, repr(t[:40]))
+        some = texts[:60] + texts[-2:]
+        got = [tok.encode(t) for t in some]
+        ref = [reference_restricted_bpe(t, n - 257) for t in some]
+        bad = [(t, a, b) for t, a, b in zip(some, got, ref) if a != b]
+        assert not bad, "vocab %d: %r: ours %s reference %s" % (n, bad[0][0][:40], bad[0][1][:12], bad[0][2][:12])
+        if n == 257:
+            assert all(len(tok.token_bytes(i)) == 1 for i in tok.encode("Hello world"))
+    tok = gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR, vocab=50257)
+    assert tok.eot == EOT and [tok.encode(t) for t in texts[:50]] == [full.encode(t) for t in texts[:50]]
+    # fewer merges: never fewer tokens
+    short = gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR, vocab=8192)
+    s = sotu_texts()[1]
+    assert len(short.encode(s)) > len(full.encode(s))
+    for bad in (256, 50258, 0, "8192", 8192.0):
+        try:
+            gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR, vocab=bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("vocab %r accepted" % (bad,))
+
+
+def test_vocab_shards_and_table():
+    """prepro_pile.py --vocab 8192: EOT 8191 before each document, every id below
+    8192, each document decodes to its text, header slot [3] = 8192, and a table
+    of 8192 entries (GPT-2's pieces 0..8190, then <|endoftext|>) with eot 8191."""
+    docs = make_docs(60, seed=31) + [{"text": t} for t in TRICKY[:40] if "\ud800" not in t and "\udfff" not in t]
+    src = write_jsonl(os.path.join(Env.tmp, "vocab.jsonl"), docs, False)
+    out = os.path.join(Env.tmp, "out_vocab")
+    r = run_prepro(src, "-o", out, "--name", "v", "--shard-size", 300, "--val-tokens", 200,
+                   "--vocab", 8192, "-j", 2)
+    assert r.returncode == 0, r.stderr
+    files = shard_files(out, "v")
+    assert files[0] == "v_val_000000.bin" and len(files) >= 3, files
+    stream = array.array("H")
+    for f in files:
+        header, toks = read_shard(os.path.join(out, f))
+        assert header[0] == magic("SHARD_MAGIC") and header[1] == magic("SHARD_VERSION_U16")
+        assert header[2] == len(toks) and header[3] == 8192 and not any(header[4:]), (f, header[:5])
+        stream.extend(toks)
+    assert max(stream) == 8191 and stream[0] == 8191
+    tok = gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR, vocab=8192)
+    want = []
+    for d in docs:
+        want += [8191] + tok.encode(d["text"])
+    assert list(stream) == want
+    bounds = [i for i, t in enumerate(stream) if t == 8191] + [len(stream)]
+    assert len(bounds) - 1 == len(docs)
+    table_h, table = read_table(os.path.join(out, "gpt2_tokenizer.bin"))
+    assert table_h[0] == magic("TOKENIZER_MAGIC") and table_h[1] == magic("TOKENIZER_VERSION")
+    assert table_h[2] == 8192 and table_h[3] == 8191 and not any(table_h[4:]), table_h[:6]
+    assert len(table) == 8192 and table[8191] == b"<|endoftext|>"
+    assert table[:8191] == [Env.tok.token_bytes(i) for i in range(8191)]
+    for k, d in enumerate(docs):
+        piece = stream[bounds[k] + 1:bounds[k + 1]]
+        assert b"".join(table[i] for i in piece).decode("utf-8") == d["text"], k
+    # the CLI's --encode / --decode follow --vocab
+    text = "naïve 日本 😀 'll\t\n  Hello world"
+    r = run_prepro("--vocab", 8192, "--encode", text)
+    assert r.returncode == 0 and [int(x) for x in r.stdout.split()] == tok.encode(text), r.stderr
+    r = run_prepro("--vocab", 8192, "--decode", r.stdout.strip() + " 8191")
+    assert r.returncode == 0 and r.stdout == text + "<|endoftext|>", (r.stdout, r.stderr)
+    check_error(run_prepro("--vocab", 8192, "--decode", "8192"), "--decode", 1)
+
+
+# sha256 over (name, sha256 of bytes) of each file prepro_pile.py wrote for make_docs(40, seed=2)
+# with --shard-size 50 --val-tokens 120, computed before --vocab existed: the default output must
+# stay byte for byte what it was.
+GOLDEN_DEFAULT_OUTPUT = "0dc7193d5e5b71cc36f8627556f7d58732d7326dc9956590236b737cd71d5900"
+
+
+def output_digest(out):
+    import hashlib
+    h = hashlib.sha256()
+    for fn in sorted(os.listdir(out)):
+        with open(os.path.join(out, fn), "rb") as f:
+            h.update(fn.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def test_vocab_default_is_byte_identical():
+    src = write_jsonl(os.path.join(Env.tmp, "golden.jsonl"), make_docs(40, seed=2), False)
+    for extra in ([], ["--vocab", "50257"]):
+        out = os.path.join(Env.tmp, "out_golden%d" % len(extra))
+        r = run_prepro(src, "-o", out, "--name", "g", "--shard-size", 50, "--val-tokens", 120, "-j", 1,
+                       "--encoder-dir", fetch_sotu.GPT2_DIR, *extra)
+        assert r.returncode == 0, r.stderr
+        assert output_digest(out) == GOLDEN_DEFAULT_OUTPUT, "default output changed (%s)" % extra
+
+
+def test_vocab_bad_values_refused():
+    src = write_jsonl(os.path.join(Env.tmp, "vocab_bad.jsonl"), make_docs(3), False)
+    for v in ("256", "50258", "0", "-1", "8k", ""):
+        check_error(run_prepro(src, "--vocab", v), "--vocab", 2)
+    check_error(run_prepro(src, "--vocab", "8192", "--tokenizer", "tiktoken"), "--vocab", 2)
+    check_error(run_prepro("--vocab", "99999", "--encode", "x"), "--vocab", 2)
+
+
+def test_val_docs_exact():
+    """--val-docs K: the val shard is exactly the first K documents, whatever their size."""
+    docs = make_docs(30, seed=12)
+    src = write_jsonl(os.path.join(Env.tmp, "valdocs.jsonl"), docs, False)
+    for k in (1, 7, 29):
+        out = os.path.join(Env.tmp, "out_valdocs%d" % k)
+        r = run_prepro(src, "-o", out, "--name", "d", "--shard-size", 40, "--val-docs", k, "--vocab", 1000)
+        assert r.returncode == 0, r.stderr
+        _, val = read_shard(os.path.join(out, "d_val_000000.bin"))
+        assert sum(1 for t in val if t == 999) == k, k
+        _, first_train = read_shard(os.path.join(out, "d_train_000001.bin"))
+        assert first_train[0] == 999
+    out = os.path.join(Env.tmp, "out_valdocs_all")
+    r = run_prepro(src, "-o", out, "--name", "d", "--val-docs", 30)
+    assert r.returncode == 0 and shard_files(out, "d") == ["d_val_000000.bin"], (r.stderr, os.listdir(out))
+    assert "warning" not in r.stderr, r.stderr
+    r = run_prepro(src, "-o", out, "--name", "d", "--val-docs", 31)
+    assert r.returncode == 0 and "fewer than --val-docs 31" in r.stderr, r.stderr
+
+
 def test_magic_helper():
     assert magic("SHARD_MAGIC") == 20240520 and magic("SHARD_VERSION_U16") == 1
     assert magic("TOKENIZER_MAGIC") == 20240328 and magic("TOKENIZER_VERSION") == 2
