@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Tests of the data pipeline: dev/gpt2_bpe.py, prepro_pile.py, dev/data/fetch_sotu.py.
+"""Tests of the data pipeline: dev/gpt2_bpe.py, prepro_pile.py, dev/data/fetch_sotu.py,
+dev/data/fetch_mix.py (its cleaning, splitting and tokenizing stages on small synthetic
+inputs; it fetches nothing but one small .deb to test apt errors).
 
     /usr/bin/python3 dev/test_data.py            # all tests (about 30 s)
     /usr/bin/python3 dev/test_data.py -k shard   # only tests whose name has "shard"
@@ -12,6 +14,8 @@ Ends with the line "N passed, N failed"; exit status 1 if any failed.
 """
 import array
 import base64
+import contextlib
+import io
 import http.server
 import json
 import os
@@ -20,11 +24,13 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import traceback
 import unicodedata
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,6 +38,8 @@ sys.path.insert(0, os.path.join(ROOT, "dev"))
 sys.path.insert(0, os.path.join(ROOT, "dev", "data"))
 import gpt2_bpe  # noqa: E402
 import fetch_sotu  # noqa: E402
+import fetch_mix  # noqa: E402
+from fetch_sotu import FetchError  # noqa: E402
 from magic import magic  # noqa: E402
 
 PY = sys.executable
@@ -863,6 +871,319 @@ def test_val_docs_exact():
     assert "warning" not in r.stderr, r.stderr
     r = run_prepro(src, "-o", out, "--name", "d", "--val-docs", 31)
     assert r.returncode == 0 and "fewer than --val-docs 31" in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------
+# dev/data/fetch_mix.py: cleaning, cutting, splitting, the zText decoder, the pipeline (no fetch)
+
+def test_mix_cut_at_boundaries():
+    units = ["a" * 30, "b" * 30, "c" * 30, "d" * 100, "e" * 10, "", "f" * 10]
+    docs = fetch_mix.cut(units, target=70, sep="\n\n")
+    assert docs == ["a" * 30 + "\n\n" + "b" * 30, "c" * 30, "d" * 100, "e" * 10 + "\n\n" + "f" * 10], docs
+    rnd = random.Random(8)
+    units = ["".join(rnd.choice("xyz ") for _ in range(rnd.randint(1, 900))) for _ in range(400)]
+    for target, sep in ((1000, "\n\n"), (3000, "\n"), (50, " ")):
+        docs = fetch_mix.cut(units, target, sep)
+        assert sep.join(docs) == sep.join(units), "units lost, split or reordered"
+        assert all(len(d) <= target or sep.join([d]) in units for d in docs), "a document past target"
+        # each document ends where the next unit would have taken it past target
+        pos = 0
+        for d in docs[:-1]:
+            k = len(d.split(sep)) if sep != " " else None
+            if k is not None:
+                nxt = units[pos + k]
+                assert len(d) + len(sep) + len(nxt) > target, "cut too early"
+                pos += k
+    assert fetch_mix.sentences("He came. She saw! Did it? “Yes.” (Then more.) e.g. lower. 3 ends") == \
+        ["He came.", "She saw!", "Did it?", "“Yes.”", "(Then more.) e.g. lower.", "3 ends"]
+
+
+def test_mix_clean_gcide():
+    entry = ('Deplore \\De*plore"\\, v. t. [imp. & p. p. {Deplored}; p. pr. &\n'
+             '   vb. n. {Deploring}.] [L. deplorare: cf. F. d[\'e]plorer, [ae]ther.]\n'
+             '   1. To feel or to express deep and poignant grief for; to\n'
+             '      bewail.\n'
+             '      [1913 Webster]\n\n'
+             '            To find her, or forever to deplore\n'
+             '            Her loss.                             --Milton.\n'
+             '      [1913 Webster +PJC]\n')
+    assert fetch_mix.clean_gcide_entry(entry) == (
+        "Deplore, v. t. [imp. & p. p. Deplored; p. pr. & vb. n. Deploring.] [L. deplorare: cf. F. "
+        "déplorer, æther.] 1. To feel or to express deep and poignant grief for; to bewail.\n"
+        "To find her, or forever to deplore Her loss. --Milton."), fetch_mix.clean_gcide_entry(entry)
+    assert fetch_mix.clean_gcide_entry(
+        'Calorification \\Ca*lor`i*fi*ca"tion\\\n   (k[.a]*l[o^]r`[i^]*f[i^]*k[=a]"sh[u^]n), n. Heat; a[=a] [o^].\n'
+        '   [WordNet 1.5] Calorific\n') == "Calorification, n. Heat; aā ŏ.", "respelling, codes, stray headword"
+    assert fetch_mix.clean_gcide_entry("00-database-info\n   GNU General Public License\n") == ""
+    # the index: base64 offsets, duplicates once, file order
+    dict_bytes = b"alpha \\al\\ n.\n   A.\n   [1913 Webster]\nbeta n.\n   B \x92x.\n"
+    b64 = lambda v: fetch_mix.B64[v // 64] + fetch_mix.B64[v % 64] if v >= 64 else fetch_mix.B64[v]
+    k = dict_bytes.index(b"beta")
+    index = "beta\t%s\t%s\nalpha\t%s\t%s\nAlpha\t%s\t%s\n" % (b64(k), b64(len(dict_bytes) - k), b64(0), b64(k), b64(0), b64(k))
+    assert fetch_mix.dictd_entries(index.encode(), dict_bytes) == [
+        "alpha \\al\\ n.\n   A.\n   [1913 Webster]\n", "beta n.\n   B \u2019x.\n"]   # cp1252 byte read as ’
+    docs = fetch_mix.gcide_documents(index.encode(), dict_bytes, target=20)
+    assert docs == ["alpha n. A.", "beta n. B \u2019x."], docs
+
+
+def test_mix_clean_foldoc_jargon_devil():
+    entry = ("compute server\ncompute-server\n\n   <computer, parallel> A kind of {parallel processor}\n"
+             "   where the {processors (proc.html)} have no I/O; see {(http://x.org/)}.\n\n"
+             "   In __some__ mainframes.\n\n   (1995-03-19)\n")
+    assert fetch_mix.clean_foldoc_entry(entry) == (
+        "compute server\nA kind of parallel processor where the processors have no I/O; see "
+        "http://x.org/.\nIn some mainframes."), fetch_mix.clean_foldoc_entry(entry)
+    assert fetch_mix.clean_foldoc_entry("gonk\n\n   <jargon> To lie about a thing at great length.\n\n"
+                                        "   [{Jargon File}]\n") == ""
+    assert fetch_mix.clean_foldoc_entry("Xyz Ltd.\n\n   {General Dynamics}\n") == "", "bare cross-reference kept"
+    assert fetch_mix.clean_foldoc_entry("FOLDOC\n\n   Permission ... GNU Free Documentation License\n") == ""
+    text = ("   Table of Contents\n\n   Chapter 1. x\n\n   Welcome, this is in the public domain.\n\n"
+            "Chapter\xa01.\xa0Hacker Slang\n\n   Slang is\n   {fun}.\n\n"
+            "   ═══════════\n\n   :gobble: vt.\n\n   1. To consume, usu.: used with ‘up’.\n")
+    assert fetch_mix.jargon_documents(text, target=30) == [
+        "Chapter 1. Hacker Slang", "Slang is fun.\n\ngobble: vt.", "1. To consume, usu.: used with ‘up’."]
+    assert fetch_mix.clean_devil_entry("ABATIS, n.  Rubbish in _front_ of a fort.\n\n    A verse,\n"
+                                       "        indented.\n\n") == \
+        "ABATIS, n.  Rubbish in front of a fort.\n\n    A verse,\n        indented."
+    assert fetch_mix.clean_devil_entry("The original data is available from:\n  http://x\n") == ""
+
+
+def test_mix_clean_wordnet():
+    lines = ["  1 This software and database is being provided to you, the LICENSEE, by  ",
+             "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 ~ 00002137 n 0000 ~ 04431553 n 0000 | that "
+             "which is perceived or known  ",
+             "00002137 03 n 02 abstraction 0 abstract_entity 0 010 @ 00001740 n 0000 | a general concept; "
+             "\"an abstraction\"  ",
+             "00003356 00 a 02 unable(a) 0 unable(p) 1 001 ! 00001740 a 0101 | (usually followed by `to') "
+             "not able  ", ""]
+    assert [fetch_mix.wordnet_synset(l) for l in lines] == [
+        "", "entity (noun): that which is perceived or known",
+        "abstraction, abstract entity (noun): a general concept; \"an abstraction\"",
+        "unable (adjective): (usually followed by `to') not able", ""]
+    files = {"data." + p: ("\n".join(lines) + "\n").encode() for p in ("noun", "verb", "adj", "adv")}
+    docs = fetch_mix.wordnet_documents(files, target=100)
+    assert len(docs) == 12 and docs[0] == "entity (noun): that which is perceived or known", docs
+
+
+def make_ztext(entries_per_block):
+    """A synthetic SWORD zText testament: blocks of entries (bytes); returns (bzs, bzv, bzz,
+    expected entries in index order). Adds an empty entry and one that repeats an earlier one."""
+    bzs, bzv, bzz, want = b"", b"", b"", []
+    for b, entries in enumerate(entries_per_block):
+        block = b"".join(entries)
+        comp = zlib.compress(block)
+        bzs += struct.pack("<3I", len(bzz), len(comp), len(block))
+        bzz += comp
+        off = 0
+        for e in entries:
+            bzv += struct.pack("<IIH", b, off, len(e))
+            want.append(e)
+            off += len(e)
+        bzv += struct.pack("<IIH", 0, 0, 0)
+        want.append(b"")
+    bzv += bzv[10:20]                 # the second entry again: a note on a range of verses
+    want.append(b"")
+    return bzs, bzv, bzz, want
+
+
+def test_mix_ztext_decoder():
+    blocks = [[b"<title>Genesis</title>", "In the beginning, God\u2019s".encode(), b" word."],
+              [b'<div sID="g1" type="x-p"/>Second<note placement="foot">a note</note>block.', b"x" * 300]]
+    bzs, bzv, bzz, want = make_ztext(blocks)
+    assert fetch_mix.ztext_entries(bzs, bzv, bzz) == want
+    try:
+        fetch_mix.ztext_entries(bzs, bzv[:-3], bzz)
+    except FetchError:
+        pass
+    else:
+        raise AssertionError("a truncated verse index was accepted")
+    bad = bytearray(bzs)
+    bad[8] += 1                        # the uncompressed size of block 0 is wrong
+    try:
+        fetch_mix.ztext_entries(bytes(bad), bzv, bzz)
+    except FetchError:
+        pass
+    else:
+        raise AssertionError("a block of the wrong size was accepted")
+    osis = ('<div sID="f1" type="front"/><title>Preface</title>Public domain note.<div eID="f1" type="front"/>'
+            '<title level="2" type="main">The First Book of Moses,</title> <title level="1">Genesis</title>'
+            '<div sID="p1" type="x-p"/><w lemma="x">God</w><note placement="foot">Elohim</note><w>created</w> '
+            'the <w>earth</w><note type="crossReference">x</note>. &amp; more.<div eID="p1" type="x-p"/>'
+            '<lg sID="l0"/><l level="1" sID="l1"/>Blessed is the man,<l eID="l1"/> <l sID="l2"/>nor stand.'
+            '<l eID="l2"/><lg eID="l0"/><table><row><cell>God creates.</cell><cell>(1-2)</cell></row></table>')
+    assert fetch_mix.osis_to_text(osis) == ("The First Book of Moses, Genesis\n\nGod created the earth. & more."
+                                            "\n\nBlessed is the man,\nnor stand.\n\nGod creates. (1-2)"), \
+        repr(fetch_mix.osis_to_text(osis))
+    docs = fetch_mix.sword_documents([(bzs, bzv, bzz)], target=40)
+    assert docs[0] == "Genesis\n\nIn the beginning, God\u2019s word.", docs
+
+
+def test_mix_clean_books_and_speeches():
+    book = "[Emma by Jane Austen 1816]\n\n\nCHAPTER I  \n\nEmma Woodhouse, handsome,\nclever.\n\n\n\nShe was."
+    assert fetch_mix.gutenberg_documents([("emma", book)], target=45) == [
+        "[Emma by Jane Austen 1816]\n\nCHAPTER I", "Emma Woodhouse, handsome,\nclever.\n\nShe was."]
+    speech = "Mr. Speaker, thank you.  We met.\nThe Union is strong! " + "Word " * 20 + "end."
+    docs = fetch_mix.sotu_documents([(2000, "X", speech)], target=40)
+    assert docs[:3] == ["Mr. Speaker, thank you. We met.", "The Union is strong!", ("Word " * 20 + "end.")], docs
+
+
+def mail(body_parts, headers="From: a@b.c\nTo: d@e.f\nSubject: hi\n"):
+    if isinstance(body_parts, str):
+        return (headers + "Content-Type: text/plain; charset=us-ascii\n\n" + body_parts).encode()
+    out = headers + 'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="BB"\n\n'
+    for ctype, extra, body in body_parts:
+        out += "--BB\nContent-Type: %s\n%s\n%s\n" % (ctype, extra, body)
+    return (out + "--BB--\n").encode()
+
+
+def test_mix_clean_email():
+    prose = "This is a real message about the build system and the tests we ran today."
+    raw = mail("Hi all,\n\n" + prose + "\n\nJoe wrote:\n> quoted text\n> more\nALB> also quoted\n  | and this\n"
+               "    Date:  Wed, 21 Aug 2002\nThanks, Bob\n-- \nBob's signature\n")
+    assert fetch_mix.clean_email_body(fetch_mix.email_body(raw)) == "Hi all,\n\n" + prose + "\n\nThanks, Bob"
+    raw = mail([("text/html", "", "<p>html copy</p>"),
+                ("text/plain", "Content-Disposition: attachment; filename=x.txt\n", "attached file"),
+                ("text/plain; charset=iso-8859-1", "Content-Transfer-Encoding: quoted-printable\n",
+                 "Caf=E9 news: " + prose + "\n\n_______________________________________________\n"
+                 "Fork mailing list\nhttp://xent.com/mailman/listinfo/fork\n")])
+    assert fetch_mix.clean_email_body(fetch_mix.email_body(raw)) == "Café news: " + prose
+    alt = mail([("text/plain", "", prose), ("text/html", "", "<p>The same in HTML, word for word here.</p>")])
+    assert fetch_mix.clean_email_body(fetch_mix.email_body(alt)) == prose, "html alternative kept"
+    html_only = mail([("text/html", "", "<html><style>p {x}</style><p>Hello there,</p><p>" + prose + "<br>Bye</p>")])
+    assert fetch_mix.clean_email_body(fetch_mix.email_body(html_only)) == "Hello there,\n\n" + prose + "\nBye"
+    assert fetch_mix.clean_email_body("这是一封中文邮件，" * 20 + " a few English words here and there ok") == ""
+    assert fetch_mix.clean_email_body("ok thanks") == ""
+    docs = fetch_mix.email_documents([raw, html_only, raw], target=4000)
+    assert len(docs) == 3 and fetch_mix.dedupe(docs) == docs[:2]
+
+
+def test_mix_split_and_shuffle():
+    for n in (0, 1, 2, 49, 50, 1000, 4491):
+        val = fetch_mix.split_source("gcide", n)
+        assert val == fetch_mix.split_source("gcide", n), "not deterministic"
+        assert val == sorted(set(val)) and all(0 <= i < n for i in val)
+        want = 0 if n < 2 else min(n - 1, max(1, round(0.02 * n)))
+        assert len(val) == want, (n, len(val), want)
+    assert fetch_mix.split_source("gcide", 1000) != fetch_mix.split_source("email", 1000), "same picks per source"
+    assert fetch_mix.split_source("gcide", 1000) != list(range(20)), "not random"
+    sources = {name: ["%s doc %d" % (name, i) for i in range(n)]
+               for name, n in (("gcide", 1000), ("email", 300), ("devil", 60))}
+    val, train = fetch_mix.build_stream(sources)
+    assert (val, train) == fetch_mix.build_stream(sources), "stream not deterministic"
+    for name, docs in sources.items():
+        v = [t for s, _, t in val if s == name]
+        t = [t for s, _, t in train if s == name]
+        assert len(v) == round(0.02 * len(docs)) and sorted(v + t) == sorted(docs), name
+        assert not set(v) & set(t), "a document in both splits"
+        assert [i for s, i, _ in val if s == name] != [] and \
+            all(docs[i] == d for s, i, d in val + train if s == name)
+    # shuffled across sources: no long run of one source, both halves hold every source
+    names = [s for s, _, _ in train]
+    assert names != sorted(names, key=list(sources).index)
+    half = len(names) // 2
+    assert set(names[:half]) == set(names[half:]) == set(sources)
+    assert len({s for s, _, _ in val[:10]}) >= 2, "val not mixed across sources"
+    assert [i for s, i, _ in train if s == "gcide"] != sorted(i for s, i, _ in train if s == "gcide")
+
+
+def test_mix_deb_reader():
+    """ar_members/deb_files on a .deb built here (data.tar.xz)."""
+    import lzma
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in (("./usr/share/x/a.txt", b"alpha"), ("./usr/share/y/b.txt", b"beta!")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", lzma.compress(b"")),
+               ("data.tar.xz", lzma.compress(buf.getvalue()))]
+    deb = b"!<arch>\n" + b"".join(
+        ("%-16s%-12s%-6s%-6s%-8s%-10d`\n" % (n, 0, 0, 0, 100644, len(d))).encode() + d + (b"\n" if len(d) % 2 else b"")
+        for n, d in members)
+    path = os.path.join(Env.tmp, "x.deb")
+    with open(path, "wb") as f:
+        f.write(deb)
+    assert fetch_mix.deb_files(path, lambda p: p.startswith("usr/share/x/")) == {"usr/share/x/a.txt": b"alpha"}
+    assert fetch_mix.deb_files(path, lambda p: True) == {"usr/share/x/a.txt": b"alpha", "usr/share/y/b.txt": b"beta!"}
+
+
+def test_mix_pipeline_and_manifest():
+    """The stage after fetching on a small synthetic corpus: prepro_pile.py --val-docs, the
+    per-source val shards cut out of mix_val, the manifest's counts, idempotence."""
+    rnd = random.Random(17)
+    sources = {name: [" ".join(rnd.choice(DOC_WORDS) for _ in range(rnd.randint(1, 60))) + " %s %d" % (name, i)
+                      for i in range(n)] for name, n in zip(fetch_mix.SOURCES, (300, 120, 60, 55, 70, 80, 90, 40, 51, 100))}
+    val, train = fetch_mix.build_stream(sources)
+    saved = fetch_mix.JSONL
+    fetch_mix.JSONL = os.path.join(Env.tmp, "mix.jsonl")
+    try:
+        with open(fetch_mix.JSONL, "w") as f:
+            for name, i, d in val + train:
+                f.write(json.dumps({"text": d, "meta": {"pile_set_name": name, "doc": i}}) + "\n")
+        order = {"stamp": "test", "jsonl_sha256": "x", "val": [n for n, _, _ in val], "train": [n for n, _, _ in train],
+                 "chars": {n: [1, 2] for n in sources}}
+        out = os.path.join(Env.tmp, "mix_out")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert fetch_mix.tokenize(out, order, 1000, 2) is True
+            assert fetch_mix.tokenize(out, order, 1000, 2) is False, "second run not skipped"
+    finally:
+        fetch_mix.JSONL = saved
+    import glob
+    assert glob.glob(os.path.join(out, "mix_val_*.bin")) == [os.path.join(out, "mix_val_000000.bin")]
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    tok = gpt2_bpe.GPT2Tokenizer(fetch_sotu.GPT2_DIR, vocab=1000)
+    _, mixval = read_shard(os.path.join(out, "mix_val_000000.bin"))
+    assert list(mixval) == [t for _, _, d in val for t in [999] + tok.encode(d)], "val split is not the held-out docs"
+    assert m["vocab"] == 1000 and m["val"]["documents"] == len(val) and m["train"]["documents"] == len(train)
+    assert m["val"]["tokens"] == len(mixval)
+    total_train = sum(len(read_shard(os.path.join(out, f))[1]) for f in m["train"]["shards"])
+    assert m["train"]["tokens"] == total_train
+    for name, docs in sources.items():
+        s = m["sources"][name]
+        vdocs = [d for n, _, d in val if n == name]
+        tdocs = [d for n, _, d in train if n == name]
+        assert s["val"]["documents"] == len(vdocs) and s["train"]["documents"] == len(tdocs), name
+        assert s["train"]["tokens"] == sum(1 + len(tok.encode(d)) for d in tdocs), name
+        header, toks = read_shard(os.path.join(out, "sources", "%s_val_000000.bin" % name))
+        assert header[3] == 1000 and header[2] == len(toks) == s["val"]["tokens"], name
+        assert list(toks) == [t for d in vdocs for t in [999] + tok.encode(d)], name
+        assert s["licence"] and len(s["input"]["sha256"]) == 64 and s["input"]["file"].startswith("data/cache/")
+    assert sum(s["val"]["tokens"] for s in m["sources"].values()) == len(mixval)
+    assert sorted(os.listdir(os.path.join(out, "sources"))) == sorted("%s_val_000000.bin" % n for n in sources)
+
+
+def test_mix_errors():
+    r = subprocess.run([PY, os.path.join(ROOT, "dev", "data", "fetch_mix.py"), "--vocab", "100"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    check_error(r, "--vocab", 2)
+    # a version the archive does not have, and bytes that are not the pinned ones (apt-get only)
+    if not shutil.which("apt-get"):
+        print("  (apt part skipped: no apt-get)")
+        return
+    saved = (dict(fetch_mix.DEBS), fetch_mix.DEB_CACHE)
+    fetch_mix.DEB_CACHE = os.path.join(Env.tmp, "deb")
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    quiet.__enter__()
+    try:
+        fetch_mix.DEBS["dict-devil"] = ("0.0-nosuch", "0" * 64)
+        try:
+            fetch_mix.apt_download("dict-devil")
+        except FetchError as e:
+            assert "dict-devil=0.0-nosuch" in str(e) and "\n" not in str(e), e
+        else:
+            raise AssertionError("a missing version was accepted")
+        fetch_mix.DEBS["dict-devil"] = (saved[0]["dict-devil"][0], "0" * 64)
+        try:
+            fetch_mix.apt_download("dict-devil")
+        except FetchError as e:
+            assert "sha256" in str(e) and "expected " + "0" * 64 in str(e), e
+        else:
+            raise AssertionError("a wrong sha256 was accepted")
+    finally:
+        quiet.__exit__(None, None, None)
+        fetch_mix.DEBS.clear()
+        fetch_mix.DEBS.update(saved[0])
+        fetch_mix.DEB_CACHE = saved[1]
 
 
 def test_magic_helper():
