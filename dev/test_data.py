@@ -1156,6 +1156,10 @@ def test_mix_errors():
     r = subprocess.run([PY, os.path.join(ROOT, "dev", "data", "fetch_mix.py"), "--vocab", "100"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     check_error(r, "--vocab", 2)
+    for bad in (["--vocab", "8k"], ["-j", "0"], ["--bogus"]):
+        r = subprocess.run([PY, os.path.join(ROOT, "dev", "data", "fetch_mix.py")] + bad,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        check_error(r, bad[0], 2)
     # a version the archive does not have, and bytes that are not the pinned ones (apt-get only)
     if not shutil.which("apt-get"):
         print("  (apt part skipped: no apt-get)")
@@ -1176,6 +1180,9 @@ def test_mix_errors():
         try:
             fetch_mix.apt_download("dict-devil")
         except FetchError as e:
+            if "apt-get download dict-devil=" in str(e):     # no package lists (apt-get update)
+                print("  (sha256 part skipped: %s)" % e, file=sys.stderr)
+                return
             assert "sha256" in str(e) and "expected " + "0" * 64 in str(e), e
         else:
             raise AssertionError("a wrong sha256 was accepted")

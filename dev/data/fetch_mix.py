@@ -796,8 +796,9 @@ def write_corpus(paths, force=False):
         except FetchError:
             raise
         except Exception as e:
-            raise FetchError("cleaning %s (%s) failed: %s: %s; the input is not what this script "
-                             "expects: delete it and run again" % (name, paths[key], type(e).__name__, e))
+            raise FetchError("cleaning %s failed (%s: %s); its input %s has the pinned sha256, so "
+                             "this is a bug in dev/data/fetch_mix.py: please report it"
+                             % (name, type(e).__name__, e, os.path.relpath(paths[key], ROOT)))
         sources[name] = dedupe(docs)
         log("  %-10s %6d documents, %5.1f MB of text (%.1fs)" % (
             name, len(sources[name]), sum(len(d) for d in sources[name]) / 1e6, time.time() - t))
@@ -977,8 +978,14 @@ def summary(out):
                                       m["train"]["documents"], m["val"]["documents"]))
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write("error: %s; see %s --help\n" % (message, self.prog))
+        sys.exit(2)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(prog="fetch_mix.py", description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
                     help="tokenizer vocabulary, 257..50257 (default %d: GPT-2's first %d merges)"
                          % (DEFAULT_VOCAB, DEFAULT_VOCAB - 257))
@@ -987,11 +994,9 @@ def main(argv=None):
     ap.add_argument("-o", "--out", default=OUT, help="output folder (default data/mix)")
     a = ap.parse_args(argv)
     if not 257 <= a.vocab <= 50257:
-        print("error: --vocab must be from 257 to 50257, got %d" % a.vocab, file=sys.stderr)
-        return 2
+        ap.error("argument --vocab: must be from 257 to 50257, got %d" % a.vocab)
     if a.workers < 1:
-        print("error: -j must be at least 1", file=sys.stderr)
-        return 2
+        ap.error("argument -j: must be at least 1")
     out = os.path.abspath(a.out)
     t0 = time.time()
     try:
@@ -1005,6 +1010,9 @@ def main(argv=None):
         print("error: %s: %s; check the disk and permissions, then run again"
               % (e.filename or "writing data/mix", e.strerror or e), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; run again to go on", file=sys.stderr)
+        return 130
     summary(out)
     log("%s in %.1fs" % ("done" if made else "up to date", time.time() - t0))
     return 0
