@@ -1,28 +1,43 @@
 #!/usr/bin/env python3
-"""The paper's 182M router/ownership ablation (arXiv 2605.06665) at a scale a 2-core CPU trains.
+"""Named experiments on the paper's routing and ownership claims (arXiv 2605.06665) at a scale a 2-core CPU
+trains. An experiment (EXPERIMENTS) is a record: a recipe (the same tokens, active parameters and optimizer
+for every arm), the data flags and the corpus they fingerprint, the arms (flags added to the recipe), the
+claims (linear combinations of arms' final val losses), the seeds, the probed arms, and the folders its
+summaries, report and run folders live in.
 
-Every arm trains with one recipe (RECIPE: the same tokens, active parameters and optimizer) plus the
-arm's flags (ARMS), for seeds 1..N, each run on one thread (the same seed gives the same bits), --jobs
-runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a summary in
-dev/ablation/runs/<arm>_s<seed>.json; a summary for the current recipe, flags and corpus (a fingerprint
-of data/sotu's shards) means the run is done, so a sitting on a fresh clone trains only what no committed
-summary covers. A run stopped part-way resumes from its last checkpoint in out/ablation/<arm>_s<seed>/
-(-r latest) if that folder is still there.
-After a run of the first seed of vanilla_softmax or unipool, infer_unipool's routing-randomisation probe
-runs on its final checkpoint. Last, the report: dev/ablation/results.md, results.json, val_curves.svg.
+    sotu (the default): the 182M router/ownership table, 7 arms on data/sotu, seeds 1, 2, 3 ...;
+        summaries in dev/ablation/runs/, report in dev/ablation/, run folders in out/ablation/
+    mix: 9 arms on data/mix (`make data-mix`) at L 8 (two at L 4), seeds 101, 102, 103 ...; summaries in
+        dev/ablation/mix/runs/, report in dev/ablation/mix/, run folders in out/ablation/mix/; every run's
+        final checkpoint also gets routing diagnostics (./infer_unipool util), the report says which
+        claims are resolved, how many seeds the unresolved ones need, and the course of the two central
+        gaps over training
+
+Every arm trains for the experiment's first N seeds, each run on one thread (the same seed gives the same
+bits), --jobs runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a
+summary in the experiment's runs/<arm>_s<seed>.json; a summary for the current recipe, data flags, arm
+flags and corpus (a fingerprint of the corpus's shards) means the run is done, so a sitting on a fresh clone
+trains only what no committed summary covers. A run stopped part-way resumes from its last checkpoint in
+its run folder (-r latest) if that folder is still there.
+After a run of the first seed of a probed arm, infer_unipool's routing-randomisation probe runs on its
+final checkpoint. Last, the report: results.md, results.json, val_curves.svg.
 
     python3 dev/ablation/run.py                   train what is missing (3 seeds, 2 jobs), probe, report
     python3 dev/ablation/run.py --seeds 5 --only unipool,vanilla_softmax
+    python3 dev/ablation/run.py --experiment mix --seeds 3
     python3 dev/ablation/run.py --report          the report from the summaries that exist
     python3 dev/ablation/run.py --dry-run         print the commands, run nothing
-    python3 dev/ablation/run.py --smoke DIR       every arm, one seed, a micro model; all output in DIR
+    python3 dev/ablation/run.py --smoke DIR       every arm, one seed, a micro model on data/sotu; all
+                                                  output in DIR
 
-It builds the programs and the default corpus with make, commits nothing and prints what to commit.
-Exit status 1 if a run or the probe failed. Standard library only.
+It builds the programs and the experiment's corpus with make (--report only the corpus, when it is
+missing; --dry-run nothing), commits nothing and prints what to commit. Exit status 1 if a run, the probe
+or the diagnostics failed. Standard library only.
 """
 import argparse
 import collections
 import concurrent.futures
+import functools
 import glob
 import hashlib
 import json
@@ -40,7 +55,34 @@ from xml.sax.saxutils import escape
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.join(ROOT, "dev", "ablation")
 
-# key, label, the paper's val loss at 182M (None: not given), flags added to the recipe
+# ---- the experiments ----
+
+# key, label, the paper's val loss at 182M (None: not given), flags added to the recipe. In the flags,
+# {name} stands for round(fraction * 8 * L) experts, the fraction from the experiment's pools and L the
+# arm's own (the recipe's, or the arm's -L).
+Arm = collections.namedtuple("Arm", "key label paper flags")
+# a corpus: its name, the make target that builds it, the data flags train_unipool takes for it, the
+# glob of the token shards its fingerprint covers, the glob of its val shards (the probe's, util's)
+Corpus = collections.namedtuple("Corpus", "name make flags shards val")
+# an experiment: name; the report's title; recipe; corpus; the first of its seeds (--seeds N takes N from
+# there); arms; pools ({name: fraction} for the flags); claims ((what the paper finds, a linear
+# combination of arm keys)); the claims section's title; the probed arms (their first seed); course (the
+# claims whose paired gap the report follows over training); diagnostics (util on every final
+# checkpoint); resolve (the report says which claims are resolved and what the others need); the folders
+# of its summaries, run folders and report; the losses table's words for an arm the paper gives no
+# number ({key: text}, else "not given"); the baseline (drawn dashed beside the pools) and the
+# highlighted arm of the plot
+Experiment = collections.namedtuple(
+    "Experiment", "name title recipe corpus first_seed arms pools claims claims_title probed course diagnostics "
+                  "resolve runs out report paper_none baseline highlight")
+
+PAPER_NONE = "not given (\"matches or beats vanilla\")"
+SOTU_CORPUS = Corpus("data/sotu", "data", "", "data/sotu/sotu_*.bin", "data/sotu/sotu_val_*.bin")
+MIX_CORPUS = Corpus("data/mix", "data-mix",
+                    "-i data/mix/mix_train_*.bin -j data/mix/mix_val_*.bin -z data/mix/gpt2_tokenizer.bin",
+                    "data/mix/mix_*.bin", "data/mix/mix_val_*.bin")
+
+# The SOTU ablation: the paper's 182M table, seven arms on data/sotu.
 ARMS = [
     ("vanilla_softmax", "vanilla MoE, softmax, per-layer aux", 1.9317, "-o layer"),
     ("vanilla_norm", "vanilla MoE, NormRouter, per-layer aux", 1.9375, "-o layer -R norm"),
@@ -50,32 +92,78 @@ ARMS = [
     ("unipool", "UniPool: shared pool, NormRouter, pool aux", 1.9029, "-o pool"),
     ("unipool_reduced", "UniPool, reduced pool (2/3 of 8L experts)", None, "-o pool -e {reduced}"),
 ]
-PAPER_NONE = "not given (\"matches or beats vanilla\")"
-REDUCED_POOL = 2 / 3  # {reduced} = round(REDUCED_POOL * 8 * L): 21 at L = 4, 11 at L = 2
 RECIPE = "-p tiny -b 16 -t 128 -n 600 -l 2e-3 -w 30 -I 0.025 -A 3e-4 -v 50 -V 40 -S 0 -K 200 -N 1"
-SMOKE_RECIPE = "-p tiny -L 2 -C 32 -NH 2 -NKV 1 -F 32 -b 2 -t 16 -n 6 -v 3 -V 2 -S 0 -K 3 -N 2"
-PRESET_LAYERS = {"tiny": 4, "182m": 12, "469m": 24, "650m": 36, "830m": 48, "978m": 24}
-BASELINE = "vanilla_softmax"
-# The paper's claims as pairs of arms: (what the paper finds, arm a, arm b); each is tested as a minus b.
+# The paper's claims as pairs of arms: (what the paper finds, a - b).
 CLAIMS = [
-    ("UniPool beats vanilla MoE", "unipool", "vanilla_softmax"),
-    ("UniPool beats the best vanilla router (sigmoid, expert bias)", "unipool", "vanilla_sigmoid"),
-    ("a reduced pool matches or beats vanilla", "unipool_reduced", "vanilla_softmax"),
-    ("in a shared pool the NormRouter beats softmax", "unipool", "pool_softmax_poolaux"),
-    ("in a shared softmax pool the pool loss beats the per-layer loss", "pool_softmax_poolaux", "pool_softmax_layeraux"),
-    ("a shared softmax pool with the pool loss beats vanilla", "pool_softmax_poolaux", "vanilla_softmax"),
-    ("a shared softmax pool with per-layer losses is worse than vanilla", "pool_softmax_layeraux", "vanilla_softmax"),
-    ("in vanilla layers the NormRouter is a little worse than softmax", "vanilla_norm", "vanilla_softmax"),
-    ("the sigmoid router beats softmax in vanilla layers", "vanilla_sigmoid", "vanilla_softmax"),
+    ("UniPool beats vanilla MoE", "unipool - vanilla_softmax"),
+    ("UniPool beats the best vanilla router (sigmoid, expert bias)", "unipool - vanilla_sigmoid"),
+    ("a reduced pool matches or beats vanilla", "unipool_reduced - vanilla_softmax"),
+    ("in a shared pool the NormRouter beats softmax", "unipool - pool_softmax_poolaux"),
+    ("in a shared softmax pool the pool loss beats the per-layer loss", "pool_softmax_poolaux - pool_softmax_layeraux"),
+    ("a shared softmax pool with the pool loss beats vanilla", "pool_softmax_poolaux - vanilla_softmax"),
+    ("a shared softmax pool with per-layer losses is worse than vanilla", "pool_softmax_layeraux - vanilla_softmax"),
+    ("in vanilla layers the NormRouter is a little worse than softmax", "vanilla_norm - vanilla_softmax"),
+    ("the sigmoid router beats softmax in vanilla layers", "vanilla_sigmoid - vanilla_softmax"),
 ]
-PROBED = ("vanilla_softmax", "unipool")
-HIGHLIGHT = "unipool"
-PROBE = ["./infer_unipool", "probe", "-i", "data/sotu/sotu_val_*.bin", "-n", "20", "-T", "1"]
+
+# The mix experiment: nine arms on data/mix, at L 8 and, for depth, L 4. The recipe was fixed before it.
+MIX_ARMS = [
+    ("vanilla_softmax", "vanilla MoE, softmax, per-layer aux", 1.9317, "-o layer"),
+    ("vanilla_norm", "vanilla MoE, NormRouter, per-layer aux", 1.9375, "-o layer -R norm"),
+    ("vanilla_sigmoid", "vanilla MoE, sigmoid, expert bias (aux-free)", 1.9239, "-o layer -R sigmoid"),
+    ("pool_softmax_poolaux", "shared pool, softmax, pool aux", 1.9180, "-o pool -R softmax -a pool"),
+    ("unipool", "UniPool: shared pool, NormRouter, pool aux", 1.9029, "-o pool"),
+    ("unipool_r67", "UniPool, pool of 2/3 of 8L experts", None, "-o pool -e {r67}"),
+    ("unipool_r42", "UniPool, pool of 41.6% of 8L experts", None, "-o pool -e {r42}"),
+    ("vanilla_softmax_L4", "vanilla MoE, softmax, L 4", None, "-o layer -L 4"),
+    ("unipool_L4", "UniPool, L 4", None, "-o pool -L 4"),
+]
+MIX_RECIPE = "-p exp -b 16 -t 256 -n 1500 -l 2e-3 -w 30 -I 0.025 -A 3e-4 -v 250 -V 64 -S 0 -K 250 -N 1"
+HEADLINE = "unipool - vanilla_softmax"
+POOL_EFFECT = "unipool - vanilla_norm"
+MIX_CLAIMS = [
+    ("UniPool beats vanilla MoE (the paper's headline)", HEADLINE),
+    ("the pool's own effect at a fixed router", POOL_EFFECT),
+    ("UniPool beats the best vanilla router", "unipool - vanilla_sigmoid"),
+    ("a pool of 2/3 matches or beats vanilla", "unipool_r67 - vanilla_softmax"),
+    ("a pool of 41.6% matches or beats vanilla", "unipool_r42 - vanilla_softmax"),
+    ("in a shared pool the NormRouter beats softmax", "unipool - pool_softmax_poolaux"),
+    ("a shared softmax pool with the pool loss beats vanilla", "pool_softmax_poolaux - vanilla_softmax"),
+    ("in vanilla layers the NormRouter is a little worse than softmax", "vanilla_norm - vanilla_softmax"),
+    ("the sigmoid router beats softmax in vanilla layers", "vanilla_sigmoid - vanilla_softmax"),
+    ("UniPool's gain grows with depth", "(unipool - vanilla_softmax) - (unipool_L4 - vanilla_softmax_L4)"),
+]
+
+EXPERIMENTS = {e.name: e for e in (
+    Experiment(
+        name="sotu", title="Router and ownership ablation (arXiv 2605.06665, the 182M table) at CPU scale",
+        recipe=RECIPE, corpus=SOTU_CORPUS, first_seed=1, arms=[Arm._make(a) for a in ARMS],
+        pools={"reduced": 2 / 3}, claims=CLAIMS, claims_title="The paper's claims, pair by pair",
+        probed=("vanilla_softmax", "unipool"), course=(), diagnostics=False, resolve=False,
+        runs=os.path.join(HERE, "runs"), out=os.path.join(ROOT, "out", "ablation"), report=HERE,
+        paper_none={"unipool_reduced": PAPER_NONE}, baseline="vanilla_softmax", highlight="unipool"),
+    Experiment(
+        name="mix", title="UniPool's claims (arXiv 2605.06665) on data/mix at CPU scale: 9 arms, L 8 and L 4",
+        recipe=MIX_RECIPE, corpus=MIX_CORPUS, first_seed=101, arms=[Arm._make(a) for a in MIX_ARMS],
+        pools={"r67": 2 / 3, "r42": 0.416}, claims=MIX_CLAIMS, claims_title="The paper's claims",
+        probed=("vanilla_softmax", "unipool"), course=(HEADLINE, POOL_EFFECT), diagnostics=True, resolve=True,
+        runs=os.path.join(HERE, "mix", "runs"), out=os.path.join(ROOT, "out", "ablation", "mix"),
+        report=os.path.join(HERE, "mix"),
+        paper_none={"unipool_r67": PAPER_NONE, "unipool_r42": PAPER_NONE},
+        baseline="vanilla_softmax", highlight="unipool"),
+)}
+DEFAULT = "sotu"
+
+SMOKE_RECIPE = "-p tiny -L 2 -C 32 -NH 2 -NKV 1 -F 32 -b 2 -t 16 -n 6 -v 3 -V 2 -S 0 -K 3 -N 2"
+SMOKE_CORPUS = SOTU_CORPUS  # every experiment's smoke trains on data/sotu: it tests the machinery, not the corpus
+PRESET_LAYERS = {"tiny": 4, "exp": 8, "182m": 12, "469m": 24, "650m": 36, "830m": 48, "978m": 24}
 HEALTH = ("unused", "max_share", "entropy", "dead", "used", "top_share", "load_entropy")
 META = "ablation.json"  # in a run's folder: recipe, flags, commands so far, wall seconds so far
+UTIL_BATCHES = 64  # val batches the diagnostics count tokens over
+TOP_N = 16  # the diagnostics' most-used experts of a layer
+RESOLVED_WIDTH = 0.03  # a claim whose paired 95% interval is at most this wide is resolved even if it holds 0
 
-Arm = collections.namedtuple("Arm", "key label paper flags")
-Setup = collections.namedtuple("Setup", "recipe runs out report seeds jobs arms command corpus")
+Setup = collections.namedtuple("Setup", "exp recipe data source runs out report seeds jobs arms command corpus")
 LOCK = threading.Lock()  # one line at a time from the jobs' threads
 
 
@@ -105,28 +193,83 @@ def rel(path):
     return path if inside.startswith("..") else inside
 
 
-def layers(recipe):
-    words = recipe.split()
-    value = lambda flag, default: words[words.index(flag) + 1] if flag in words else default  # noqa: E731
-    return int(value("-L", PRESET_LAYERS[value("-p", "tiny")]))
+def layers(flags):
+    """L as train_unipool takes it from these flags, in order: -p sets the preset's, -L overrides."""
+    words, L = flags.split(), PRESET_LAYERS["tiny"]
+    for flag, value in zip(words, words[1:]):
+        if flag == "-p":
+            L = PRESET_LAYERS[value]
+        elif flag == "-L":
+            L = int(value)
+    return L
 
 
-def arm_flags(arm, recipe):
-    return arm.flags.format(reduced=round(REDUCED_POOL * 8 * layers(recipe)))
+def arm_flags(s, arm):
+    """The arm's flags with each {name} a pool of round(fraction * 8 L) experts, L the arm's own."""
+    L = layers(s.recipe + " " + arm.flags)
+    return arm.flags.format(**{key: round(fraction * 8 * L) for key, fraction in s.exp.pools.items()})
 
 
-def corpus():
-    """The default corpus's fingerprint: sha256 of its token shards (16 hex digits); a run on other
-    tokens is another run."""
+def parse_combination(text):
+    """A claim's linear combination of arm keys ('a - b', '(a - b) - (c - d)', sums too) as
+    [(key, coefficient)], in order of first appearance, a key named twice once (dropped at 0)."""
+    tokens, pos = re.findall(r"\w+|\S", text), 0
+
+    def term(sign):
+        nonlocal pos
+        while pos < len(tokens) and tokens[pos] in "+-":
+            sign, pos = -sign if tokens[pos] == "-" else sign, pos + 1
+        if pos == len(tokens):
+            raise ValueError(f"'{text}': a term is missing at the end")
+        token, pos = tokens[pos], pos + 1
+        if token == "(":
+            out = expr(sign)
+            if pos == len(tokens) or tokens[pos] != ")":
+                raise ValueError(f"'{text}': a ')' is missing")
+            pos += 1
+            return out
+        if not re.fullmatch(r"[A-Za-z_]\w*", token):
+            raise ValueError(f"'{text}': unexpected '{token}'")
+        return [(token, sign)]
+
+    def expr(sign):
+        nonlocal pos
+        out = term(sign)
+        while pos < len(tokens) and tokens[pos] in "+-":
+            op, pos = 1 if tokens[pos] == "+" else -1, pos + 1
+            out += term(sign * op)
+        return out
+
+    terms = expr(1)
+    if pos != len(tokens):
+        raise ValueError(f"'{text}': unexpected '{tokens[pos]}'")
+    merged = {}
+    for key, coef in terms:
+        merged[key] = merged.get(key, 0) + coef
+    return [(key, coef) for key, coef in merged.items() if coef]
+
+
+def pair(terms):
+    """(a, b) when the combination is a - b, else None."""
+    return (terms[0][0], terms[1][0]) if [c for _, c in terms] == [1, -1] else None
+
+
+def fingerprint(corpus):
+    """The corpus's fingerprint: sha256 of its token shards (16 hex digits), None when it has none; a
+    run on other tokens is another run."""
+    paths = sorted(glob.glob(os.path.join(ROOT, corpus.shards)))
+    if not paths:
+        return None
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, "data", "sotu", "sotu_*.bin"))):
+    for path in paths:
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
 
 
 def identity(s, arm):
-    return {"recipe": s.recipe, "flags": arm_flags(arm, s.recipe), "corpus": s.corpus}
+    data = {"data": s.data} if s.data else {}  # the SOTU runs' summaries predate data flags
+    return {"recipe": s.recipe, **data, "flags": arm_flags(s, arm), "corpus": s.corpus}
 
 
 def matches(record, arm, s):
@@ -152,7 +295,7 @@ def plan(s, arm, seed):
     folder = run_dir(s, arm, seed)
     if matches(read_json(os.path.join(folder, META)), arm, s) and glob.glob(os.path.join(folder, "ckpt_*.bin")):
         return "resume", ["./train_unipool", "-r", "latest", "-O", rel(folder), "-T", "1"]
-    return "train", ["./train_unipool", *s.recipe.split(), *arm_flags(arm, s.recipe).split(),
+    return "train", ["./train_unipool", *s.recipe.split(), *s.data.split(), *arm_flags(s, arm).split(),
                      "-s", str(seed), "-T", "1", "-O", rel(folder)]
 
 
@@ -222,9 +365,10 @@ def git(*args):
 def summarize(arm, seed, meta, folder):
     val, steps = read_log(folder)
     last = val[max(val)]
+    data = {"data": meta["data"]} if "data" in meta else {}
     return dict(
-        arm=arm.key, label=arm.label, seed=seed, recipe=meta["recipe"], flags=meta["flags"], corpus=meta["corpus"],
-        commands=meta["commands"], git_commit=git("rev-parse", "--short", "HEAD"),
+        arm=arm.key, label=arm.label, seed=seed, recipe=meta["recipe"], **data, flags=meta["flags"],
+        corpus=meta["corpus"], commands=meta["commands"], git_commit=git("rev-parse", "--short", "HEAD"),
         uncommitted_sources=git("status", "--porcelain", "--", "*.c", "*.h", "Makefile").splitlines(),
         wall_seconds=round(meta["wall_seconds"], 1),
         **pool_shape(folder),
@@ -233,12 +377,22 @@ def summarize(arm, seed, meta, folder):
         final_val_loss=last["val_loss"], health={key: last[key] for key in HEALTH})
 
 
+def final_checkpoint(s, arm, seed, summary):
+    return os.path.join(run_dir(s, arm, seed), f"ckpt_{summary['val_curve'][-1][0]:08d}.bin")
+
+
+def probe_base(s):
+    """The probe's command without its checkpoint: ./infer_unipool probe, then its flags."""
+    return ["./infer_unipool", "probe", "-i", s.source.val, "-n", "20", "-T", "1"]
+
+
 def probe_path(s, arm, seed):
     return os.path.join(s.runs, f"probe_{name(arm, seed)}.txt")
 
 
 def probe_header(s, arm):
-    return f"recipe: {s.recipe} | flags: {arm_flags(arm, s.recipe)} | corpus: {s.corpus}"
+    data = f" | data: {s.data}" if s.data else ""
+    return f"recipe: {s.recipe}{data} | flags: {arm_flags(s, arm)} | corpus: {s.corpus}"
 
 
 def probe_command(s, arm, seed):
@@ -246,8 +400,8 @@ def probe_command(s, arm, seed):
     summary = read_json(summary_path(s, arm, seed))
     if not matches(summary, arm, s):
         return None
-    ckpt = os.path.join(run_dir(s, arm, seed), f"ckpt_{summary['val_curve'][-1][0]:08d}.bin")
-    return PROBE[:2] + ["-c", rel(ckpt)] + PROBE[2:]
+    base = probe_base(s)
+    return base[:2] + ["-c", rel(final_checkpoint(s, arm, seed, summary))] + base[2:]
 
 
 def probe(s, arm, seed):
@@ -267,11 +421,85 @@ def probe(s, arm, seed):
     return "probed", ""
 
 
+# ---- routing diagnostics on a final checkpoint ----
+
+def util_command(s, arm, seed, ckpt):
+    """infer_unipool util on a checkpoint: tokens per layer and expert over the val shards, into the
+    run folder's util.csv (and util.svg)."""
+    return ["./infer_unipool", "util", "-c", rel(ckpt), "-i", s.source.val, "-n", str(UTIL_BATCHES), "-T", "1",
+            "-o", rel(os.path.join(run_dir(s, arm, seed), "util"))]
+
+
+def diagnose_csv(text):
+    """Routing diagnostics from util's CSV (layer,expert,tokens; a layer's rows are the experts it can
+    reach): per layer the load entropy over its reachable experts normalised by the log of their number
+    (1: even; None for a layer that reaches one expert or routed nothing), the share of its tokens its
+    TOP_N most-used experts take, and its dead experts (reachable, 0 tokens); the top-TOP_N sets (most tokens
+    first, ties to the lower index, only experts with tokens); across layers the mean Jaccard overlap
+    |A & B| / |A | B| of the top sets over every pair of layers (0 where layers own disjoint experts,
+    vanilla MoE; None below 2 layers)."""
+    rows = collections.defaultdict(list)
+    lines = text.strip().splitlines()
+    if not lines or lines[0].strip() != "layer,expert,tokens":
+        raise ValueError("util's CSV lacks its header 'layer,expert,tokens'")
+    for line in lines[1:]:
+        layer, expert, tokens = (int(x) for x in line.split(","))
+        rows[layer].append((expert, tokens))
+    out = {"reachable": [], "load_entropy": [], "top_coverage": [], "dead": [], "top": []}
+    for layer in sorted(rows):
+        counts = rows[layer]
+        total = sum(t for _, t in counts)
+        entropy = None
+        if total > 0 and len(counts) > 1:
+            entropy = -sum(t / total * math.log(t / total) for _, t in counts if t) / math.log(len(counts))
+        top = sorted((e for e in counts if e[1] > 0), key=lambda e: (-e[1], e[0]))[:TOP_N]
+        out["reachable"].append(len(counts))
+        out["load_entropy"].append(entropy)
+        out["top_coverage"].append(sum(t for _, t in top) / total if total else None)
+        out["dead"].append(sum(t == 0 for _, t in counts))
+        out["top"].append(sorted(e for e, _ in top))
+    sets = [set(t) for t in out["top"]]
+    overlaps = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:] if a | b]
+    return dict(layers=len(sets), **out, jaccard=mean(overlaps) if overlaps else None)
+
+
+def diagnose(s, arm, seed):
+    """util on the run's final checkpoint, its diagnostics into the run's summary, unless the summary has
+    them for this command; returns (status, detail)."""
+    path = summary_path(s, arm, seed)
+    summary = read_json(path)
+    if not matches(summary, arm, s):
+        return "failed", "no current summary"
+    ckpt = final_checkpoint(s, arm, seed, summary)
+    command = util_command(s, arm, seed, ckpt)
+    if (summary.get("diagnostics") or {}).get("command") == shlex.join(command):
+        return "skipped", ""
+    if not os.path.exists(ckpt):
+        return "failed", "no final checkpoint (out/ is not kept across clones): delete the run's summary to retrain"
+    say(f"util {name(arm, seed)}: {shlex.join(command)}")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    csv = os.path.join(run_dir(s, arm, seed), "util.csv")
+    if done.returncode != 0 or not os.path.exists(csv):
+        return "failed", f"exit {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    with open(os.path.join(run_dir(s, arm, seed), "util.txt"), "w") as f:
+        f.write(done.stdout)
+    try:
+        found = diagnose_csv(open(csv).read())
+    except ValueError as e:
+        return "failed", f"{rel(csv)}: {e}"
+    summary["diagnostics"] = dict(command=shlex.join(command), **found)
+    write_json(path, summary)
+    return "diagnosed", ""
+
+
 def job(s, arm, seed):
-    """One run, then its probe when it is a probed one; a list of (what, status, detail)."""
+    """One run, then its diagnostics (when the experiment has them) and its probe (when it is a probed
+    one); a list of (what, status, detail)."""
     status, detail = train(s, arm, seed)
     results = [(name(arm, seed), status, detail)]
-    if arm.key in PROBED and seed == s.seeds[0] and status != "failed":
+    if s.exp.diagnostics and status != "failed":
+        results.append(("util " + name(arm, seed), *diagnose(s, arm, seed)))
+    if arm.key in s.exp.probed and seed == s.seeds[0] and status != "failed":
         results.append(("probe " + name(arm, seed), *probe(s, arm, seed)))
     for what, status, detail in results:
         say(f"{status} {what}" + (f": {detail.splitlines()[0]}" if detail else ""))
@@ -283,35 +511,47 @@ def run_all(s):
     work = [(arm, seed) for seed in s.seeds for arm in s.arms]
     with concurrent.futures.ThreadPoolExecutor(max_workers=s.jobs) as pool:
         results = [r for rs in pool.map(lambda w: job(s, *w), work) for r in rs]
-    runs = collections.Counter(status for what, status, _ in results if not what.startswith("probe"))
-    probes = collections.Counter(status for what, status, _ in results if what.startswith("probe"))
+    kind = lambda what: what.split()[0] if " " in what else "run"  # noqa: E731
+    count = lambda k: collections.Counter(status for what, status, _ in results if kind(what) == k)  # noqa: E731
+    runs, probes, utils = count("run"), count("probe"), count("util")
     say(f"runs: trained {runs['trained']}, resumed {runs['resumed']}, skipped {runs['skipped']}, "
         f"failed {runs['failed']}; probes: written {probes['probed']}, skipped {probes['skipped']}, "
-        f"failed {probes['failed']}")
+        f"failed {probes['failed']}" + (f"; diagnostics: written {utils['diagnosed']}, skipped {utils['skipped']}, "
+                                         f"failed {utils['failed']}" if s.exp.diagnostics else ""))
     for what, status, detail in results:
         if status == "failed":
             say(f"FAILED {what}: {detail}")
-    return runs["failed"] + probes["failed"] == 0
+    return runs["failed"] + probes["failed"] + utils["failed"] == 0
 
 
 def dry_run(s):
+    if s.corpus is None:
+        say(f"{s.source.name} is not built (`make {s.source.make}` builds it): no summary can be current")
     for seed in s.seeds:
         for arm in s.arms:
             action, command = plan(s, arm, seed)
             say(f"{action} {name(arm, seed)}" + (f": {shlex.join(command)}" if command else ""))
-            if arm.key in PROBED and seed == s.seeds[0]:
-                ckpt = rel(os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
-                say(f"probe {name(arm, seed)}: {shlex.join(PROBE[:2])} -c {ckpt} {shlex.join(PROBE[2:])} "
+            ckpt = rel(os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
+            if s.exp.diagnostics:
+                util = util_command(s, arm, seed, os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
+                say(f"util {name(arm, seed)}: {shlex.join(util[:3])} {ckpt} {shlex.join(util[4:])} "
+                    f"> the summary's diagnostics")
+            if arm.key in s.exp.probed and seed == s.seeds[0]:
+                base = probe_base(s)
+                say(f"probe {name(arm, seed)}: {shlex.join(base[:2])} -c {ckpt} {shlex.join(base[2:])} "
                     f"> {rel(probe_path(s, arm, seed))}")
     return 0
 
 
-def build():
-    """The programs and the default corpus (a fresh clone has neither)."""
-    done = subprocess.run(["make", "train_unipool", "infer_unipool", "data"], cwd=ROOT, capture_output=True,
-                          text=True)
+def make(*targets):
+    done = subprocess.run(["make", *targets], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"make failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+
+
+def build(s):
+    """The programs and the corpus (a fresh clone has neither)."""
+    make("train_unipool", "infer_unipool", s.source.make)
 
 
 # ---- the report ----
@@ -339,13 +579,43 @@ def arm_health(runs):
     }
 
 
-# Student t's 97.5% quantile by degrees of freedom: a two-sided 95% interval is mean +- T975[df] x se.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def beta_inc(a, b, x):
+    """The regularised incomplete beta function I_x(a, b) (its continued fraction, modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - beta_inc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return front * h
 
 
+@functools.lru_cache(maxsize=None)
 def t975(df):
-    """The quantile at df rounded down, and at 10 above 10: both only widen the interval."""
-    return T975[min(10, max(1, int(df)))]
+    """Student t's 97.5% quantile, to 3 decimals, at df rounded down: a two-sided 95% interval is
+    mean +- t975(df) x se. P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2), solved for 0.05 by bisection;
+    from df 10^5 on it is the normal's 1.960 to 3 decimals."""
+    df = max(1, int(df))
+    if df >= 100000:
+        return 1.96
+    lo, hi = 0.0, 20.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if beta_inc(df / 2, 0.5, df / (df + mid * mid)) > 0.05 else (lo, mid)
+    return round((lo + hi) / 2, 3)
 
 
 def interval(diff, se, df):
@@ -353,21 +623,23 @@ def interval(diff, se, df):
     return {"diff": diff, "se": se, "df": df, "lo": diff - half, "hi": diff + half}
 
 
-def versus(a, b):
-    """Arm a's final val losses {seed: loss} against arm b's, two ways, each with a 95% interval:
-    welch, the difference of the means (Welch's t, Welch-Satterthwaite df); paired, the mean of the per-seed
-    differences over the seeds both have (a seed fixes the data order for every arm, so the pairs share it).
-    A test is None below 2 seeds (2 shared seeds for the paired one)."""
+def combine(parts):
+    """A linear combination sum(c x arm) of arms' final val losses, parts [(c, {seed: loss})], tested two
+    ways, each with a 95% interval: welch, the combination of the means, its variance sum(c^2 s^2 / n)
+    with Welch-Satterthwaite df; paired, the mean of the per-seed combinations over the seeds every arm
+    has (a seed fixes the data order for every arm, so they share it). A test is None below 2 seeds in an
+    arm (2 shared seeds for the paired one)."""
     out = {"welch": None, "paired": None}
-    if len(a) >= 2 and len(b) >= 2:
-        sa, sb = stats(list(a.values())), stats(list(b.values()))
-        va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
-        df = ((va + vb) ** 2 / (va ** 2 / (sa["n"] - 1) + vb ** 2 / (sb["n"] - 1)) if va + vb > 0
-              else sa["n"] + sb["n"] - 2)
-        out["welch"] = interval(sa["mean"] - sb["mean"], math.sqrt(va + vb), df)
-    common = sorted(set(a) & set(b))
+    if all(len(values) >= 2 for _, values in parts):
+        st = [stats(list(values.values())) for _, values in parts]
+        var = [c * c * (s["std"] ** 2 / s["n"]) for (c, _), s in zip(parts, st)]
+        total = sum(var)
+        df = (total ** 2 / sum(v ** 2 / (s["n"] - 1) for v, s in zip(var, st)) if total > 0
+              else sum(s["n"] - 1 for s in st))
+        out["welch"] = interval(sum(c * s["mean"] for (c, _), s in zip(parts, st)), math.sqrt(total), df)
+    common = sorted(set.intersection(*(set(values) for _, values in parts)))
     if len(common) >= 2:
-        diffs = [a[seed] - b[seed] for seed in common]
+        diffs = [sum(c * values[seed] for c, values in parts) for seed in common]
         d = stats(diffs)
         out["paired"] = dict(interval(d["mean"], d["std"] / math.sqrt(d["n"]), d["n"] - 1), seeds=common, diffs=diffs)
     tests = [t for t in out.values() if t]
@@ -375,6 +647,38 @@ def versus(a, b):
     out["verdict"] = (None if not tests else "beyond seed noise" if beyond == len(tests) else
                       "within seed noise" if beyond == 0 else "beyond seed noise in one test only")
     return out
+
+
+def versus(a, b):
+    """Arm a's final val losses {seed: loss} against arm b's: the combination a - b."""
+    return combine([(1, a), (-1, b)])
+
+
+def resolved(paired):
+    """A claim is resolved when its paired 95% interval excludes 0 or is at most RESOLVED_WIDTH wide."""
+    return paired is not None and (paired["lo"] > 0 or paired["hi"] < 0 or
+                                   paired["hi"] - paired["lo"] <= RESOLVED_WIDTH)
+
+
+def seeds_needed(paired, most=10 ** 9):
+    """The seeds an unresolved claim needs, at the paired per-seed sd and mean observed so far: the
+    smallest n with t975(n - 1) x sd / sqrt(n) below |mean| (the interval would exclude 0) or below
+    RESOLVED_WIDTH / 2 (it would be at most RESOLVED_WIDTH wide), whichever is the smaller n; None when
+    there is no paired test, or beyond `most`."""
+    if paired is None:
+        return None
+    sd = stats(paired["diffs"])["std"]
+    target = max(abs(paired["diff"]), RESOLVED_WIDTH / 2)
+    enough = lambda n: t975(n - 1) * sd / math.sqrt(n) < target  # noqa: E731 (t975 and 1/sqrt(n) fall with n)
+    lo, hi = 1, 2  # enough(lo) is false (n = 1 has no interval); find hi with enough(hi), then bisect
+    while not enough(hi):
+        if hi > most:
+            return None
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 def parse_probe(text):
@@ -389,7 +693,7 @@ def parse_probe(text):
 def collect(s):
     """The summaries for the current recipe by arm key; stale summaries by name."""
     runs, stale = collections.defaultdict(list), []
-    by_key = {arm.key: arm for arm in map(Arm._make, ARMS)}
+    by_key = {arm.key: arm for arm in s.exp.arms}
     for path in sorted(glob.glob(os.path.join(s.runs, "*_s*.json"))):
         summary = read_json(path)
         arm = by_key.get(summary.get("arm"))
@@ -403,7 +707,7 @@ def collect(s):
 def probes(s):
     """The probe files for the current recipe, parsed."""
     found = []
-    for arm in (a for a in map(Arm._make, ARMS) if a.key in PROBED):
+    for arm in (a for a in s.exp.arms if a.key in s.exp.probed):
         path = probe_path(s, arm, s.seeds[0])
         text = open(path).read() if os.path.exists(path) else ""
         if text.startswith(probe_header(s, arm) + "\n"):
@@ -411,38 +715,98 @@ def probes(s):
     return found
 
 
+def current_diagnostics(s, arm, summary):
+    """The summary's diagnostics when util ran on this run's final checkpoint as it runs now, else None."""
+    found = summary.get("diagnostics")
+    command = shlex.join(util_command(s, arm, summary["seed"], final_checkpoint(s, arm, summary["seed"], summary)))
+    return found if found and found.get("command") == command else None
+
+
+def arm_diagnostics(s, arm, ours):
+    """The diagnostics of an arm's runs, the mean over the seeds that have them (None if none has)."""
+    have = [(r["seed"], current_diagnostics(s, arm, r)) for r in ours]
+    have = [(seed, d) for seed, d in have if d]
+    if not have:
+        return None
+    found = [d for _, d in have]
+    avg = lambda values: None if any(v is None for v in values) else mean(values)  # noqa: E731
+    per_layer = lambda key: [avg(col) for col in zip(*(d[key] for d in found))]  # noqa: E731
+    return {"seeds": [seed for seed, _ in have], "reachable": found[0]["reachable"],
+            "load_entropy": per_layer("load_entropy"), "top_coverage": per_layer("top_coverage"),
+            "dead": per_layer("dead"), "jaccard": avg([d["jaccard"] for d in found])}
+
+
+def course(s, runs, claim, text):
+    """A claim's paired combination at every validation step the runs share: per step the mean over the
+    seeds every arm of the claim has, and its 95% interval (Student t at n - 1; None below 2 seeds)."""
+    terms = parse_combination(text)
+    curves = {key: {r["seed"]: dict(map(tuple, r["val_curve"])) for r in runs.get(key, [])} for key, _ in terms}
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in curves.values())))
+    steps = sorted(set.intersection(*(set(curves[key][seed]) for key, _ in terms for seed in seeds))) if seeds else []
+    rows = []
+    for step in steps:
+        d = stats([sum(c * curves[key][seed][step] for key, c in terms) for seed in seeds])
+        row = {"step": step, "n": d["n"], "mean": d["mean"], "lo": None, "hi": None}
+        if d["n"] >= 2:
+            row.update({k: v for k, v in interval(d["mean"], d["std"] / math.sqrt(d["n"]), d["n"] - 1).items()
+                        if k in ("lo", "hi")})
+        rows.append(row)
+    return {"claim": claim, "combination": text, "seeds": seeds, "steps": rows}
+
+
+def claim_result(s, claim, text, by_key):
+    terms = parse_combination(text)
+    ab = pair(terms)
+    head = {"a": ab[0], "b": ab[1]} if ab else {"combination": text, "terms": [[key, c] for key, c in terms]}
+    papers = [by_key[key]["paper"] for key, _ in terms]
+    paper = None if None in papers else sum(c * p for (_, c), p in zip(terms, papers))
+    out = dict(claim=claim, **head, paper=paper, **combine([(c, by_key[key]["seeds"]) for key, c in terms]))
+    if s.exp.resolve:
+        out["resolved"] = resolved(out["paired"])
+        out["seeds_needed"] = None if out["resolved"] else seeds_needed(out["paired"])
+    return out
+
+
 def results(s):
     runs, stale = collect(s)
     arms = []
-    for arm in map(Arm._make, ARMS):
+    for arm in s.exp.arms:
         ours = runs.get(arm.key, [])
-        entry = dict(arm._asdict(), flags=arm_flags(arm, s.recipe), runs=len(ours),
+        entry = dict(arm._asdict(), flags=arm_flags(s, arm), runs=len(ours),
                      seeds={r["seed"]: r["final_val_loss"] for r in sorted(ours, key=lambda r: r["seed"])})
         if ours:
             entry.update(stats=stats(list(entry["seeds"].values())), health=arm_health(ours),
                          pool_size=ours[0].get("pool_size"), wall_seconds=mean([r["wall_seconds"] for r in ours]))
+            if s.exp.diagnostics:
+                entry["diagnostics"] = arm_diagnostics(s, arm, ours)
         arms.append(entry)
     by_key = {entry["key"]: entry for entry in arms}
-    claims = [dict(claim=claim, a=a, b=b, paper=None if by_key[a]["paper"] is None or by_key[b]["paper"] is None
-                   else by_key[a]["paper"] - by_key[b]["paper"], **versus(by_key[a]["seeds"], by_key[b]["seeds"]))
-              for claim, a, b in CLAIMS]
-    missing = [f"{arm.key}_s{seed}" for arm in map(Arm._make, ARMS) for seed in s.seeds
+    claims = [claim_result(s, claim, text, by_key) for claim, text in s.exp.claims]
+    missing = [f"{arm.key}_s{seed}" for arm in s.exp.arms for seed in s.seeds
                if seed not in {r["seed"] for r in runs.get(arm.key, [])}]
     commits = sorted({r["git_commit"] for rs in runs.values() for r in rs})
-    return dict(command=s.command, recipe=s.recipe, corpus=s.corpus, layers=layers(s.recipe), seeds=s.seeds, commits=commits,
-                arms=arms, claims=claims, missing=missing, stale=stale, probes=probes(s)), runs
+    data = {"data": s.data} if s.data else {}
+    res = dict(command=s.command, recipe=s.recipe, **data, corpus=s.corpus, layers=layers(s.recipe), seeds=s.seeds,
+               commits=commits, arms=arms, claims=claims, missing=missing, stale=stale, probes=probes(s))
+    if s.exp.course:
+        res["course"] = [course(s, runs, next(c for c, t in s.exp.claims if t == text), text) for text in s.exp.course]
+    if s.exp.diagnostics:
+        res["missing_diagnostics"] = [f"{arm.key}_s{r['seed']}" for arm in s.exp.arms
+                                      for r in sorted(runs.get(arm.key, []), key=lambda r: r["seed"])
+                                      if not current_diagnostics(s, arm, r)]
+    return res, runs
 
 
 def fmt(value, digits=4, sign=""):
     return "-" if value is None else f"{value:{sign}.{digits}f}"
 
 
-def md_losses(res):
+def md_losses(res, exp):
     rows = ["| arm | what | flags | paper (182M) | ours: mean | sample std | min-max | n | per seed |",
             "|---|---|---|---|---|---|---|---|---|"]
     for a in res["arms"]:
         st = a.get("stats")
-        paper = PAPER_NONE if a["paper"] is None else fmt(a["paper"])
+        paper = exp.paper_none.get(a["key"], "not given") if a["paper"] is None else fmt(a["paper"])
         spread = f"{st['min']:.4f}-{st['max']:.4f}" if st else "-"
         seeds = ", ".join(f"s{k}: {v:.4f}" for k, v in a["seeds"].items()) or "missing"
         rows.append(f"| {a['key']} | {a['label']} | `{a['flags']}` | {paper} | {fmt(st and st['mean'])} | "
@@ -465,6 +829,37 @@ def md_health(res):
     return rows
 
 
+def md_diagnostics(res, s):
+    util = util_command(s, s.exp.arms[0], s.seeds[0], "CKPT")
+    rows = [f"Counted on each run's final checkpoint by `{shlex.join(util[:3])} CKPT {shlex.join(util[4:-1])} "
+            "RUN_FOLDER/util` "
+            f"(which expert each of the K slots of every token of {UTIL_BATCHES} val batches goes to, per layer). Per "
+            "layer: the load entropy over the experts the layer can reach, divided by the log of their number (1: "
+            f"even load); the coverage of its {TOP_N} most-used experts (their share of the layer's tokens); its dead "
+            f"experts (reachable, 0 tokens). Across layers: the mean Jaccard overlap |A & B| / |A | B| of the layers' "
+            f"top-{TOP_N} sets over every pair of layers. In vanilla MoE every layer owns its own experts, so the "
+            "overlap is 0 by construction (and with 8 experts a layer's top 16 are all it has used). Each figure is "
+            "the mean over the seeds that have it; per-layer lists run from layer 0.", "",
+            f"| arm | seeds | experts a layer reaches | load entropy: mean over layers (per layer) | top-{TOP_N} coverage: "
+            f"mean (per layer) | dead experts: mean over layers (per layer) | top-{TOP_N} Jaccard across layers |",
+            "|---|---|---|---|---|---|---|"]
+    number = lambda v, f: "-" if v is None else f(v)  # noqa: E731
+    listed = lambda values, f: (f"{number(None if None in values else mean(values), f)} "  # noqa: E731
+                                f"({'/'.join(number(v, f) for v in values)})")
+    for a in res["arms"]:
+        d = a.get("diagnostics")
+        if d is None:
+            rows.append(f"| {a['key']} | missing | | | | | |")
+            continue
+        reach = "/".join(str(r) for r in sorted(set(d["reachable"])))
+        jaccard = number(d["jaccard"], "{:.3f}".format) + (
+            " (by construction)" if a["flags"].split()[:2] == ["-o", "layer"] else "")
+        rows.append(f"| {a['key']} | {', '.join(map(str, d['seeds']))} | {reach} | "
+                    f"{listed(d['load_entropy'], '{:.3f}'.format)} | {listed(d['top_coverage'], '{:.1%}'.format)} | "
+                    f"{listed(d['dead'], lambda v: f'{round(v, 1):g}')} | {jaccard} |")
+    return rows
+
+
 def md_claims(res):
     rows = ["Each claim is tested as a's final val loss minus b's, two ways, with 95% intervals: Welch's (the "
             "difference of the means) and paired (the mean of the per-seed differences: a seed fixes the data order "
@@ -472,13 +867,66 @@ def md_claims(res):
             "seed noise when both intervals exclude 0.", "",
             "| the paper finds | a - b | paper: a - b | ours: a - b | Welch 95% interval | per seed | "
             "paired 95% interval | verdict |", "|---|---|---|---|---|---|---|---|"]
-    span = lambda t: "-" if t is None else f"[{t['lo']:+.4f}, {t['hi']:+.4f}] (df {t['df']:.1f})"
     for c in res["claims"]:
         welch, paired = c["welch"], c["paired"]
-        per_seed = ", ".join(f"s{seed}: {d:+.4f}" for seed, d in zip(paired["seeds"], paired["diffs"])) if paired else "-"
         rows.append(f"| {c['claim']} | {c['a']} - {c['b']} | {fmt(c['paper'], sign='+')} | "
-                    f"{fmt(welch and welch['diff'], sign='+')} | {span(welch)} | {per_seed} | "
+                    f"{fmt(welch and welch['diff'], sign='+')} | {span(welch)} | {per_seed(paired)} | "
                     f"{span(paired)} | {c['verdict'] or 'not comparable: needs 2+ seeds in both arms'} |")
+    return rows
+
+
+def span(test):
+    return "-" if test is None else f"[{test['lo']:+.4f}, {test['hi']:+.4f}] (df {test['df']:.1f})"
+
+
+def per_seed(paired):
+    return ", ".join(f"s{seed}: {d:+.4f}" for seed, d in zip(paired["seeds"], paired["diffs"])) if paired else "-"
+
+
+def combination(c):
+    return f"{c['a']} - {c['b']}" if "a" in c else c["combination"]
+
+
+def md_claims_resolved(res):
+    rows = ["Each claim is a linear combination of the arms' final val losses: a - b, and for depth "
+            "(a - b) - (c - d), the gap at L 8 minus the gap at L 4 (negative: the gain grows with depth). Each is "
+            "tested two ways, with 95% intervals: Welch's (the same combination of the arms' means; its variance the "
+            "sum over arms of the coefficient squared times the variance of the arm's mean, Welch-Satterthwaite "
+            "degrees of freedom) and paired (the mean over the seeds every arm of the claim has of the per-seed "
+            "combination: a seed fixes the data order for every arm). Student t is taken at the degrees of freedom "
+            "rounded down. A difference is beyond the seed noise when both intervals exclude 0.", "",
+            f"A claim is RESOLVED when its paired interval excludes 0 or is at most {RESOLVED_WIDTH:g} wide. For an "
+            "unresolved one, the seeds needed: the smallest n with t(0.975, n - 1) x sd / sqrt(n) below |mean| (the "
+            f"interval would exclude 0) or below {RESOLVED_WIDTH / 2:g} (it would be at most {RESOLVED_WIDTH:g} wide), "
+            "at the sd and mean of the per-seed combinations so far (- without a paired test).", "",
+            "| the paper finds | combination | paper | ours | Welch 95% interval | per seed | paired 95% interval | "
+            "verdict | resolved | seeds needed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in res["claims"]:
+        welch, paired = c["welch"], c["paired"]
+        needed = "" if c["resolved"] else "-" if c["seeds_needed"] is None else str(c["seeds_needed"])
+        rows.append(f"| {c['claim']} | {combination(c)} | {fmt(c['paper'], sign='+')} | "
+                    f"{fmt(welch and welch['diff'], sign='+')} | {span(welch)} | {per_seed(paired)} | {span(paired)} | "
+                    f"{c['verdict'] or 'not comparable: needs 2+ seeds in every arm'} | "
+                    f"{'RESOLVED' if c['resolved'] else 'no'} | {needed} |")
+    done = sum(bool(c["resolved"]) for c in res["claims"])
+    return rows + ["", f"Resolved: {done} of {len(res['claims'])} claims."]
+
+
+def md_course(res):
+    rows = ["The central gaps at every validation step: the mean over seeds of the per-seed difference, and its "
+            "paired 95% interval (Student t at n - 1 df, n the seeds both arms have; - below 2 seeds). The last row "
+            "is the final val loss's paired test above.", ""]
+    courses = res["course"]
+    rows += ["| step | " + " | ".join(f"{c['combination']} ({c['claim']}): mean | 95% interval" for c in courses) + " |",
+             "|---|" + "---|---|" * len(courses)]
+    by_step = [{r["step"]: r for r in c["steps"]} for c in courses]
+    for step in sorted(set().union(*by_step)):
+        cells = []
+        for rows_of in by_step:
+            r = rows_of.get(step)
+            cells += (["-", "-"] if r is None else
+                      [f"{r['mean']:+.4f}", "-" if r["lo"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}] (n {r['n']})"])
+        rows.append(f"| {step} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -494,34 +942,45 @@ def md_order(res):
     return rows + (["", f"The paper gives no number for {unnumbered}."] if unnumbered else [])
 
 
-def md_probe(res):
+def md_probe(res, s):
     rows = ["Each layer of the deep half in turn gets uniformly random experts instead of its router's choice "
             "(from its whole pool, then from its 8 most-used experts); the loss change, mean over the deep layers "
-            f"(`{shlex.join(PROBE)}` on the final checkpoint; files in runs/).", "",
+            f"(`{shlex.join(probe_base(s))}` on the final checkpoint; files in runs/).", "",
             "| arm | seed | baseline loss | probe | mean loss change |", "|---|---|---|---|---|"]
     for p in res["probes"]:
         rows += [f"| {p['arm']} | {p['seed']} | {p['baseline']:.4f} | {kind} | {change:+.5f} |"
                  for kind, change in p["mean_change"].items()]
-    missing = ", ".join(f"{key}_s{res['seeds'][0]}" for key in PROBED if key not in {p["arm"] for p in res["probes"]})
+    missing = ", ".join(f"{key}_s{res['seeds'][0]}" for key in s.exp.probed
+                        if key not in {p["arm"] for p in res["probes"]})
     return rows + (["", f"Missing probes: {missing}."] if missing else [])
 
 
-def markdown(res):
-    lines = ["# Router and ownership ablation (arXiv 2605.06665, the 182M table) at CPU scale", "",
+def markdown(res, s):
+    exp = s.exp
+    data = f" on the data flags `{res['data']}`" if res.get("data") else ""
+    own_layers = ", or the arm's -L" if any("-L" in arm.flags.split() for arm in exp.arms) else ""
+    lines = [f"# {exp.title}", "",
              f"Reproduce: `{res['command']}` (trains what has no summary, then writes this report; "
              "`--report` rewrites the report alone).", "",
-             f"Recipe for every arm: `{res['recipe']}` plus the arm's flags and `-s SEED -T 1` (L = {res['layers']}). "
+             f"Recipe for every arm: `{res['recipe']}`{data} plus the arm's flags and `-s SEED -T 1` "
+             f"(L = {res['layers']}{own_layers}). "
              f"Seeds {', '.join(map(str, res['seeds']))}. Built from commit(s) {', '.join(res['commits']) or '-'}. "
-             f"Corpus: data/sotu (`make data`), fingerprint {res['corpus']}.",
-             "", "## Final val loss", "", *md_losses(res),
-             "", "## Routing health at the last validation (mean over seeds)", "", *md_health(res),
-             "", "## The paper's claims, pair by pair", "", *md_claims(res),
-             "", "## Ordering, lowest val loss first", "", *md_order(res),
-             "", "## Routing-randomisation probe", "", *md_probe(res),
-             "", "## Missing and stale", "",
-             "Missing runs: " + (", ".join(res["missing"]) or "none") + ".",
-             "Stale summaries (another recipe, flags or corpus, left out): " + (", ".join(res["stale"]) or "none") + ".",
-             "", "Val curves: val_curves.svg."]
+             f"Corpus: {s.source.name} (`make {s.source.make}`), fingerprint {res['corpus']}.",
+             "", "## Final val loss", "", *md_losses(res, exp),
+             "", "## Routing health at the last validation (mean over seeds)", "", *md_health(res)]
+    if exp.diagnostics:
+        lines += ["", "## Routing diagnostics on the final checkpoint (mean over seeds)", "", *md_diagnostics(res, s)]
+    lines += ["", f"## {exp.claims_title}", "", *(md_claims_resolved(res) if exp.resolve else md_claims(res))]
+    if exp.course:
+        lines += ["", "## The central gaps over training", "", *md_course(res)]
+    lines += ["", "## Ordering, lowest val loss first", "", *md_order(res),
+              "", "## Routing-randomisation probe", "", *md_probe(res, s),
+              "", "## Missing and stale", "",
+              "Missing runs: " + (", ".join(res["missing"]) or "none") + "."]
+    if exp.diagnostics:
+        lines.append("Runs without diagnostics: " + (", ".join(res["missing_diagnostics"]) or "none") + ".")
+    lines += ["Stale summaries (another recipe, flags or corpus, left out): " + (", ".join(res["stale"]) or "none") + ".",
+              "", "Val curves: val_curves.svg."]
     return "\n".join(lines) + "\n"
 
 
@@ -532,7 +991,8 @@ PANEL_W = (W - LEFT - RIGHT - GAP) // 2
 SHOW_FROM = 0.2  # the x axis starts at this fraction of the last step: the first steps' drop hides the rest
 COLORS = {"vanilla_softmax": "#1f77b4", "vanilla_norm": "#17becf", "vanilla_sigmoid": "#2ca02c",
           "pool_softmax_layeraux": "#9467bd", "pool_softmax_poolaux": "#ff7f0e", "unipool": "#d62728",
-          "unipool_reduced": "#e377c2"}
+          "unipool_reduced": "#e377c2", "unipool_r67": "#e377c2", "unipool_r42": "#8c564b",
+          "vanilla_softmax_L4": "#7f7f7f", "unipool_L4": "#bcbd22"}
 
 
 def nice_ticks(lo, hi, count=8):
@@ -551,15 +1011,15 @@ def mean_curve(runs):
     return [(step, mean([c[step] for c in curves])) for step in steps]
 
 
-def panels(runs):
+def panels(runs, exp):
     """(title, [(arm, seed curves, mean curve)], reference) for the vanilla and the shared-pool arms; the
     reference, drawn dashed, is the baseline's mean in the shared-pool panel."""
     out = []
     for title, owner in (("vanilla MoE: each layer owns its experts", "-o layer"),
                          ("one shared pool (UniPool highlighted)", "-o pool")):
-        arms = [a for a in map(Arm._make, ARMS) if a.flags.startswith(owner)]
+        arms = [a for a in exp.arms if a.flags.startswith(owner)]
         lines = [(a, [r["val_curve"] for r in runs.get(a.key, [])], mean_curve(runs.get(a.key, []))) for a in arms]
-        out.append((title, lines, mean_curve(runs.get(BASELINE, [])) if owner == "-o pool" else []))
+        out.append((title, lines, mean_curve(runs.get(exp.baseline, [])) if owner == "-o pool" else []))
     return out
 
 
@@ -604,11 +1064,11 @@ def legend(x0, row, style, text):
             f'<text x="{x0 + 32}" y="{y}">{escape(text)}</text>']
 
 
-def panel(x0, shown, xr, yr):
+def panel(x0, shown, xr, yr, exp):
     title, lines, reference = shown
     parts = axes(x0, xr, yr, title)
     for row, (arm, seeds, avg) in enumerate(lines):
-        color, width = COLORS[arm.key], 3 if arm.key == HIGHLIGHT else 1.8
+        color, width = COLORS.get(arm.key, "#000000"), 3 if arm.key == exp.highlight else 1.8
         parts += [polyline(c, x0, xr, yr, f'class="seed" stroke="{color}" stroke-width="0.8" stroke-opacity="0.35"')
                   for c in seeds]
         style = f'stroke="{color}" stroke-width="{width}"'
@@ -618,12 +1078,12 @@ def panel(x0, shown, xr, yr):
     if reference:
         style = 'stroke="#777" stroke-width="1.5" stroke-dasharray="5,4"'
         parts += [polyline(reference, x0, xr, yr, f'class="reference" {style}'),
-                  *legend(x0, len(lines), style, f"{BASELINE}, for reference")]
+                  *legend(x0, len(lines), style, f"{exp.baseline}, for reference")]
     return parts
 
 
-def svg(runs, recipe):
-    shown = panels(runs)
+def svg(runs, recipe, exp):
+    shown = panels(runs, exp)
     xr, yr = ranges(shown)
     height = TOP + PLOT_H + 58 + 18 * max(len(lines) + bool(reference) for _, lines, reference in shown)
     body = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" viewBox="0 0 {W} {height}" '
@@ -634,17 +1094,18 @@ def svg(runs, recipe):
             f'<text x="{W / 2}" y="42" text-anchor="middle" font-size="12">recipe: {escape(recipe)}</text>',
             '<style>.panel { font-size: 13px; font-weight: bold; }</style>']
     for i, one in enumerate(shown):
-        body += panel(LEFT + i * (PANEL_W + GAP), one, xr, yr)
+        body += panel(LEFT + i * (PANEL_W + GAP), one, xr, yr, exp)
     return "\n".join(body + ["</svg>"]) + "\n"
 
 
 def report(s):
     res, runs = results(s)
+    os.makedirs(s.report, exist_ok=True)
     write_json(os.path.join(s.report, "results.json"), res)
     with open(os.path.join(s.report, "results.md"), "w") as f:
-        f.write(markdown(res))
+        f.write(markdown(res, s))
     with open(os.path.join(s.report, "val_curves.svg"), "w") as f:
-        f.write(svg(runs, s.recipe))
+        f.write(svg(runs, s.recipe, s.exp))
     say(f"report: {rel(os.path.join(s.report, 'results.md'))}, results.json, val_curves.svg "
         f"(missing runs: {len(res['missing'])})")
 
@@ -657,33 +1118,68 @@ def commit_hint(s):
 
 # ---- the command line ----
 
+def problems(exp):
+    """What is wrong with an experiment's record: a claim that names arms it lacks or does not parse, a
+    course that is none of its claims, a probed arm it lacks."""
+    keys, out = {arm.key for arm in exp.arms}, []
+    for claim, text in exp.claims:
+        try:
+            unknown = sorted({key for key, _ in parse_combination(text)} - keys)
+        except ValueError as e:
+            out.append(f"claim '{claim}': {e}")
+            continue
+        if unknown:
+            out.append(f"claim '{claim}' names arms it lacks: {', '.join(unknown)}")
+    out += [f"course '{text}' is none of its claims" for text in exp.course if text not in {t for _, t in exp.claims}]
+    out += [f"probed arm {key} is none of its arms" for key in exp.probed if key not in keys]
+    return out
+
+
 def setup(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (default 3)")
+    p.add_argument("--experiment", default=DEFAULT, choices=list(EXPERIMENTS),
+                   help=f"the experiment (default {DEFAULT})")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="the experiment's first N seeds: " + "; ".join(
+                       f"{e.name}: {e.first_seed}, {e.first_seed + 1}, ..." for e in EXPERIMENTS.values()) +
+                   " (default 3)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
-    p.add_argument("--only", help="comma-separated arm keys: " + ", ".join(a[0] for a in ARMS))
+    p.add_argument("--only", help="comma-separated arm keys of the experiment: " + "; ".join(
+        f"{e.name}: {', '.join(arm.key for arm in e.arms)}" for e in EXPERIMENTS.values()))
     p.add_argument("--report", action="store_true", help="only write the report from the summaries that exist")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--smoke", metavar="DIR", help="every arm for one seed with a micro model; all output in DIR")
+    p.add_argument("--smoke", metavar="DIR",
+                   help="every arm for the first seed with a micro model on data/sotu; all output in DIR")
     a = p.parse_args(argv)
-    arms = [Arm._make(arm) for arm in ARMS if not a.only or arm[0] in a.only.split(",")]
-    unknown = set(a.only.split(",")) - {arm[0] for arm in ARMS} if a.only else set()
+    exp = EXPERIMENTS[a.experiment]
+    wrong = problems(exp)
+    if wrong:
+        p.error(f"experiment {exp.name}: " + "; ".join(wrong))
+    arms = [arm for arm in exp.arms if not a.only or arm.key in a.only.split(",")]
+    unknown = set(a.only.split(",")) - {arm.key for arm in exp.arms} if a.only else set()
     if unknown or not arms or a.seeds < 1 or a.jobs < 1:
-        p.error(f"unknown arm(s) {', '.join(sorted(unknown))}" if unknown else "nothing to run")
+        p.error(f"unknown arm(s) of {exp.name}: {', '.join(sorted(unknown))}" if unknown else "nothing to run")
+    command = "python3 dev/ablation/run.py" + ("" if exp.name == DEFAULT else f" --experiment {exp.name}")
     if a.smoke:
         smoke = os.path.abspath(a.smoke)
-        return a, Setup(SMOKE_RECIPE, os.path.join(smoke, "runs"), os.path.join(smoke, "out"), smoke, [1],
-                        a.jobs, arms, f"python3 dev/ablation/run.py --smoke {smoke}", None)
-    return a, Setup(RECIPE, os.path.join(HERE, "runs"), os.path.join(ROOT, "out", "ablation"), HERE,
-                    list(range(1, a.seeds + 1)), a.jobs, arms, f"python3 dev/ablation/run.py --seeds {a.seeds}", None)
+        return a, Setup(exp, SMOKE_RECIPE, SMOKE_CORPUS.flags, SMOKE_CORPUS, os.path.join(smoke, "runs"),
+                        os.path.join(smoke, "out"), smoke, [exp.first_seed], a.jobs, arms,
+                        f"{command} --smoke {smoke}", None)
+    return a, Setup(exp, exp.recipe, exp.corpus.flags, exp.corpus, exp.runs, exp.out, exp.report,
+                    [exp.first_seed + i for i in range(a.seeds)], a.jobs, arms, f"{command} --seeds {a.seeds}", None)
 
 
 def main(argv):
     a, s = setup(argv)
-    build()  # the corpus first: its fingerprint tells current summaries from stale ones
-    s = s._replace(corpus=corpus())
     if a.dry_run:
-        return dry_run(s)
+        return dry_run(s._replace(corpus=fingerprint(s.source)))
+    if not a.report:
+        build(s)  # the corpus first: its fingerprint tells current summaries from stale ones
+    elif fingerprint(s.source) is None:
+        make(s.source.make)  # the report needs the corpus's fingerprint, not the programs
+    s = s._replace(corpus=fingerprint(s.source))
+    if s.corpus is None:
+        sys.exit(f"make {s.source.make} left no shards matching {s.source.shards}")
     ok = True
     if not a.report:
         ok = run_all(s)
