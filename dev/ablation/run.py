@@ -840,8 +840,9 @@ def md_diagnostics(res, s):
             f"top-{TOP_N} sets over every pair of layers. In vanilla MoE every layer owns its own experts, so the "
             "overlap is 0 by construction (and with 8 experts a layer's top 16 are all it has used). Each figure is "
             "the mean over the seeds that have it; per-layer lists run from layer 0.", "",
-            f"| arm | seeds | experts a layer reaches | load entropy: mean over layers (per layer) | top-{TOP_N} coverage: "
-            f"mean (per layer) | dead experts: mean over layers (per layer) | top-{TOP_N} Jaccard across layers |",
+            f"| arm | seeds | experts a layer reaches | load entropy: mean over layers (per layer) | "
+            f"top-{TOP_N} coverage: mean (per layer) | dead experts: mean over layers (per layer) | "
+            f"top-{TOP_N} Jaccard across layers |",
             "|---|---|---|---|---|---|---|"]
     number = lambda v, f: "-" if v is None else f(v)  # noqa: E731
     listed = lambda values, f: (f"{number(None if None in values else mean(values), f)} "  # noqa: E731
@@ -917,15 +918,15 @@ def md_course(res):
             "paired 95% interval (Student t at n - 1 df, n the seeds both arms have; - below 2 seeds). The last row "
             "is the final val loss's paired test above.", ""]
     courses = res["course"]
-    rows += ["| step | " + " | ".join(f"{c['combination']} ({c['claim']}): mean | 95% interval" for c in courses) + " |",
-             "|---|" + "---|---|" * len(courses)]
+    heads = [f"{c['combination']} ({c['claim']}): mean | 95% interval" for c in courses]
+    rows += ["| step | " + " | ".join(heads) + " |", "|---|" + "---|---|" * len(courses)]
     by_step = [{r["step"]: r for r in c["steps"]} for c in courses]
     for step in sorted(set().union(*by_step)):
         cells = []
         for rows_of in by_step:
             r = rows_of.get(step)
-            cells += (["-", "-"] if r is None else
-                      [f"{r['mean']:+.4f}", "-" if r["lo"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}] (n {r['n']})"])
+            span_n = "-" if r is None or r["lo"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}] (n {r['n']})"
+            cells += ["-" if r is None else f"{r['mean']:+.4f}", span_n]
         rows.append(f"| {step} | " + " | ".join(cells) + " |")
     return rows
 
@@ -979,8 +980,8 @@ def markdown(res, s):
               "Missing runs: " + (", ".join(res["missing"]) or "none") + "."]
     if exp.diagnostics:
         lines.append("Runs without diagnostics: " + (", ".join(res["missing_diagnostics"]) or "none") + ".")
-    lines += ["Stale summaries (another recipe, flags or corpus, left out): " + (", ".join(res["stale"]) or "none") + ".",
-              "", "Val curves: val_curves.svg."]
+    lines += ["Stale summaries (another recipe, flags or corpus, left out): " + (", ".join(res["stale"]) or "none")
+              + ".", "", "Val curves: val_curves.svg."]
     return "\n".join(lines) + "\n"
 
 

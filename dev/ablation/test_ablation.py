@@ -130,7 +130,8 @@ def by_seed(values):
 def check_depth(what, c):
     w, p = c["welch"], c["paired"]
     check(f"{what}: the depth claim's paired per-seed values, mean and interval",
-          p is not None and p["seeds"] == SEEDS and all(near(x, y, 1e-9) for x, y in zip(p["diffs"], [-0.05, -0.03, -0.10]))
+          p is not None and p["seeds"] == SEEDS and
+          all(near(x, y, 1e-9) for x, y in zip(p["diffs"], [-0.05, -0.03, -0.10]))
           and near(p["diff"], -0.06, 1e-9) and near(p["se"], 0.020817, 1e-6) and p["df"] == 2 and
           near(p["lo"], -0.149574, 1e-6) and near(p["hi"], 0.029574, 1e-6), json.dumps(p))
     check(f"{what}: the depth claim's Welch combination, se, df and interval",
@@ -143,7 +144,8 @@ def test_combination():
     parse = ablation.parse_combination
     check("parse: a - b", parse("unipool - vanilla_softmax") == [("unipool", 1), ("vanilla_softmax", -1)])
     check("parse: (a - b) - (c - d) flips the signs inside the second bracket", parse(DEPTH_TEXT) ==
-          [("unipool", 1), ("vanilla_softmax", -1), ("unipool_L4", -1), ("vanilla_softmax_L4", 1)], str(parse(DEPTH_TEXT)))
+          [("unipool", 1), ("vanilla_softmax", -1), ("unipool_L4", -1), ("vanilla_softmax_L4", 1)],
+          str(parse(DEPTH_TEXT)))
     check("parse: a key named twice is merged, and dropped at 0", parse("(a - b) - (a - c)") == [("b", -1), ("c", 1)]
           and parse("(a - b) + (b - a)") == [], str(parse("(a - b) - (a - c)")))
     bad = []
@@ -228,7 +230,8 @@ def test_diagnostics():
     check("diagnostics: dead experts", d["dead"] == [16, 1, 0], str(d["dead"]))
     check("diagnostics: top-16 sets (ties to the lower index, only experts with tokens)",
           d["top"] == [[0, 1, 2, 3], list(range(15)) + [18], list(range(16))], str(d["top"]))
-    check("diagnostics: mean pairwise Jaccard of the top-16 sets", near(d["jaccard"], 0.460784, 1e-6), str(d["jaccard"]))
+    check("diagnostics: mean pairwise Jaccard of the top-16 sets", near(d["jaccard"], 0.460784, 1e-6),
+          str(d["jaccard"]))
     v = ablation.diagnose_csv(VANILLA_CSV)
     check("diagnostics: vanilla layers own disjoint experts, Jaccard 0; its entropy and dead experts",
           v["jaccard"] == 0 and near(v["load_entropy"][0], 2 / 3, 1e-9) and near(v["load_entropy"][1], 1, 1e-9) and
@@ -289,7 +292,8 @@ def test_mix_report(folder):
     depth = claims["UniPool's gain grows with depth"]
     check("report: the depth claim is a combination of four arms",
           depth.get("combination") == DEPTH_TEXT and depth.get("terms") == [
-              ["unipool", 1], ["vanilla_softmax", -1], ["unipool_L4", -1], ["vanilla_softmax_L4", 1]], json.dumps(depth))
+              ["unipool", 1], ["vanilla_softmax", -1], ["unipool_L4", -1], ["vanilla_softmax_L4", 1]],
+          json.dumps(depth))
     check_depth("report", depth)
     check("report: the depth claim is unresolved and needs 4 seeds",
           depth["resolved"] is False and depth["seeds_needed"] == 4, json.dumps(depth))
@@ -324,7 +328,8 @@ def test_mix_report(folder):
     steps = {r["step"]: r for r in headline["steps"]} if headline else {}
     check("course: the headline's and the pool effect's gaps at every shared val step",
           headline is not None and effect is not None and sorted(steps) == [0, 250, 500] and
-          [r["step"] for r in effect["steps"]] == [0, 250, 500] and headline["seeds"] == SEEDS, json.dumps(res.get("course")))
+          [r["step"] for r in effect["steps"]] == [0, 250, 500] and headline["seeds"] == SEEDS,
+          json.dumps(res.get("course")))
     check("course: the paired mean and interval at step 250 (hand-worked) and 0 +- 0 at step 0",
           bool(steps) and near(steps[250]["mean"], -0.1, 1e-9) and near(steps[250]["lo"], -0.348434, 1e-6) and
           near(steps[250]["hi"], 0.148434, 1e-6) and steps[250]["n"] == 3 and near(steps[0]["mean"], 0, 1e-12) and
@@ -366,7 +371,8 @@ def test_select():
           and len(trains) == 27, out[-3000:] + done.stderr[-2000:])
     unipool = next((c for k, seed, c in trains if (k, seed) == ("unipool", "101")), "") or ""
     check("select: the mix dry run prints its recipe, data flags, seed and run folder",
-          unipool == f"./train_unipool {ablation.MIX_RECIPE} {data} -o pool -s 101 -T 1 -O out/ablation/mix/unipool_s101"
+          unipool == f"./train_unipool {ablation.MIX_RECIPE} {data} -o pool -s 101 -T 1 "
+                     "-O out/ablation/mix/unipool_s101"
           or (unipool == "" and "skip unipool_s101" in out), unipool)
     check("select: the mix dry run runs util on every run and probes the first seed of its probed arms",
           len(re.findall(r"^util \w+_s10[123]: \./infer_unipool util -c out/ablation/mix/\w+/ckpt_<last step>\.bin "
@@ -375,8 +381,9 @@ def test_select():
                             out, re.M)) == ["unipool_s101", "vanilla_softmax_s101"], out[-3000:])
     sotu = run_py("--dry-run", "--seeds", "4", "--only", "unipool")
     check("select: the default is the SOTU experiment, seeds 1.., its recipe, no data flags, no util",
-          sotu.returncode == 0 and re.search(rf"^train unipool_s4: \./train_unipool {re.escape(ablation.RECIPE)} -o pool "
-                                             r"-s 4 -T 1 -O out/ablation/unipool_s4$", sotu.stdout, re.M) is not None
+          sotu.returncode == 0 and re.search(rf"^train unipool_s4: \./train_unipool {re.escape(ablation.RECIPE)} "
+                                             r"-o pool -s 4 -T 1 -O out/ablation/unipool_s4$", sotu.stdout, re.M)
+          is not None
           and "util" not in sotu.stdout and "_s10" not in sotu.stdout, sotu.stdout + sotu.stderr)
     wrong = [run_py("--experiment", "nope", "--dry-run"), run_py("--only", "unipool_L4", "--dry-run"),
              run_py("--experiment", "mix", "--only", "pool_softmax_layeraux", "--dry-run")]
@@ -451,8 +458,9 @@ def test_report(folder):
                   section(md, "Routing-randomisation probe"), re.M) for key in SOTU.probed), md)
     claims = section(md, "The paper's claims, pair by pair")
     check("results.md tests every claim, one seed each: not comparable", all(
-        re.search(rf"^\| {re.escape(claim)} \| {re.escape(text)} \| .* \| not comparable: needs 2\+ seeds in both arms \|$",
-                  claims, re.M) for claim, text in SOTU.claims), claims)
+        re.search(rf"^\| {re.escape(claim)} \| {re.escape(text)} \| .* \| "
+                  r"not comparable: needs 2\+ seeds in both arms \|$", claims, re.M) for claim, text in SOTU.claims),
+          claims)
     check("the paper's UniPool - vanilla difference is 1.9029 - 1.9317 = -0.0288",
           "| unipool - vanilla_softmax | -0.0288 |" in claims, claims)
     check("the SOTU report has no diagnostics, resolved or course sections",
@@ -540,8 +548,9 @@ def test_mix_smoke(folder):
     check("the mix report has diagnostics for every arm, the course, the resolved column and the probes",
           all(re.search(rf"^\| {a.key} \| 101 \| \d", section(md, "Routing diagnostics on the final checkpoint "
                                                                   "(mean over seeds)"), re.M) for a in MIX.arms) and
-          re.search(r"^\| 6 \| [-+]\d\.\d{4} \| - \| [-+]\d\.\d{4} \| - \|$", section(md, "The central gaps over training"),
-                    re.M) is not None and "Resolved: 0 of 10 claims." in md and
+          re.search(r"^\| 6 \| [-+]\d\.\d{4} \| - \| [-+]\d\.\d{4} \| - \|$",
+                    section(md, "The central gaps over training"), re.M) is not None and
+          "Resolved: 0 of 10 claims." in md and
           all(re.search(rf"^\| {k} \| 101 \| ", section(md, "Routing-randomisation probe"), re.M) for k in MIX.probed),
           md[-6000:])
     done, seconds = smoke(folder, "--experiment", "mix")
