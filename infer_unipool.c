@@ -77,12 +77,12 @@ static const char *find_file(const char *path, char *buf) {
     return access(buf, R_OK) == 0 ? buf : NULL;
 }
 
-/* Encodes text with prepro_pile.py --encode (no shell: the text is one argv
-   entry), run by /usr/bin/python3 when it exists (Debian's, the one the
+/* Encodes text with prepro_pile.py --encode --vocab V (no shell: the text is
+   one argv entry), run by /usr/bin/python3 when it exists (Debian's, the one the
    tests use), else the python3 on PATH. Returns the number of ids written to
    ids (at most cap). A failure names the command and its last line of
    stderr. */
-static int encode_prompt(int *ids, int cap, const char *prepro, const char *text) {
+static int encode_prompt(int *ids, int cap, const char *prepro, const char *text, int V) {
     const char *python = access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
     int out[2], err[2];
     if (pipe(out) != 0 || pipe(err) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
@@ -92,7 +92,9 @@ static int encode_prompt(int *ids, int cap, const char *prepro, const char *text
         dup2(out[1], STDOUT_FILENO);
         dup2(err[1], STDERR_FILENO);
         close(out[0]), close(out[1]), close(err[0]), close(err[1]);
-        execlp(python, python, prepro, "--encode", text, (char *)NULL);
+        char vocab[16];
+        snprintf(vocab, sizeof vocab, "%d", V);
+        execlp(python, python, prepro, "--encode", text, "--vocab", vocab, (char *)NULL);
         fprintf(stderr, "cannot run %s: %s\n", python, strerror(errno));
         _exit(127);
     }
@@ -127,6 +129,9 @@ static void gen_files(InferArgs *a, const CheckpointHeader *ck, Tokenizer *tok) 
         fail("-z: cannot open the tokenizer table '%s' (looked in the current folder and in '%s'); run 'make data' "
              "or pass -z", z, program_dir());
     a->tokenizer = found;
+    char what[4200];
+    snprintf(what, sizeof what, "-z tokenizer table '%s'", found);
+    vocab_agree(what, tok->n, "the checkpoint", ck->cfg.V);
     if (a->prompt && *a->prompt) {
         if (!(found = find_file(a->prepro, pbuf)))
             fail("-P: cannot find '%s' (looked in the current folder and in '%s'); pass -P PATH/prepro_pile.py",
@@ -139,7 +144,7 @@ static void cmd_gen(Model *m, const InferArgs *a, Tokenizer tok) {
     const Config *c = &m->cfg;
     int *seq = malloc_check((size_t)c->maxT * sizeof(int)), n = 0;
     seq[n++] = tok.eot;  // every document of the training data starts after an end-of-text token
-    if (a->prompt && *a->prompt) n += encode_prompt(seq + 1, c->maxT - 1, a->prepro, a->prompt);
+    if (a->prompt && *a->prompt) n += encode_prompt(seq + 1, c->maxT - 1, a->prepro, a->prompt, c->V);
     int n_new = a->n_new < c->maxT - n ? a->n_new : c->maxT - n;
     for (int i = 1; i < n; i++) tokenizer_print(seq[i], &tok);
     Rng rng = {a->seed};
@@ -427,7 +432,10 @@ int main(int argc, char **argv) {
         a.T = a.T ? a.T : ck.tc.T;
         if (a.T > ck.cfg.maxT) usage_error("-t %d exceeds the model's maxT %d", a.T, ck.cfg.maxT);
         if ((int64_t)a.B * a.T > MAX_BATCH_TOKENS) usage_error("-b %d x -t %d exceeds 2^24 tokens", a.B, a.T);
-        loader_init(&d, a.shards, a.T, ck.cfg.V, 0, 0, "-i");
+        loader_init(&d, a.shards, a.T, 0, 0, "-i");
+        char what[4200];
+        snprintf(what, sizeof what, "-i shards '%s'", a.shards);
+        vocab_agree(what, d.V, "the checkpoint", ck.cfg.V);
         batches = batch_count(&d, a.B, a.batches);
         if (!strcmp(cmd, "util")) {
             char dir[4096];

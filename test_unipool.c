@@ -764,8 +764,47 @@ static void test_eta_mean(void) {
     check_true("ETA: mean of the last 20 step times, the first left out", ok, "");
 }
 
+/* The thread count beside other processes: the cores they left, rounded, at
+   least 1, at most the count the run started with. */
+static void test_sharing_threads(void) {
+    static const struct { int most; double others; int want; } cases[] = {
+        {2, 0.0, 2}, {2, -0.05, 2}, {2, 0.4, 2}, {2, 0.6, 1}, {2, 1.0, 1}, {2, 1.3, 1}, {2, 7.0, 1},
+        {8, 2.6, 5}, {8, 2.4, 6}, {8, 0.0, 8},
+    };
+    int ok = 1;
+    char detail[128] = "";
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int got = sharing_threads(cases[i].most, cases[i].others);
+        if (got != cases[i].want) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "%d threads, others %.2f: got %d, want %d", cases[i].most,
+                     cases[i].others, got, cases[i].want);
+        }
+    }
+    check_true("threads beside other processes", ok, detail);
+}
+
+/* The padded vocabulary and the FLOP count per token, worked by hand for the
+   tiny UniPool (L 4, C 128, NH 4, NKV 2, F 512, E 32, K 1, T 128, V 50257):
+   head 6 x 51200 x 128; attention 4 x (6 (2 128 128 + 2 64 128) + 6 x 128 x
+   128); routers 4 x 6 x 32 x 128; experts 4 x 6 x 3 x 512 x 128. */
+static void test_flops(void) {
+    int ok = padded_vocab(50257) == 51200 && padded_vocab(8192) == 8192 && padded_vocab(300) == 1024 &&
+             padded_vocab(1025) == 2048;
+    check_true("padded vocabulary: whole blocks of 1024", ok, "");
+    Config c = {.V = 50257, .Vp = 51200, .L = 4, .C = 128, .NH = 4, .NKV = 2, .F = 512, .G = 1, .E = 32, .K = 1};
+    Flops f = training_flops(&c, 128);
+    ok = f.head == 39321600.0 && f.attention == 1572864.0 && f.routers == 98304.0 && f.experts == 4718592.0 &&
+         flops_total(f) == 45711360.0;
+    char detail[160];
+    snprintf(detail, sizeof detail, "head %.0f attention %.0f routers %.0f experts %.0f", f.head, f.attention,
+             f.routers, f.experts);
+    check_true("training FLOPs per token, by part", ok, detail);
+}
+
 /* Every reduction has one owner and a fixed order, so a step gives the same
-   bits on 1 thread and on 2. */
+   bits on 1 thread and on 2; the program may change its thread count between
+   steps (see test_sharing_threads) for this reason. */
 static void test_thread_determinism(void) {
 #ifdef _OPENMP
     int tok[2 * TB * (TT + 1)];
@@ -809,6 +848,8 @@ int main(int argc, char **argv) {
         test_checkpoint_header();
         test_loader_position();
         test_eta_mean();
+        test_sharing_threads();
+        test_flops();
         glob_t g;
         if (glob(DEFAULT_DUMPS, 0, NULL, &g) != 0 || g.gl_pathc == 0) {
             printf("UNREADABLE %s: no dumps found; run from the repository root\n", DEFAULT_DUMPS);

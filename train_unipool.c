@@ -91,6 +91,16 @@ static void world_abort(int code);                                  // ends ever
 static void *calloc_big_(size_t size, const char *src, int line);
 #define calloc_big(size) calloc_big_(size, __FILE__, __LINE__)
 
+/* The threads of a step beside other busy processes (see "Threads beside other
+   processes" in the machinery section): sharing_start once, sharing_step after
+   each step, which returns the thread count for the next (or 0, unchanged). */
+typedef struct {
+    int most, now;               // threads on a free machine (0: the user chose a count), threads now
+    double wall, busy, own;      // at the start of the window: clock, busy CPU seconds of all, of this process
+} Sharing;
+static void sharing_start(Sharing *s, int adapt);
+static int sharing_step(Sharing *s, double *others);
+
 // ----------------------------------------------------------------------------
 // Random numbers: splitmix64, small and fully determined by its seed.
 
@@ -121,6 +131,7 @@ static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
 #define SHARD_MAGIC 20240520     // llm.c token shard: int32[256] header, then tokens
 #define SHARD_VERSION_U16 1      // tokens are uint16
 #define SHARD_VERSION_U32 7      // tokens are uint32
+#define GPT2_VOCAB 50257         // GPT-2's vocabulary: the one a shard means when its header's vocabulary slot is 0
 #define TOKENIZER_MAGIC 20240328 // llm.c decoding table: uint32[256] header, then (length, bytes) per token
 #define TOKENIZER_VERSION 2
 #define CKPT_MAGIC 20261127      // checkpoint (see "Checkpoints" below)
@@ -1563,7 +1574,6 @@ static void shuffle_ints(int64_t *x, int64_t n, uint64_t seed) {  // Fisher-Yate
     }
 }
 
-// Reads and checks a shard's header; returns its token count. what names the flag it came from.
 // Reads up to n bytes from the start of a file and its size, and closes it: the checks that follow need no open file.
 static size_t read_head(const char *path, void *buf, size_t n, long *file_size) {
     FILE *f = fopen_check(path, "rb");
@@ -1574,8 +1584,9 @@ static size_t read_head(const char *path, void *buf, size_t n, long *file_size) 
     return got;
 }
 
-// Reads and checks a shard's header and size; returns its token count. what names the flag it came from.
-static size_t shard_header(const char *path, int *version, const char *what) {
+/* Reads and checks a shard's header and size; returns its token count, and its
+   version and vocabulary size through the pointers. what names the flag it came from. */
+static size_t shard_header(const char *path, int *version, int *vocab, const char *what) {
     int32_t h[256];
     long size;
     if (read_head(path, h, sizeof h, &size) != sizeof h)
@@ -1591,22 +1602,31 @@ static size_t shard_header(const char *path, int *version, const char *what) {
     if (size < 0 || (size_t)size != 1024 + count * width)
         fail("%s shard '%s' is %ld bytes, its header says %zu (%zu tokens); it is truncated or damaged, re-create it",
              what, path, size, 1024 + count * width, count);
-    *version = h[1];
+    if (h[3] < 0 || h[3] > (1 << 24))
+        fail("%s shard '%s' names a vocabulary of %d tokens, outside [0, 2^24]; it is damaged, re-create it", what,
+             path, h[3]);
+    *version = h[1], *vocab = h[3] ? h[3] : GPT2_VOCAB;
     return count;
 }
 
-static void loader_init(DataLoader *d, const char *pattern, int T, int V, int shuffle, uint64_t seed,
-                        const char *what) {
+/* Opens the shards that match pattern. They must share one vocabulary, which
+   becomes d->V: every token is checked against it as its shard loads. */
+static void loader_init(DataLoader *d, const char *pattern, int T, int shuffle, uint64_t seed, const char *what) {
     memset(d, 0, sizeof *d);
     if (glob(pattern, 0, NULL, &d->files) != 0 || d->files.gl_pathc == 0)
         fail("%s: no files match '%s'; run 'make data' or pass shards written by prepro_pile.py", what, pattern);
     d->n = (int)d->files.gl_pathc;
-    d->T = T, d->V = V, d->shuffle = shuffle, d->seed = seed, d->loaded = -1;
+    d->T = T, d->shuffle = shuffle, d->seed = seed, d->loaded = -1;
     d->count = malloc_check(d->n * sizeof(size_t));
     d->version = malloc_check(d->n * sizeof(int));
     d->shard_order = malloc_check(d->n * sizeof(int));
     for (int i = 0; i < d->n; i++) {
-        d->count[i] = shard_header(d->files.gl_pathv[i], &d->version[i], what);
+        int vocab;
+        d->count[i] = shard_header(d->files.gl_pathv[i], &d->version[i], &vocab, what);
+        if (i == 0) d->V = vocab;
+        else if (vocab != d->V)
+            fail("%s shards '%s' and '%s' have vocabularies of %d and %d tokens; pass shards made with one "
+                 "prepro_pile.py --vocab", what, d->files.gl_pathv[0], d->files.gl_pathv[i], d->V, vocab);
         if (d->count[i] < (size_t)T + 1)
             fail("%s shard '%s' holds %zu tokens, fewer than one row of T+1 = %d; use a smaller -t", what,
                  d->files.gl_pathv[i], d->count[i], T + 1);
@@ -1636,8 +1656,8 @@ static void loader_load_shard(DataLoader *d, int s) {
     for (size_t i = 0; i < n; i++) {
         uint32_t t = width == 2 ? ((uint16_t *)raw)[i] : ((uint32_t *)raw)[i];
         if (t >= (uint32_t)d->V)
-            fail("shard '%s': token %u at index %zu is >= the vocabulary size %d; the shard was made with another "
-                 "tokenizer", path, t, i, d->V);
+            fail("shard '%s': token %u at index %zu is >= the vocabulary size %d of its shards; it is damaged, "
+                 "re-create it", path, t, i, d->V);
         d->tokens[i] = (int)t;
     }
     free(raw);
@@ -1747,6 +1767,18 @@ static int tokenizer_load(Tokenizer *t, const char *path) {  // 0 on success, -1
     fclose(f);
     return 0;
 }
+
+/* Shards, tokenizer tables and checkpoints each name their vocabulary size,
+   and ids mean something only within one vocabulary: wherever two of them
+   meet, the sizes must agree. a and b describe the two (flag and path). */
+static void vocab_agree(const char *a, int va, const char *b, int vb) {
+    if (va != vb)
+        fail("%s has a vocabulary of %d tokens, %s one of %d; pass data, tokenizer table and checkpoint made with "
+             "the same prepro_pile.py --vocab", a, va, b, vb);
+}
+
+// The padded vocabulary of the embedding and the head: V rounded up to whole blocks of 1024 rows (GPT-2: 51200).
+static int padded_vocab(int V) { return (V + 1023) / 1024 * 1024; }
 
 static void tokenizer_free(Tokenizer *t) {
     for (int i = 0; i < t->n; i++) free(t->piece[i]);
@@ -2240,12 +2272,18 @@ typedef struct {
 } Preset;
 
 /* The paper's scales (its training scripts; named by active parameters with
-   K = 1) and a tiny one for CPU experiments. Vanilla MoE gives each layer 8
-   experts and the per-layer loss at alpha 0.01; UniPool's pool holds 8 L
-   experts (469m: a reduced pool of 128 = 2/3 of that), with the pool loss at
-   alpha 0.01 (182m) or 0.02 (469m and up). */
+   K = 1) and two for CPU experiments. Vanilla MoE gives each layer 8 experts
+   and the per-layer loss at alpha 0.01; UniPool's pool holds 8 L experts
+   (469m: a reduced pool of 128 = 2/3 of that), with the pool loss at alpha
+   0.01 (182m) or 0.02 (469m and up). tiny is make train's. exp is the CPU
+   experiment's (README, "Does UniPool learn better?"): the paper's ratios
+   (F = 4C, 8 experts a layer, top-1) at a depth where sharing across layers
+   means something, L = 8, and C = 128, the widest at which a run of 6M
+   tokens takes under an hour here; with a vocabulary of 8192 (make
+   data-mix) the experts hold about half of a step's FLOPs. */
 static const Preset presets[] = {
     {"tiny", 4, 128, 4, 2, 512, 1.0f, 1e-2f, 1e-2f},
+    {"exp", 8, 128, 4, 2, 512, 1.0f, 1e-2f, 1e-2f},
     {"182m", 12, 768, 12, 4, 3072, 1.0f, 1e-2f, 1e-2f},
     {"469m", 24, 1024, 16, 4, 4096, 2.0f / 3.0f, 2e-2f, 1e-2f},
     {"650m", 36, 1024, 16, 4, 4096, 1.0f, 2e-2f, 1e-2f},
@@ -2261,7 +2299,7 @@ static void usage(void) {
         "  -j  val shard glob                   [data/sotu/sotu_val_*.bin]\n"
         "  -z  tokenizer table, for samples     [data/sotu/gpt2_tokenizer.bin]\n"
         "model\n"
-        "  -p  preset: tiny 182m 469m 650m 830m 978m [tiny]\n"
+        "  -p  preset: tiny exp 182m 469m 650m 830m 978m [tiny]\n"
         "  -L -C -NH -NKV -F  override the preset: layers, channels, query heads, kv heads, expert hidden\n"
         "  -o  ownership: layer (vanilla MoE) or pool (UniPool) [pool]\n"
         "  -g  number of pools G, dividing L; overrides -o: grouped pools\n"
@@ -2590,6 +2628,24 @@ static double active_params(const Model *m) {
     return all - (double)c->G * c->E * expert + (double)c->L * c->K * expert;
 }
 
+/* Training FLOPs per token, by part. A product with a matrix of n parameters
+   costs 2n FLOPs in the forward and 4n in the backward (the gradients of its
+   input and of its weight); causal attention's scores and weighted sum cost
+   2 (T/2) C each in the forward, 3 times that with the backward. A token runs
+   K experts of 3 C F parameters each; the head multiplies all Vp rows. The
+   embedding lookup, norms and softmaxes are left out: they are not products. */
+typedef struct { double head, attention, routers, experts; } Flops;
+
+static Flops training_flops(const Config *c, int T) {
+    double L = c->L, C = c->C, q = (double)c->NH * HD(c), kv = (double)c->NKV * HD(c);
+    return (Flops){.head = 6.0 * c->Vp * C,
+                   .attention = L * (6.0 * (2.0 * q * C + 2.0 * kv * C) + 6.0 * T * C),
+                   .routers = L * 6.0 * c->E * C,
+                   .experts = L * 6.0 * c->K * 3.0 * c->F * C};
+}
+
+static double flops_total(Flops f) { return f.head + f.attention + f.routers + f.experts; }
+
 /* The validation line and its log.jsonl record (log NULL: none): loss, then the pool's load
    over all layers (experts unused, the busiest one's share, entropy over
    log(G E)), then per layer the router health (evaluate): dead-token
@@ -2705,7 +2761,7 @@ static void resume_position(Run *r) {
 
 static void run_setup(Run *r, int argc, char **argv) {
     memset(r, 0, sizeof *r);
-    Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
+    Config cfg = {.V = GPT2_VOCAB, .Vp = padded_vocab(GPT2_VOCAB), .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
                   .router_c = 1.0f, .router_eps = 1e-8f, .bias_rate = 1e-3f};
     TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100, .val_batches = 20,
                       .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2, .seed = 1337,
@@ -2755,9 +2811,25 @@ static void run_setup(Run *r, int argc, char **argv) {
         if (!*data[i]) *data[i] = defaults[i];
         absolute_path(r->st.paths[i], *data[i], what[i]);
     }
-    loader_init(&r->train, paths.train, tc.T, cfg.V, 1, tc.seed, what[PATH_TRAIN]);
-    loader_init(&r->val, paths.val, tc.T, cfg.V, 0, 0, what[PATH_VAL]);
-    if (r->resume) resume_position(r);
+    loader_init(&r->train, paths.train, tc.T, 1, tc.seed, what[PATH_TRAIN]);
+    loader_init(&r->val, paths.val, tc.T, 0, 0, what[PATH_VAL]);
+    r->have_tok = tokenizer_load(&r->tok, paths.tokenizer) == 0;
+    // the vocabulary comes with the data: the train shards name it; the rest must agree
+    char a[4200], b[4200];
+    snprintf(a, sizeof a, "%s shards '%s'", what[PATH_TRAIN], paths.train);
+    snprintf(b, sizeof b, "%s shards '%s'", what[PATH_VAL], paths.val);
+    vocab_agree(a, r->train.V, b, r->val.V);
+    if (r->have_tok) {
+        snprintf(b, sizeof b, "%s tokenizer table '%s'", what[PATH_TOKENIZER], paths.tokenizer);
+        vocab_agree(a, r->train.V, b, r->tok.n);
+    }
+    if (r->resume) {
+        snprintf(b, sizeof b, "checkpoint '%s'", r->resume);
+        vocab_agree(a, r->train.V, b, cfg.V);
+        resume_position(r);
+    } else {
+        cfg.V = r->train.V, cfg.Vp = padded_vocab(cfg.V);
+    }
     if (tc.B % world.size)
         usage_error("-b %d is not a multiple of the %d ranks: each rank runs B/R rows of every micro-batch", tc.B,
                     world.size);
@@ -2766,7 +2838,6 @@ static void run_setup(Run *r, int argc, char **argv) {
         remove_stale_temporaries(paths.out);
         r->log = log_open(paths.out, r->resume ? r->st.step : -1);
     }
-    r->have_tok = tokenizer_load(&r->tok, paths.tokenizer) == 0;
     r->cfg = cfg, r->tc = tc, r->paths = paths;
 }
 
@@ -2813,6 +2884,10 @@ int main(int argc, char **argv) {
     printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s | aux %s alpha %g\n",
            own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rdesc, aname[cfg.aux], cfg.alpha);
     printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);
+    Flops fl = training_flops(&cfg, tc.T);
+    double ft = flops_total(fl);
+    printf("training FLOPs per token: %.1fM; experts %.0f%%, head %.0f%%, attention %.0f%%, routers %.0f%%\n", ft / 1e6,
+           100 * fl.experts / ft, 100 * fl.head / ft, 100 * fl.attention / ft, 100 * fl.routers / ft);
     printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu",
            tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
            (unsigned long long)tc.seed);
@@ -2833,6 +2908,8 @@ int main(int argc, char **argv) {
     double tokens_per_step = (double)tc.n_micro * tc.B * tc.T;
     StepTimes times = {0};
     double val_loss = NAN, most_dead = 0.0;  // the last validation's
+    Sharing share;
+    sharing_start(&share, !r.paths.threads && !getenv("OMP_NUM_THREADS"));
     for (int step = st->step; step <= tc.steps; step++) {
         int last = step == tc.steps;
         if (tc.val_every && (step % tc.val_every == 0 || last)) {
@@ -2874,6 +2951,10 @@ int main(int argc, char **argv) {
                     s.grad_norm, dt * 1e3, tokens_per_step / dt, eta_s);
             fflush(r.log);
         }
+        double others;
+        int threads = sharing_step(&share, &others);
+        if (threads) printf("threads: %d of %d from here (other processes kept %.1f cores busy)\n", threads, share.most,
+                            others);
         st->step = step + 1;
         if (tc.ckpt_every != CKPT_NEVER && ((tc.ckpt_every && st->step % tc.ckpt_every == 0) || st->step == tc.steps)) {
             snprintf(ckpath, sizeof ckpath, "%s/ckpt_%08d.bin", r.paths.out, st->step);
@@ -3423,6 +3504,63 @@ static int max_threads(void) {
 #else
     return 1;
 #endif
+}
+
+/* Threads beside other processes. A parallel loop ends at a barrier that
+   waits for its slowest thread. Beside a busy process one thread keeps losing
+   its core to it, every barrier waits for that thread, and the thread that
+   came first spins there (libgomp spins a while before it sleeps), holding the
+   other core: 2 threads run several times slower than 1. Sleeping at once
+   instead (OMP_WAIT_POLICY=passive) makes each of a step's parallel regions
+   wake its threads, which on a virtual machine costs more than a free
+   machine's second core gains. So the program looks: over each window of at
+   least SHARING_WINDOW seconds it counts the CPU time the other processes
+   took (the busy time of /proc/stat less this process's own) and runs the
+   next step on the cores they left, at least 1, at most the count it started
+   with. No sum depends on the thread count (see the top of this section), so
+   the results are the same bits with any count. It adapts only when the user
+   has not chosen a count (-T or OMP_NUM_THREADS), and not where /proc/stat
+   cannot be read. */
+#define SHARING_WINDOW 0.5  // seconds; /proc/stat counts in ticks of 10 ms
+
+// CPU seconds: busy time of all cores since boot, and this process's own; 1 if /proc/stat was read.
+static int cpu_times(double *busy, double *own) {
+    unsigned long long user, nice, sys, idle, iowait, irq, softirq;
+    FILE *f = fopen("/proc/stat", "r");
+    int ok = f && fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &sys, &idle, &iowait, &irq,
+                         &softirq) == 7;
+    if (f) fclose(f);
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    *own = t.tv_sec + t.tv_nsec * 1e-9;
+    *busy = ok ? (double)(user + nice + sys + irq + softirq) / (double)sysconf(_SC_CLK_TCK) : 0.0;
+    return ok;
+}
+
+static void sharing_start(Sharing *s, int adapt) {
+    s->now = max_threads();
+    s->wall = now_seconds();
+    s->most = cpu_times(&s->busy, &s->own) && adapt ? s->now : 0;
+}
+
+// The threads to use from the next step on, beside others (cores the other processes kept busy in the window).
+static int sharing_threads(int most, double others) {
+    int n = most - (int)lround(others);
+    return n < 1 ? 1 : n > most ? most : n;
+}
+
+static int sharing_step(Sharing *s, double *others) {
+    double wall = now_seconds(), busy, own;
+    if (s->most < 2 || wall - s->wall < SHARING_WINDOW || !cpu_times(&busy, &own)) return 0;
+    *others = ((busy - s->busy) - (own - s->own)) / (wall - s->wall);
+    s->wall = wall, s->busy = busy, s->own = own;
+    int n = sharing_threads(s->most, *others);
+    if (n == s->now) return 0;
+    s->now = n;
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    return n;
 }
 
 /* The experts' products of one layer, each over its block of sorted rows:

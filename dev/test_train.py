@@ -45,11 +45,12 @@ def check(name, ok, detail=""):
         failures.append(name)
 
 
-def write_shard(path, tokens, version=None, count=None, width=None):
+def write_shard(path, tokens, version=None, count=None, width=None, vocab=0):
     version = magic("SHARD_VERSION_U16") if version is None else version
     width = width or (2 if version == magic("SHARD_VERSION_U16") else 4)
     header = [0] * 256
     header[0], header[1], header[2] = magic("SHARD_MAGIC"), version, len(tokens) if count is None else count
+    header[3] = vocab  # the vocabulary size; 0 stands for GPT-2's
     with open(path, "wb") as f:
         f.write(struct.pack("<256i", *header))
         f.write(struct.pack("<%d%s" % (len(tokens), "H" if width == 2 else "I"), *tokens))
@@ -346,6 +347,65 @@ def gen_anywhere(tmp, ck):
                  prog=INFER, cwd=elsewhere)
 
 
+def write_table(path, n):
+    """A tokenizer table of n tokens whose token i prints as "<i>"; the last is end-of-text."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256I", *([magic("TOKENIZER_MAGIC"), magic("TOKENIZER_VERSION"), n, n - 1] + [0] * 252)))
+        for i in range(n):
+            b = ("<%d>" % i).encode()
+            f.write(bytes([len(b)]) + b)
+    return path
+
+
+def small_vocab(tmp, d, ck_gpt2):
+    """The vocabulary comes with the data: shards of 300 tokens train a model of V 300 (Vp 1024) that
+    gen samples from; shards, tables and checkpoints of different vocabularies are refused in one line
+    naming both."""
+    V = 300
+    sv = os.path.join(tmp, "v300")
+    os.makedirs(sv, exist_ok=True)
+    write_shard(os.path.join(sv, "s_val_000000.bin"), [t % V for t in tokens(2000, 7)], vocab=V)
+    write_shard(os.path.join(sv, "s_train_000001.bin"), [t % V for t in tokens(4000, 8)], vocab=V)
+    table = write_table(os.path.join(sv, "tok.bin"), V)
+    ds = ["-i", os.path.join(sv, "s_train_*.bin"), "-j", os.path.join(sv, "s_val_*.bin"), "-z", table]
+    out = os.path.join(tmp, "v300_run")
+    r = run(ds + TINY + ["-n", "4", "-K", "0", "-O", out])
+    ck = os.path.join(out, "ckpt_00000004.bin")
+    head = struct.unpack_from("<5i", open(ck, "rb").read(), H32) if r.returncode == 0 else ()
+    check("V from the shards: a 300-token vocabulary trains, the checkpoint holds V 300 and Vp 1024",
+          r.returncode == 0 and head[3:5] == (V, 1024), "%s %s" % (head, r.stderr[-300:]))
+    if r.returncode != 0:
+        return
+    g = subprocess.run([INFER, "gen", "-c", ck, "-n", "12", "-s", "3", "-T", "1"], capture_output=True, text=True)
+    ids = [int(x) for x in re.findall(r"<(\d+)>", g.stdout)]
+    check("gen on a 300-token checkpoint, with the table it trained with: 12 ids, all below 300",
+          g.returncode == 0 and len(ids) == 12 and max(ids) < V, g.stdout + g.stderr)
+    e = subprocess.run([INFER, "eval", "-c", ck, "-i", ds[3], "-n", "2", "-T", "1"], capture_output=True, text=True)
+    check("eval on a 300-token checkpoint", e.returncode == 0 and "loss" in e.stdout, e.stdout + e.stderr)
+    bad = ["-O", os.path.join(tmp, "v300_bad")]
+    gpt2_table = write_table(os.path.join(sv, "gpt2.bin"), 50257)
+    expect_error("vocabulary: 300-token shards with a 50257-token table",
+                 ds[:4] + ["-z", gpt2_table] + TINY + bad, "gpt2.bin' one of 50257")
+    expect_error("vocabulary: 300-token train shards with 50257-token val shards",
+                 ds[:2] + [d[2], d[3], "-z", table] + TINY + bad, "one of 50257")
+    expect_error("vocabulary: resuming a 300-token checkpoint on 50257-token shards",
+                 d + ["-z", gpt2_table, "-r", ck] + bad, "checkpoint '%s' one of 300" % ck)
+    expect_error("vocabulary: eval of 50257-token shards on a 300-token checkpoint",
+                 ["eval", "-c", ck, "-i", d[3]], "the checkpoint one of 300", prog=INFER)
+    expect_error("vocabulary: eval of 300-token shards on a 50257-token checkpoint",
+                 ["eval", "-c", ck_gpt2, "-i", ds[3]], "the checkpoint one of 50257", prog=INFER)
+    expect_error("vocabulary: gen with a table of another vocabulary than the checkpoint",
+                 ["gen", "-c", ck, "-z", gpt2_table, "-n", "2"], "the checkpoint one of 300", prog=INFER)
+    mixed = os.path.join(sv, "m_train_000002.bin")
+    write_shard(mixed, tokens(2000, 9))
+    write_shard(os.path.join(sv, "m_train_000001.bin"), [t % V for t in tokens(2000, 9)], vocab=V)
+    expect_error("vocabulary: one glob of shards with two vocabularies",
+                 ["-i", os.path.join(sv, "m_train_*.bin")] + ds[2:] + TINY + bad, "m_train_000002.bin")
+    write_shard(mixed, tokens(2000, 9), vocab=-5)
+    expect_error("vocabulary: a negative vocabulary in a shard header", ["-i", mixed] + ds[2:] + TINY + bad,
+                 "m_train_000002.bin")
+
+
 def done_line(stdout):
     """The run's last line: the last val loss against the printed unigram baseline, the most dead layer."""
     last_val = [l for l in stdout.splitlines() if l.startswith("val step")][-1]
@@ -423,17 +483,13 @@ def main():
         p = subprocess.run([infer, "probe", "-c", ck8, "-i", d[3], "-n", "2"], capture_output=True, text=True)
         check("probe reports the deep layer and the mean", p.returncode == 0 and re.search(r"^\s+1 \|", p.stdout, re.M)
               and "mean" in p.stdout, p.stdout + p.stderr)
-        table = os.path.join(tmp, "tok.bin")
-        with open(table, "wb") as f:  # a tokenizer table whose token i prints as "<i>"
-            f.write(struct.pack("<256I", *([magic("TOKENIZER_MAGIC"), magic("TOKENIZER_VERSION"), 50257, 50256] + [0] * 252)))
-            for i in range(50257):
-                b = ("<%d>" % i).encode()
-                f.write(bytes([len(b)]) + b)
+        table = write_table(os.path.join(tmp, "tok.bin"), 50257)
         g = [subprocess.run([infer, "gen", "-c", ck8, "-z", table, "-n", "12", "-s", s], capture_output=True, text=True)
              for s in ("5", "5", "6")]
         check("gen: same seed same text, another seed other text", g[0].returncode == 0 and g[0].stdout == g[1].stdout
               and g[0].stdout != g[2].stdout and g[0].stdout.count("<") == 12, g[0].stdout + g[0].stderr)
         gen_anywhere(tmp, v1)
+        small_vocab(tmp, d, ck8)
 
         # Bad data.
         out = ["-O", os.path.join(tmp, "bad")]

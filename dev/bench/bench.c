@@ -5,14 +5,15 @@ dev/bench/bench.c: speed and memory figures for this machine (never a test).
   ./bench bandwidth            memory read bandwidth, all threads (this VM's neighbours move it by half)
   ./bench gemm                 GEMM GFLOP/s on the 182M model's shapes, forward and both backward products,
                                experts as training runs them, and the memory read bandwidth
-  ./bench step [train flags]   training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
+  ./bench step [-vocab V] [train flags]
+                               training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
                                e.g. ./bench step -p 182m -o layer -b 4 -t 1024 -n 3
 
-MFU counts 6 x (active matmul parameters) x tokens plus causal attention,
-6 x L x T x C per token (forward QK and AV, each 2 T/2 C flops, times 3 for
-the backward), against the peak that `peak` measures with all threads.
-Active matmul parameters: everything a token multiplies by (attention, the
-router, K experts per layer, the LM head), not the embedding lookup or norms.
+MFU counts training_flops (train_unipool.c) per token: 6 x the active matmul
+parameters (attention, the router, K experts per layer, the LM head; not the
+embedding lookup or norms) plus causal attention, 6 x L x T x C (forward QK
+and AV, each 2 T/2 C flops, times 3 for the backward), against the peak that
+`peak` measures with all threads.
 */
 #define UNIPOOL_NO_MAIN
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -142,8 +143,11 @@ static void bench_gemm(void) {
     }
 }
 
+// -vocab V (the data's vocabulary, which training reads from the shards), then train_unipool's flags.
 static void bench_step(int argc, char **argv) {
-    Config cfg = {.V = 50257, .Vp = 51200, .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
+    int V = GPT2_VOCAB;
+    if (argc >= 3 && !strcmp(argv[1], "-vocab")) V = (int)parse_int("-vocab", argv[2], 2, 1 << 24), argc -= 2, argv += 2;
+    Config cfg = {.V = V, .Vp = padded_vocab(V), .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
                   .router_c = 1.0f, .router_eps = 1e-8f};
     TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 3, .val_batches = 1, .gen_tokens = 1, .keep = 1, .seed = 1,
                       .opt = {.lr = 1e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
@@ -162,8 +166,8 @@ static void bench_step(int argc, char **argv) {
     Rng rng = {2};
     for (size_t i = 0; i < ntok; i++) tokens[i] = (int)(rng_u64(&rng) % cfg.V);
     const Config *c = &cfg;
-    double matmul_params = active_params(&m) - (double)c->Vp * c->C - (2.0 * c->L + 1) * c->C - c->L;
-    double per_token = 6.0 * matmul_params + 6.0 * c->L * tc.T * c->C, tokens_step = (double)tc.n_micro * tc.B * tc.T;
+    double per_token = flops_total(training_flops(c, tc.T)), matmul_params = (per_token - 6.0 * c->L * tc.T * c->C) / 6;
+    double tokens_step = (double)tc.n_micro * tc.B * tc.T;
     double peak = peak_for_mfu(), best = 1e30, sum = 0.0;
     for (int s = 0; s <= tc.steps; s++) {  // step 0 warms up
         double t0 = now_seconds();
@@ -186,7 +190,7 @@ static void bench_step(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    const char *usage = "usage: ./bench peak | bandwidth | gemm | step [train_unipool model and batch flags, -n steps]\n";
+    const char *usage = "usage: ./bench peak | bandwidth | gemm | step [-vocab V] [train_unipool model and batch flags, -n steps]\n";
     if (argc < 2) {
         fputs(usage, stderr);
         return EXIT_USAGE;
