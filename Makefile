@@ -76,9 +76,11 @@ test: $(PROGS) train_unipool_ref test_unipool_ref $(if $(shell command -v $(MPIC
 	$(PY) dev/ablation/test_ablation.py
 	$(PY) dev/test_mpi.py
 
-# Speed and memory figures (dev/bench/run.sh prints them all); never part of make test.
+# Speed and memory figures (dev/bench/run.sh prints them all); never part of make test. The bench
+# times OpenBLAS's sgemm beside ours when Debian's libopenblas-dev is installed (the bench only).
+BLAS := $(shell printf '\043include <cblas.h>\n' | $(CC) -E -x c - >/dev/null 2>&1 && echo 1)
 dev/bench/bench: dev/bench/bench.c train_unipool.c
-	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+	$(CC) $(CFLAGS) $(if $(BLAS),-DBENCH_OPENBLAS) -o $@ $< $(LDLIBS) $(if $(BLAS),-lopenblas)
 bench: dev/bench/bench
 	dev/bench/run.sh
 

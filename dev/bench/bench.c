@@ -3,8 +3,9 @@ dev/bench/bench.c: speed and memory figures for this machine (never a test).
 
   ./bench peak                 fp32 FMA peak: a register-only FMA loop, 1 thread and all threads
   ./bench bandwidth            memory read bandwidth, all threads (this VM's neighbours move it by half)
-  ./bench gemm                 GEMM GFLOP/s on the 182M model's shapes, forward and both backward products,
-                               experts as training runs them, and the memory read bandwidth
+  ./bench gemm                 GEMM GFLOP/s on the 182M model's and the exp preset's shapes, forward and both
+                               backward products, experts as training runs them, the memory read bandwidth;
+                               beside each, OpenBLAS's sgemm when built with it (-DBENCH_OPENBLAS -lopenblas)
   ./bench step [-vocab V] [train flags]
                                training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
                                e.g. ./bench step -p 182m -o layer -b 4 -t 1024 -n 3
@@ -20,6 +21,9 @@ and AV, each 2 T/2 C flops, times 3 for the backward), against the peak that
 #include "../../train_unipool.c"
 
 #include <sys/resource.h>
+#ifdef BENCH_OPENBLAS
+#include <cblas.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -88,57 +92,102 @@ static void fill(float *p, size_t n, uint64_t seed) {
     for (size_t i = 0; i < n; i++) p[i] = (float)(((i + seed) * 0x9e3779b97f4a7c15ULL) >> 40) / 8388608.0f - 1.0f;
 }
 
-/* The 182M model's products at B*T = 4096 and 1024, each as training runs it.
-   Experts run as a layer's set (expert_matmuls: E experts of M rows each,
-   one per thread when they are small); a plain product (attention, LM head)
-   is a set of one, which runs on all threads. Each weight gradient is one
-   product over its rows of all the layers that share it (moe_weight_grads:
-   M for vanilla, 12 M for UniPool's pool of twelve layers). An expert's
-   weights come from memory for M rows in the forward and d input: at most
-   M * bandwidth / 2 FLOP/s (2 M flops per 4-byte weight), printed where it is
-   below the peak. */
-static void bench_gemm(void) {
-    static const struct { const char *what; int M, K, N, E, layers; } shapes[] = {
-        {"wq/wo 4096x768x768", 4096, 768, 768, 1, 1},           {"wk/wv 4096x768x256", 4096, 768, 256, 1, 1},
-        {"fc1 vanilla 8 x 512x768x6144", 512, 768, 6144, 8, 1}, {"fc2 vanilla 8 x 512x3072x768", 512, 3072, 768, 8, 1},
-        {"fc1 vanilla 8 x 128x768x6144", 128, 768, 6144, 8, 1}, {"fc2 vanilla 8 x 128x3072x768", 128, 3072, 768, 8, 1},
-        {"fc1 UniPool 96 x 43x768x6144", 43, 768, 6144, 96, 12}, {"fc2 UniPool 96 x 43x3072x768", 43, 3072, 768, 96, 12},
-        {"fc1 UniPool 96 x 11x768x6144", 11, 768, 6144, 96, 12}, {"fc2 UniPool 96 x 11x3072x768", 11, 3072, 768, 96, 12},
-        {"lm_head 4096x768x51200", 4096, 768, 51200, 1, 1},     {"lm_head 1024x768x51200", 1024, 768, 51200, 1, 1},
-    };
-    double peak = peak_for_mfu(), bw = read_bandwidth();
-    printf("peak %.1f GFLOP/s, memory read %.1f GB/s (%d threads)\n", peak, bw, max_threads());
-    printf("%-30s %12s %12s %12s %12s  (GFLOP/s, %% of peak; best of 3)\n", "shape (E x M x K x N)", "forward",
-           "d input", "d weight", "memory bound");
-    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-        int M = shapes[s].M, K = shapes[s].K, N = shapes[s].N, E = shapes[s].E;
-        int R = M * shapes[s].layers;  // rows of a weight gradient
-        size_t wn = (size_t)E * N * K, xn = (size_t)E * M * K, yn = (size_t)E * M * N;
-        // as training allocates them: 2 MiB blocks, huge pages where the kernel gives them
-        float *w = calloc_big(wn * 4), *dw = calloc_big(wn * 4), *x = calloc_big(xn * 4), *y = calloc_big(yn * 4);
-        size_t gxn = (size_t)E * R * K, gyn = (size_t)E * R * N;  // each expert's rows of all its layers
-        float *dx = calloc_big(xn * 4), *gx = calloc_big(gxn * 4), *gy = calloc_big(gyn * 4);
-        fill(w, wn, 1), fill(x, xn, 2), fill(gx, gxn, 3), fill(gy, gyn, 4);
-        int offset[E + 1];
-        for (int e = 0; e <= E; e++) offset[e] = e * M;
-        double fl = 2.0 * M * K * N * E, flw = 2.0 * R * K * N * E, best[3] = {0, 0, 0};
-        for (int rep = 0; rep < 3; rep++) {
-            double t0 = now_seconds();
+/* The products of the 182M model (B*T = 4096 and 1024) and of the exp preset
+   (B 16 T 256, V 8192), each as training runs it. Experts run as a layer's
+   set (expert_matmuls: E experts of M rows each, one per thread when they are
+   small); a plain product (attention, LM head) is a set of one, which runs on
+   all threads. Each weight gradient is one product over its rows of all the
+   layers that share it (moe_weight_grads: M for vanilla, L M for UniPool's
+   one pool). An expert's weights come from memory for M rows in the forward
+   and d input: at most M * bandwidth / 2 FLOP/s (2 M flops per 4-byte
+   weight), printed where it is below the peak. Built with OpenBLAS (make
+   bench does so when Debian's libopenblas-dev is installed), each product is
+   also timed as cblas_sgemm, one call per expert: what a program that links
+   the library would run. */
+typedef struct { const char *what; int M, K, N, E, layers; } GemmShape;
+
+static const GemmShape gemm_shapes[] = {
+    {"182M wq/wo 4096x768x768", 4096, 768, 768, 1, 1},           {"182M wk/wv 4096x768x256", 4096, 768, 256, 1, 1},
+    {"182M fc1 vanilla 8 x 512x768x6144", 512, 768, 6144, 8, 1}, {"182M fc2 vanilla 8 x 512x3072x768", 512, 3072, 768, 8, 1},
+    {"182M fc1 vanilla 8 x 128x768x6144", 128, 768, 6144, 8, 1}, {"182M fc2 vanilla 8 x 128x3072x768", 128, 3072, 768, 8, 1},
+    {"182M fc1 UniPool 96 x 43x768x6144", 43, 768, 6144, 96, 12}, {"182M fc2 UniPool 96 x 43x3072x768", 43, 3072, 768, 96, 12},
+    {"182M fc1 UniPool 96 x 11x768x6144", 11, 768, 6144, 96, 12}, {"182M fc2 UniPool 96 x 11x3072x768", 11, 3072, 768, 96, 12},
+    {"182M lm_head 4096x768x51200", 4096, 768, 51200, 1, 1},     {"182M lm_head 1024x768x51200", 1024, 768, 51200, 1, 1},
+    {"exp wq/wo 4096x128x128", 4096, 128, 128, 1, 1},            {"exp wk/wv 4096x128x64", 4096, 128, 64, 1, 1},
+    {"exp fc1 vanilla 8 x 512x128x1024", 512, 128, 1024, 8, 1},  {"exp fc2 vanilla 8 x 512x512x128", 512, 512, 128, 8, 1},
+    {"exp fc1 UniPool 64 x 64x128x1024", 64, 128, 1024, 64, 8},  {"exp fc2 UniPool 64 x 64x512x128", 64, 512, 128, 64, 8},
+    {"exp lm_head 4096x128x8192", 4096, 128, 8192, 1, 1},
+};
+
+/* One shape's three products, best of 3, GFLOP/s: y = x w^T (forward), dx = y w
+   (d input), dw += gy^T gx (d weight, over R rows of every layer sharing it). */
+static void gemm_rates(const GemmShape *g, int blas, float *w, float *dw, float *x, float *y, float *dx,
+                       const float *gx, const float *gy, double best[3]) {
+    int M = g->M, K = g->K, N = g->N, E = g->E, R = M * g->layers;
+    int offset[E + 1];
+    for (int e = 0; e <= E; e++) offset[e] = e * M;
+    double fl = 2.0 * M * K * N * E, flw = 2.0 * R * K * N * E;
+    best[0] = best[1] = best[2] = 0.0;
+    for (int rep = 0; rep < 3; rep++) {
+        double t[4];
+        t[0] = now_seconds();
+        if (!blas) {
             expert_matmuls(y, x, w, offset, E, K, N, 0);
-            double t1 = now_seconds();
+            t[1] = now_seconds();
             expert_matmuls(dx, y, w, offset, E, K, N, 1);
-            double t2 = now_seconds();
+            t[2] = now_seconds();
             for (int e = 0; e < E; e++)
                 matmul_backward(NULL, dw + (size_t)e * N * K, gy + (size_t)e * R * N, gx + (size_t)e * R * K, NULL, R, K, N);
-            double t3 = now_seconds(), r[3] = {fl / (t1 - t0), fl / (t2 - t1), flw / (t3 - t2)};
-            for (int i = 0; i < 3; i++) best[i] = fmax(best[i], r[i] / 1e9);
+        } else {
+#ifdef BENCH_OPENBLAS
+            for (int e = 0; e < E; e++)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x + (size_t)e * M * K, K,
+                            w + (size_t)e * N * K, K, 0.0f, y + (size_t)e * M * N, N);
+            t[1] = now_seconds();
+            for (int e = 0; e < E; e++)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, K, N, 1.0f, y + (size_t)e * M * N, N,
+                            w + (size_t)e * N * K, K, 0.0f, dx + (size_t)e * M * K, K);
+            t[2] = now_seconds();
+            for (int e = 0; e < E; e++)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, N, K, R, 1.0f, gy + (size_t)e * R * N, N,
+                            gx + (size_t)e * R * K, K, 1.0f, dw + (size_t)e * N * K, K);
+#endif
         }
-        printf("%-30s %6.1f (%2.0f%%) %6.1f (%2.0f%%) %6.1f (%2.0f%%)", shapes[s].what, best[0], 100 * best[0] / peak,
-               best[1], 100 * best[1] / peak, best[2], 100 * best[2] / peak);
-        double bound = M * bw / 2;
-        if (bound < peak)
-            printf(" %6.1f (%2.0f%%)", bound, 100 * bound / peak);
-        printf("\n");
+        t[3] = now_seconds();
+        double r[3] = {fl / (t[1] - t[0]), fl / (t[2] - t[1]), flw / (t[3] - t[2])};
+        for (int i = 0; i < 3; i++) best[i] = fmax(best[i], r[i] / 1e9);
+    }
+}
+
+static void bench_gemm(void) {
+#ifdef BENCH_OPENBLAS
+    int impls = 2;
+#else
+    int impls = 1;
+#endif
+    double peak = peak_for_mfu(), bw = read_bandwidth();
+    printf("peak %.1f GFLOP/s, memory read %.1f GB/s (%d threads)%s\n", peak, bw, max_threads(),
+           impls == 2 ? "; each shape on this program's kernels, then OpenBLAS's cblas_sgemm" : "");
+    printf("%-36s %-8s %12s %12s %12s %12s  (GFLOP/s, %% of peak; best of 3)\n", "shape (E x M x K x N)", "", "forward",
+           "d input", "d weight", "memory bound");
+    for (size_t s = 0; s < sizeof gemm_shapes / sizeof *gemm_shapes; s++) {
+        const GemmShape *g = &gemm_shapes[s];
+        size_t R = (size_t)g->M * g->layers, wn = (size_t)g->E * g->N * g->K, xn = (size_t)g->E * g->M * g->K,
+               yn = (size_t)g->E * g->M * g->N, gxn = (size_t)g->E * R * g->K, gyn = (size_t)g->E * R * g->N;
+        // as training allocates them: 2 MiB blocks, huge pages where the kernel gives them
+        float *w = calloc_big(wn * 4), *dw = calloc_big(wn * 4), *x = calloc_big(xn * 4), *y = calloc_big(yn * 4);
+        float *dx = calloc_big(xn * 4), *gx = calloc_big(gxn * 4), *gy = calloc_big(gyn * 4);
+        fill(w, wn, 1), fill(x, xn, 2), fill(gx, gxn, 3), fill(gy, gyn, 4);
+        for (int impl = 0; impl < impls; impl++) {
+            double best[3];
+            gemm_rates(g, impl, w, dw, x, y, dx, gx, gy, best);
+            printf("%-36s %-8s %6.1f (%2.0f%%) %6.1f (%2.0f%%) %6.1f (%2.0f%%)", impl ? "" : g->what,
+                   impl ? "OpenBLAS" : "ours", best[0], 100 * best[0] / peak, best[1], 100 * best[1] / peak, best[2],
+                   100 * best[2] / peak);
+            double bound = g->M * bw / 2;
+            if (bound < peak && impl == 0) printf(" %6.1f (%2.0f%%)", bound, 100 * bound / peak);
+            printf("\n");
+        }
         free(w), free(dw), free(x), free(y), free(dx), free(gx), free(gy);
     }
 }

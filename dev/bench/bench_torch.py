@@ -23,7 +23,7 @@ from model import DECAYED, Config, UniPool  # noqa: E402
 from router_c import estimate_router_c  # noqa: E402
 
 # name: L, C, NH, NKV, F, pool_frac, pool_alpha (train_unipool.c's presets)
-PRESETS = {"tiny": (4, 128, 4, 2, 512, 1.0, 1e-2), "182m": (12, 768, 12, 4, 3072, 1.0, 1e-2),
+PRESETS = {"tiny": (4, 128, 4, 2, 512, 1.0, 1e-2), "exp": (8, 128, 4, 2, 512, 1.0, 1e-2), "182m": (12, 768, 12, 4, 3072, 1.0, 1e-2),
            "469m": (24, 1024, 16, 4, 4096, 2 / 3, 2e-2), "650m": (36, 1024, 16, 4, 4096, 1.0, 2e-2),
            "830m": (48, 1024, 16, 4, 4096, 1.0, 2e-2), "978m": (24, 1536, 16, 4, 6144, 1.0, 2e-2)}
 
@@ -32,6 +32,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-p", default="tiny", choices=PRESETS)
     ap.add_argument("-o", default="pool", choices=["layer", "pool"])
+    ap.add_argument("-vocab", type=int, default=50257, help="V; Vp is V rounded up to whole 1024s, as in C")
     ap.add_argument("-b", type=int, default=4)
     ap.add_argument("-t", type=int, default=256)
     ap.add_argument("-n", type=int, default=3, help="timed steps (after one warm-up step)")
@@ -44,7 +45,7 @@ def main():
     vanilla = a.o == "layer"
     E = 8 if vanilla else round(8 * L * frac)
     router_c = 1.0 if vanilla else float(estimate_router_c(E, 1, 100_000, __import__("numpy").random.default_rng(1234))[0])
-    cfg = Config(V=50257, Vp=51200, maxT=1024, L=L, C=C, NH=NH, NKV=NKV, F=F, G=L if vanilla else 1, E=E, K=1,
+    cfg = Config(V=a.vocab, Vp=(a.vocab + 1023) // 1024 * 1024, maxT=1024, L=L, C=C, NH=NH, NKV=NKV, F=F, G=L if vanilla else 1, E=E, K=1,
                  router=0 if vanilla else 1, aux=1 if vanilla else 2, alpha=1e-2 if vanilla else pool_alpha,
                  norm_eps=1e-5, rope_theta=1e6, router_c=router_c, router_eps=1e-8)
     model = UniPool(cfg, dtype=torch.float32)

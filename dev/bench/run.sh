@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every speed and memory figure of the README, measured side by side in one
-# run: the FMA peak, the GEMM kernels on the 182M shapes, and
+# run: the FMA peak, the GEMM kernels on the 182M and exp shapes (beside
+# OpenBLAS's when libopenblas-dev is installed), and
 # training steps of C and of the PyTorch reference at the same configuration,
 # batch and threads, with their tokens/s ratio. Takes about 20 minutes; the
 # 182M runs need 16 GiB of memory. Usage: dev/bench/run.sh [THREADS]
@@ -35,6 +36,8 @@ print('ratio: C / PyTorch tokens/s = %.2f' % (f(sys.argv[1]) / f(sys.argv[2])))"
 ./dev/bench/bench bandwidth
 ENV=$KEEP N=5 pair -p tiny -o layer -b 16 -t 128
 ENV=$KEEP N=5 pair -p tiny -o pool -b 16 -t 128
+ENV=$KEEP N=5 pair -vocab 8192 -p exp -o layer -b 16 -t 256
+ENV=$KEEP N=5 pair -vocab 8192 -p exp -o pool -b 16 -t 256
 ENV=$HUGE N=3 pair -p 182m -o layer -b 4 -t 256
 ENV=$HUGE N=3 pair -p 182m -o pool -b 4 -t 256
 ./dev/bench/bench bandwidth
