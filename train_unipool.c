@@ -232,11 +232,12 @@ static const char *config_error(const Config *c) {
 }
 
 // ----------------------------------------------------------------------------
-// The kernels' interface. The model calls these names; each has two
-// definitions: a plain one (name_ref) next to its math below, and a fast one
-// (name_fast) in the machinery section at the end of the file. A build runs
-// on the fast ones, `make REFERENCE=1` (-DUNIPOOL_REFERENCE) on the plain
-// ones, and test_unipool holds each fast kernel to its plain twin.
+// The kernels' interface. The model calls exponential, matmul_forward,
+// matmul_backward, attention_forward, attention_backward, moe_forward and
+// moe_backward, each a function defined next to its plain twin (name_ref)
+// and its math below; it runs name_ref in a `make REFERENCE=1` build
+// (-DUNIPOOL_REFERENCE), else the fast name_fast of the machinery section at
+// the end of the file. test_unipool holds each fast kernel to its plain twin.
 
 #ifdef UNIPOOL_REFERENCE
 #define KERNEL(name) name##_ref
@@ -245,13 +246,6 @@ static const char *config_error(const Config *c) {
 #endif
 #define KERNEL_DEF __attribute__((unused)) static  // a build leaves one definition of each unused
 
-#define exponential KERNEL(exp)                      // expf
-#define matmul_forward KERNEL(matmul_forward)        // a linear map and its gradients
-#define matmul_backward KERNEL(matmul_backward)
-#define attention_forward KERNEL(attention_forward)  // causal attention with grouped key/value heads
-#define attention_backward KERNEL(attention_backward)
-#define moe_forward KERNEL(moe_forward)              // the expert set: one layer's mixture of experts
-#define moe_backward KERNEL(moe_backward)
 
 typedef struct MoeLayer MoeLayer;  // one layer's view of its pool (see "The mixture of experts")
 
@@ -305,6 +299,7 @@ static inline float max_of(const float *x, int n) {  // 16 partial maxima, for t
 }
 
 static inline float exp_ref(float x) { return expf(x); }
+static inline float exponential(float x) { return KERNEL(exp)(x); }  // e^x as the model computes it
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exponential(-x)); }
 
@@ -395,6 +390,11 @@ KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w,
         }
 }
 
+// What the model calls: the plain loop above in the reference build, else the fast one (machinery).
+static void matmul_forward(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+    KERNEL(matmul_forward)(out, inp, w, rows, n_in, n_out);
+}
+
 KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                     int rows, int n_in, int n_out) {
     // either of dinp, dw may be NULL
@@ -410,6 +410,11 @@ KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, c
             for (int r = 0; r < rows; r++) s += (double)dout[(size_t)r * n_out + o] * inp[(size_t)r * n_in + i];
             dw[(size_t)o * n_in + i] += (float)s;
         }
+}
+
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int rows,
+                            int n_in, int n_out) {
+    KERNEL(matmul_backward)(dinp, dw, dout, inp, w, rows, n_in, n_out);
 }
 
 /* RoPE, rotate-half: for i < hd/2, the pair (u[i], u[i+hd/2]) turns by the
@@ -483,6 +488,8 @@ KERNEL_DEF void attention_forward_ref(float *out, float *lse, const Attention *a
     free(p);
 }
 
+static void attention_forward(float *out, float *lse, const Attention *at) { KERNEL(attention_forward)(out, lse, at); }
+
 KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                        const float *lse, const Attention *at) {
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
@@ -508,6 +515,11 @@ KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const fl
                     }
                 }
             }
+}
+
+static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse,
+                               const Attention *at) {
+    KERNEL(attention_backward)(dq, dk, dv, dout, out, lse, at);
 }
 
 /* Router scores from the router logits z = router h (E per token).
@@ -1011,6 +1023,8 @@ KERNEL_DEF void moe_forward_ref(float *y, const MoeLayer *ml) {
     free(hh);
 }
 
+static void moe_forward(float *y, const MoeLayer *ml) { KERNEL(moe_forward)(y, ml); }
+
 /* The backward, recomputing each expert's activations from x. With g the
    gate, act = silu(a) * b and o = fc2 act the expert's output:
      dgate = dy . o,  dact = g fc2^T dy,  dfc2 += g dy act^T,
@@ -1062,6 +1076,10 @@ KERNEL_DEF void moe_backward_ref(float *dx, float *dscore, const float *dy, cons
     free(act);
     free(dact);
     free(dh);
+}
+
+static void moe_backward(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
+    KERNEL(moe_backward)(dx, dscore, dy, ml);
 }
 
 /* The routing-randomisation probe: each token's K experts are replaced by K
