@@ -2664,12 +2664,12 @@ static Flops training_flops(const Config *c, int T) {
 
 static double flops_total(Flops f) { return f.head + f.attention + f.routers + f.experts; }
 
-/* The validation line and its log.jsonl record (log NULL: none): loss, then the pool's load
-   over all layers (experts unused, the busiest one's share, entropy over
-   log(G E)), then per layer the router health (evaluate): dead-token
-   percentage, experts used, the busiest expert's percentage of the layer's
-   load, load entropy over log(E). */
-// Prints and logs one validation; returns the largest layer's share of dead tokens.
+/* Prints the validation line and writes its log.jsonl record (log NULL: none):
+   loss, then the pool's load over all layers (experts unused, the busiest
+   one's share, entropy over log(G E)), then per layer the router health
+   (evaluate): dead-token percentage, experts used, the busiest expert's
+   percentage of the layer's load, load entropy over log(E). Returns the
+   largest layer's share of dead tokens. */
 static double report_validation(FILE *log, int step, double loss, const RouteHealth *h, const Config *c) {
     int L = c->L, E = c->E, GE = c->G * c->E, used[L], pool_used;
     double dead[L], top[L], ent[L], pool_top, pool_ent, most_dead = 0.0;
@@ -2896,9 +2896,9 @@ int main(int argc, char **argv) {
                       : cfg.G == 1   ? "UniPool (one shared pool)"
                                      : "grouped pools";
     static const char *const aname[] = {"none", "layer", "pool (stale)", "pool (current)"};
-    char rdesc[64];
-    snprintf(rdesc, sizeof rdesc, cfg.router == ROUTER_NORM ? "norm (c %.4f)" : cfg.router == ROUTER_SIGMOID ?
-             "sigmoid (bias rate %g)" : "softmax", cfg.router == ROUTER_NORM ? cfg.router_c : cfg.bias_rate);
+    char rdesc[64] = "softmax";
+    if (cfg.router == ROUTER_NORM) snprintf(rdesc, sizeof rdesc, "norm (c %.4f)", cfg.router_c);
+    if (cfg.router == ROUTER_SIGMOID) snprintf(rdesc, sizeof rdesc, "sigmoid (bias rate %g)", cfg.bias_rate);
     printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s | aux %s alpha %g\n",
            own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rdesc, aname[cfg.aux], cfg.alpha);
     printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);

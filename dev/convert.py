@@ -477,6 +477,10 @@ def read_batch(pattern, B, T, V):
         width = 2 if h[1] == magic("SHARD_VERSION_U16") else 4
         if size != 1024 + h[2] * width:
             raise ConvertError("shard '%s' is %d bytes, its header says %d" % (path, size, 1024 + h[2] * width))
+        vocab = h[3] or magic("GPT2_VOCAB")  # slot 3: the shard's vocabulary size, 0 for GPT-2's
+        if vocab != V:
+            raise ConvertError("shard '%s' has a vocabulary of %d tokens, the checkpoint one of %d; pass shards made "
+                               "with the same prepro_pile.py --vocab" % (path, vocab, V))
         if h[2] < T + 1:
             raise ConvertError("shard '%s' holds %d tokens, fewer than one row of T+1 = %d" % (path, h[2], T + 1))
         shards.append((path, h[2], width))

@@ -303,6 +303,15 @@ def cli_section(cases):
           open(back, "rb").read() == a.orig, r_pt.stderr + r_back.stderr)
     check("cli: truncated checkpoint: one line, exit 1", *one_line_error(r_cut, b.cut))
     check("cli: foreign file to to-ckpt: one line, exit 1", *one_line_error(r_foreign, VAL_SHARD))
+    other = a.path("v8192_val.bin")  # the val shard, its header naming a vocabulary of 8192
+    blob = bytearray(open(VAL_SHARD, "rb").read())
+    struct.pack_into("<i", blob, 12, 8192)
+    open(other, "wb").write(blob)
+    r_vocab = subprocess.run([PY, CONVERT, "check", b.ckpt, other, "-b", "3", "-t", "24"], capture_output=True,
+                             text=True)
+    ok, detail = one_line_error(r_vocab, other)
+    check("cli: check on shards of another vocabulary: one line naming both, exit 1",
+          ok and "8192" in r_vocab.stderr and "50257" in r_vocab.stderr, detail + r_vocab.stderr)
 
 
 HANDMADE_PATHS = [b"/data/t_train_*.bin", b"/data/t_val_*.bin", b""]

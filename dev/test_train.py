@@ -382,6 +382,14 @@ def small_vocab(tmp, d, ck_gpt2):
           g.returncode == 0 and len(ids) == 12 and max(ids) < V, g.stdout + g.stderr)
     e = subprocess.run([INFER, "eval", "-c", ck, "-i", ds[3], "-n", "2", "-T", "1"], capture_output=True, text=True)
     check("eval on a 300-token checkpoint", e.returncode == 0 and "loss" in e.stdout, e.stdout + e.stderr)
+    r2 = run(["-r", ck, "-n", "6", "-O", out, "-T", "1"])
+    check("resume a 300-token run on its shards", r2.returncode == 0 and "step     6/6" in r2.stdout, r2.stderr[-300:])
+    if os.path.exists(os.path.join(ROOT, "data", "cache", "gpt2", "encoder.json")):
+        p = subprocess.run([INFER, "gen", "-c", ck, "-p", "Hello world", "-n", "3", "-T", "1"], capture_output=True,
+                           text=True)
+        ids = [int(x) for x in re.findall(r"<(\d+)>", p.stdout)]
+        check("gen with a prompt on a 300-token checkpoint: prepro_pile.py encodes it with --vocab 300",
+              p.returncode == 0 and len(ids) > 3 and max(ids) < V, p.stdout + p.stderr)
     bad = ["-O", os.path.join(tmp, "v300_bad")]
     gpt2_table = write_table(os.path.join(sv, "gpt2.bin"), 50257)
     expect_error("vocabulary: 300-token shards with a 50257-token table",
