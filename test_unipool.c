@@ -800,6 +800,9 @@ static void test_flops(void) {
     snprintf(detail, sizeof detail, "head %.0f attention %.0f routers %.0f experts %.0f", f.head, f.attention,
              f.routers, f.experts);
     check_true("training FLOPs per token, by part", ok, detail);
+    c.K = 2;  // each token runs two experts: twice the experts' FLOPs, the rest unchanged
+    f = training_flops(&c, 128);
+    check_true("training FLOPs per token, K = 2", f.experts == 9437184.0 && f.head == 39321600.0, "");
 }
 
 /* Every reduction has one owner and a fixed order, so a step gives the same
