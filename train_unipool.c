@@ -522,111 +522,48 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
     KERNEL(attention_backward)(dq, dk, dv, dout, out, lse, at);
 }
 
-/* Router scores from the router logits z = router h (E per token).
-     softmax:    s = softmax(z)
-     NormRouter: s = sigma c relu(u),  u = z / (||z|| + eps)
-     sigmoid:    s = sigmoid(z)
-   c makes the chosen scores about 1 in norm at initialisation (see
-   norm_router_c); sigma is learned per layer. The softmax and NormRouter
-   scores of the chosen experts are their gates as they are; the sigmoid
-   router's are renormalised over the chosen set when K > 1 (router_gates). */
-static void router_forward(float *score, const float *z, float sigma, const Config *c, int N) {
-    // score (N,E), z (N,E)
-    int E = c->E;
-    for (int n = 0; n < N; n++) {
-        const float *zn = z + (size_t)n * E;
-        float *s = score + (size_t)n * E;
-        if (c->router == ROUTER_SOFTMAX) {
-            float mx = zn[0], sum = 0.0f;
-            for (int j = 1; j < E; j++) mx = zn[j] > mx ? zn[j] : mx;
-            for (int j = 0; j < E; j++) sum += (s[j] = exponential(zn[j] - mx));
-            for (int j = 0; j < E; j++) s[j] /= sum;
-        } else if (c->router == ROUTER_NORM) {
-            float inv = 1.0f / (sqrtf(dot(zn, zn, E)) + c->router_eps);
-            for (int j = 0; j < E; j++) s[j] = sigma * c->router_c * fmaxf(zn[j] * inv, 0.0f);
-        } else {
-            for (int j = 0; j < E; j++) s[j] = sigmoid(zn[j]);
-        }
-    }
+/* The routers. A token's router logits z (E) = router h become its scores s
+   (E); its K largest scores (plus the sigmoid router's expert bias) choose its
+   experts (topk_forward), and the chosen scores are their gates. Each router's
+   forward sits beside its backward; router_forward and router_backward run
+   the configured one over the N tokens of a layer. */
+
+/* Softmax router (vanilla MoE): s = softmax(z).
+   Backward: dz = s (ds - sum_j s_j ds_j). */
+static void softmax_router_forward(float *s, const float *z, int E) {
+    float mx = z[0], sum = 0.0f;
+    for (int j = 1; j < E; j++) mx = z[j] > mx ? z[j] : mx;
+    for (int j = 0; j < E; j++) sum += (s[j] = exponential(z[j] - mx));
+    for (int j = 0; j < E; j++) s[j] /= sum;
 }
 
-/* The K largest of score + bias for each token, ties to the lower index.
-   bias (E) is the sigmoid router's expert bias, NULL for the others: it
-   moves the choice, never the gate. */
-static void topk_forward(int *chosen, const float *score, const float *bias, int N, int E, int K) {
-    // chosen (N,K), score (N,E), bias (E) or NULL
-    for (int n = 0; n < N; n++) {
-        const float *s = score + (size_t)n * E;
-        int *ch = chosen + (size_t)n * K;
-        for (int k = 0; k < K; k++) {
-            int best = -1;
-            float bv = 0.0f;
-            for (int j = 0; j < E; j++) {
-                int taken = 0;
-                for (int kk = 0; kk < k; kk++) taken |= ch[kk] == j;
-                float v = bias ? s[j] + bias[j] : s[j];
-                if (!taken && (best < 0 || v > bv)) best = j, bv = v;
-            }
-            ch[k] = best;
-        }
-    }
+static void softmax_router_backward(float *d, const float *ds, const float *s, int E) {
+    float sds = dot(s, ds, E);
+    for (int j = 0; j < E; j++) d[j] = s[j] * (ds[j] - sds);
 }
 
-/* The sigmoid router with K > 1 mixes its chosen experts with weights that
-   sum to one: g_j = s_j / (sum over chosen of s + 1e-20), written over s_j. */
-static void router_gates(float *score, const int *chosen, int N, int E, int K) {
-    // score (N,E) in place at the chosen entries, chosen (N,K)
-    for (int n = 0; n < N; n++) {
-        float *s = score + (size_t)n * E, sum = 0.0f;
-        const int *ch = chosen + (size_t)n * K;
-        for (int k = 0; k < K; k++) sum += s[ch[k]];
-        for (int k = 0; k < K; k++) s[ch[k]] /= sum + 1e-20f;
-    }
+/* NormRouter (UniPool): s = sigma c relu(u), u = z / (||z|| + eps). sigma is
+   learned per layer; c (norm_router_c below) makes the chosen scores about 1
+   in norm at initialisation.
+   Backward, with r = ||z||: du = sigma c ds [u > 0],
+     dz = du / (r + eps) - z (du . z) / (r (r + eps)^2),  dsigma = sum c relu(u) ds. */
+static void norm_router_forward(float *s, const float *z, float sigma, float c, float eps, int E) {
+    float inv = 1.0f / (sqrtf(dot(z, z, E)) + eps);
+    for (int j = 0; j < E; j++) s[j] = sigma * c * fmaxf(z[j] * inv, 0.0f);
 }
 
-/* softmax:    dz = s (ds - sum_j s_j ds_j)
-   NormRouter: with r = ||z||, du = sigma c ds [u > 0],
-               dz = du / (r + eps) - z (du . z) / (r (r + eps)^2),
-               dsigma = sum c relu(u) ds
-   sigmoid:    dz = ds' s (1 - s), s = sigmoid(z) recomputed, where ds' = ds
-               for K = 1 and, through g = s / D (D = sum of the chosen s +
-               1e-20), ds'_j = (dg_j - sum_k dg_k g_k) / D for K > 1        */
-static void router_backward(float *dz, float *dsigma, const float *dscore, const float *z, const float *score,
-                            const int *chosen, float sigma, const Config *c, int N) {
-    // dz (N,E) written, dsigma (1) +=, dscore, z, score (N,E), chosen (N,K)
-    int E = c->E, K = c->K;
-    double dsig = 0.0;
-    for (int n = 0; n < N; n++) {
-        const float *zn = z + (size_t)n * E, *s = score + (size_t)n * E, *ds = dscore + (size_t)n * E;
-        float *d = dz + (size_t)n * E;
-        if (c->router == ROUTER_SOFTMAX) {
-            float sds = dot(s, ds, E);
-            for (int j = 0; j < E; j++) d[j] = s[j] * (ds[j] - sds);
-        } else if (c->router == ROUTER_NORM) {
-            float r = sqrtf(dot(zn, zn, E)), re = r + c->router_eps, duz = 0.0f;
-            for (int j = 0; j < E; j++) {
-                float u = zn[j] / re;
-                d[j] = u > 0.0f ? sigma * c->router_c * ds[j] : 0.0f;  // du; dz below
-                dsig += (double)c->router_c * (u > 0.0f ? u : 0.0f) * ds[j];
-                duz += d[j] * zn[j];
-            }
-            float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;
-            for (int j = 0; j < E; j++) d[j] = d[j] / re - zn[j] * corr;
-        } else {
-            for (int j = 0; j < E; j++) d[j] = ds[j];
-            if (K > 1) {
-                const int *ch = chosen + (size_t)n * K;
-                float sum = 0.0f, dgg = 0.0f;
-                for (int k = 0; k < K; k++) sum += sigmoid(zn[ch[k]]), dgg += ds[ch[k]] * s[ch[k]];
-                for (int k = 0; k < K; k++) d[ch[k]] = (ds[ch[k]] - dgg) / (sum + 1e-20f);
-            }
-            for (int j = 0; j < E; j++) {
-                float sg = sigmoid(zn[j]);
-                d[j] *= sg * (1.0f - sg);
-            }
-        }
+static void norm_router_backward(float *d, double *dsig, const float *ds, const float *z, float sigma, float c,
+                                 float eps, int E) {
+    // d (E) written, dsig += this token's part of dsigma (in double, token after token)
+    float r = sqrtf(dot(z, z, E)), re = r + eps, duz = 0.0f;
+    for (int j = 0; j < E; j++) {
+        float u = z[j] / re;
+        d[j] = u > 0.0f ? sigma * c * ds[j] : 0.0f;  // du; dz below
+        *dsig += (double)c * (u > 0.0f ? u : 0.0f) * ds[j];
+        duz += d[j] * z[j];
     }
-    *dsigma += (float)dsig;
+    float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;
+    for (int j = 0; j < E; j++) d[j] = d[j] / re - z[j] * corr;
 }
 
 /* NormRouter's c: the mean of 1 / ||topK(relu(x / ||x||))|| over x ~ N(0, I_E)
@@ -661,6 +598,99 @@ static float norm_router_c(int E, int K, long draws, uint64_t seed) {
         }
     }
     return used ? (float)(sum / used) : 1.0f;
+}
+
+// The router constant a new model stores: the NormRouter's c, 1 for the others.
+static float router_constant(const Config *c) {
+    return c->router == ROUTER_NORM ? norm_router_c(c->E, c->K, ROUTER_C_DRAWS, ROUTER_C_SEED) : 1.0f;
+}
+
+/* Sigmoid router with an expert bias: the router of the paper's vanilla 182M
+   script, its strongest vanilla baseline. s = sigmoid(z), no aux loss; a
+   per-layer expert bias (E) moves the choice, never the gate, and steps after
+   each update towards an even load (expert_bias_update). With K > 1 the
+   chosen gates are renormalised to sum to one (router_gates below).
+   Backward: dz = ds' s (1 - s), s = sigmoid(z) recomputed, where ds' = ds
+   for K = 1 and, through g = s / D (D = sum of the chosen s + 1e-20),
+   ds'_j = (dg_j - sum_k dg_k g_k) / D for K > 1. */
+static void sigmoid_router_forward(float *s, const float *z, int E) {
+    for (int j = 0; j < E; j++) s[j] = sigmoid(z[j]);
+}
+
+static void sigmoid_router_backward(float *d, const float *ds, const float *s, const float *z, const int *ch, int E,
+                                    int K) {
+    // d (E) written; ch (K) the token's chosen experts
+    for (int j = 0; j < E; j++) d[j] = ds[j];
+    if (K > 1) {
+        float sum = 0.0f, dgg = 0.0f;
+        for (int k = 0; k < K; k++) sum += sigmoid(z[ch[k]]), dgg += ds[ch[k]] * s[ch[k]];
+        for (int k = 0; k < K; k++) d[ch[k]] = (ds[ch[k]] - dgg) / (sum + 1e-20f);
+    }
+    for (int j = 0; j < E; j++) {
+        float sg = sigmoid(z[j]);
+        d[j] *= sg * (1.0f - sg);
+    }
+}
+
+/* The sigmoid router with K > 1 mixes its chosen experts with weights that
+   sum to one: g_j = s_j / (sum over chosen of s + 1e-20), written over s_j. */
+static void router_gates(float *score, const int *chosen, int N, int E, int K) {
+    // score (N,E) in place at the chosen entries, chosen (N,K)
+    for (int n = 0; n < N; n++) {
+        float *s = score + (size_t)n * E, sum = 0.0f;
+        const int *ch = chosen + (size_t)n * K;
+        for (int k = 0; k < K; k++) sum += s[ch[k]];
+        for (int k = 0; k < K; k++) s[ch[k]] /= sum + 1e-20f;
+    }
+}
+
+// The configured router over N tokens: score (N,E) from z (N,E); sigma is the layer's NormRouter scale.
+static void router_forward(float *score, const float *z, float sigma, const Config *c, int N) {
+    int E = c->E;
+    for (int n = 0; n < N; n++) {
+        const float *zn = z + (size_t)n * E;
+        float *s = score + (size_t)n * E;
+        if (c->router == ROUTER_SOFTMAX) softmax_router_forward(s, zn, E);
+        else if (c->router == ROUTER_NORM) norm_router_forward(s, zn, sigma, c->router_c, c->router_eps, E);
+        else sigmoid_router_forward(s, zn, E);
+    }
+}
+
+static void router_backward(float *dz, float *dsigma, const float *dscore, const float *z, const float *score,
+                            const int *chosen, float sigma, const Config *c, int N) {
+    // dz (N,E) written, dsigma (1) +=, dscore, z, score (N,E), chosen (N,K)
+    int E = c->E, K = c->K;
+    double dsig = 0.0;
+    for (int n = 0; n < N; n++) {
+        const float *zn = z + (size_t)n * E, *s = score + (size_t)n * E, *ds = dscore + (size_t)n * E;
+        float *d = dz + (size_t)n * E;
+        if (c->router == ROUTER_SOFTMAX) softmax_router_backward(d, ds, s, E);
+        else if (c->router == ROUTER_NORM) norm_router_backward(d, &dsig, ds, zn, sigma, c->router_c, c->router_eps, E);
+        else sigmoid_router_backward(d, ds, s, zn, chosen + (size_t)n * K, E, K);
+    }
+    *dsigma += (float)dsig;
+}
+
+/* The K largest of score + bias for each token, ties to the lower index.
+   bias (E) is the sigmoid router's expert bias, NULL for the others: it
+   moves the choice, never the gate. */
+static void topk_forward(int *chosen, const float *score, const float *bias, int N, int E, int K) {
+    // chosen (N,K), score (N,E), bias (E) or NULL
+    for (int n = 0; n < N; n++) {
+        const float *s = score + (size_t)n * E;
+        int *ch = chosen + (size_t)n * K;
+        for (int k = 0; k < K; k++) {
+            int best = -1;
+            float bv = 0.0f;
+            for (int j = 0; j < E; j++) {
+                int taken = 0;
+                for (int kk = 0; kk < k; kk++) taken |= ch[kk] == j;
+                float v = bias ? s[j] + bias[j] : s[j];
+                if (!taken && (best < 0 || v > bv)) best = j, bv = v;
+            }
+            ch[k] = best;
+        }
+    }
 }
 
 /* Cross-entropy over the first V of Vp logits: loss_n = lse_n - logit[target].
@@ -2883,8 +2913,7 @@ int main(int argc, char **argv) {
         model_build(&m, &cfg);
         checkpoint_read_body(r.resume, &m, &r.ck);
     } else {
-        if (cfg.router == ROUTER_NORM) cfg.router_c = norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED);
-        else cfg.router_c = 1.0f;
+        cfg.router_c = router_constant(&cfg);
         model_build(&m, &cfg);
         model_init(&m, tc.seed, tc.init_std);
     }

@@ -204,7 +204,7 @@ static void bench_step(int argc, char **argv) {
     cfg.L = presets[0].L, cfg.C = presets[0].C, cfg.NH = presets[0].NH, cfg.NKV = presets[0].NKV, cfg.F = presets[0].F;
     int model_flags;
     apply_flags(argc, argv, &cfg, &tc, &paths, &model_flags, 1);
-    cfg.router_c = cfg.router == ROUTER_NORM ? norm_router_c(cfg.E, cfg.K, ROUTER_C_DRAWS, ROUTER_C_SEED) : 1.0f;
+    cfg.router_c = router_constant(&cfg);
     Model m;
     model_build(&m, &cfg);
     model_init(&m, 1, 0.01f);
