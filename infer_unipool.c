@@ -84,6 +84,8 @@ static const char *find_file(const char *path, char *buf) {
    stderr. */
 static int encode_prompt(int *ids, int cap, const char *prepro, const char *text, int V) {
     const char *python = access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+    char vocab[16];  // formatted before fork: the child only redirects and executes
+    snprintf(vocab, sizeof vocab, "%d", V);
     int out[2], err[2];
     if (pipe(out) != 0 || pipe(err) != 0) fail("-p: cannot create a pipe: %s", strerror(errno));
     pid_t pid = fork();
@@ -92,8 +94,6 @@ static int encode_prompt(int *ids, int cap, const char *prepro, const char *text
         dup2(out[1], STDOUT_FILENO);
         dup2(err[1], STDERR_FILENO);
         close(out[0]), close(out[1]), close(err[0]), close(err[1]);
-        char vocab[16];
-        snprintf(vocab, sizeof vocab, "%d", V);
         execlp(python, python, prepro, "--encode", text, "--vocab", vocab, (char *)NULL);
         fprintf(stderr, "cannot run %s: %s\n", python, strerror(errno));
         _exit(127);
