@@ -348,6 +348,42 @@ static void cmd_util(Model *m, DataLoader *d, const InferArgs *a, int n) {
     free(counts);
 }
 
+/* The routing-randomisation probe: each token's K experts are replaced by K
+   distinct experts drawn uniformly from set (n >= K local indices), and each
+   new expert receives the gate the router gave to the choice it replaces.
+   So the probe changes which experts run, not how much of their output is
+   mixed in. Only the chosen scores are rewritten: the loss it measures is CE. */
+static void probe_reroute(int *chosen, float *score, int N, int E, int K, const int *set, int n, Rng *rng) {
+    for (int t = 0; t < N; t++) {
+        int *ch = chosen + (size_t)t * K;
+        float g[K], *s = score + (size_t)t * E;
+        for (int k = 0; k < K; k++) g[k] = s[ch[k]];
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+            do {
+                e = set[rng_u64(rng) % (uint64_t)n];
+                dup = 0;
+                for (int kk = 0; kk < k; kk++) dup |= ch[kk] == e;
+            } while (dup);
+            ch[k] = e;
+        }
+        for (int k = 0; k < K; k++) s[ch[k]] = g[k];
+    }
+}
+
+/* The probe's hook into model_forward (Model.route_hook): at one layer,
+   every token's experts are redrawn from set. */
+typedef struct {
+    int layer, E, K, n;
+    const int *set;  // (n) local expert indices
+    Rng rng;
+} Probe;
+
+static void probe_hook(void *ctx, int l, int *chosen, float *score, int N) {
+    Probe *p = ctx;
+    if (l == p->layer) probe_reroute(chosen, score, N, p->E, p->K, p->set, p->n, &p->rng);
+}
+
 static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a, int n) {
     const Config *c = &m->cfg;
     int L = c->L, E = c->E, GE = c->G * E, top = E < 8 ? E : 8;
@@ -370,12 +406,13 @@ static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a, int n) {
                 }
         double delta[2];
         for (int s = 0; s < 2; s++) {
-            m->probe_layer = l, m->probe_set = s ? busiest : all, m->probe_n = s ? top : E;
-            m->probe_rng = (Rng){a->seed + (uint64_t)l};
+            Probe probe = {l, E, c->K, s ? top : E, s ? busiest : all, {a->seed + (uint64_t)l}};
+            m->route_hook = probe_hook;
+            m->route_ctx = &probe;
             delta[s] = evaluate(m, d, a->B, n, NULL, 0) - base;
             sum[s] += delta[s];
         }
-        m->probe_layer = -1;
+        m->route_hook = NULL;
         printf("%5d | %+.5f | %+.5f\n", l, delta[0], delta[1]);
     }
     int deep = L - L / 2;

@@ -347,11 +347,105 @@ static void test_attention(void) {
     }
 }
 
+/* The oracle for a layer's mixture: one token and one expert at a time, in
+   double, straight from the formulas above moe_forward and moe_backward.
+   It shares nothing with the training program's MoE but MoeLayer: no
+   dispatch, no gathered rows, no SwiGLU helper, no matmul. */
+static void oracle_moe_forward(float *y, const MoeLayer *ml) {
+    // y (N,C)
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    double *hh = malloc_check(2 * (size_t)F * sizeof(double));  // (2F) fc1 x, then silu(a) * b
+    for (int n = 0; n < N; n++) {
+        const float *xn = ml->x + (size_t)n * C;
+        float *yn = y + (size_t)n * C;
+        for (int i = 0; i < C; i++) yn[i] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            int e = ml->chosen[n * K + k];
+            const float *w1 = ml->fc1 + (size_t)e * 2 * F * C, *w2 = ml->fc2 + (size_t)e * C * F;
+            for (int r = 0; r < 2 * F; r++) {
+                hh[r] = 0.0;
+                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
+            }
+            for (int r = 0; r < F; r++) hh[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
+            for (int i = 0; i < C; i++) {
+                double o = 0.0;
+                for (int r = 0; r < F; r++) o += (double)w2[(size_t)i * F + r] * hh[r];
+                yn[i] += (float)(ml->score[(size_t)n * E + e] * o);
+            }
+        }
+    }
+    free(hh);
+}
+
+/* The backward, recomputing each expert's activations from x. With g the
+   gate, act = silu(a) * b and o = fc2 act the expert's output:
+     dgate = dy . o,  dact = g fc2^T dy,  dfc2 += g dy act^T,
+     da = dact b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))),  db = dact silu(a),
+     dx += fc1^T [da; db],  dfc1 += [da; db] x^T */
+static void oracle_moe_backward(float *dx, float *dscore, float *dfc1, float *dfc2, const float *dy,
+                                const MoeLayer *ml) {
+    // dx (N,C) +=, dscore (N,E) += at the chosen experts, dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=, dy (N,C)
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    double *hh = malloc_check(2 * (size_t)F * sizeof(double)), *act = malloc_check((size_t)F * sizeof(double));
+    double *dact = malloc_check((size_t)F * sizeof(double)), *dh = malloc_check(2 * (size_t)F * sizeof(double));
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int e = ml->chosen[n * K + k];
+            const float *w1 = ml->fc1 + (size_t)e * 2 * F * C, *w2 = ml->fc2 + (size_t)e * C * F;
+            float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
+            const float *xn = ml->x + (size_t)n * C, *dyn = dy + (size_t)n * C;
+            double g = ml->score[(size_t)n * E + e], dg = 0.0;
+            for (int r = 0; r < 2 * F; r++) {
+                hh[r] = 0.0;
+                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
+            }
+            for (int r = 0; r < F; r++) act[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
+            for (int r = 0; r < F; r++) dact[r] = 0.0;
+            for (int i = 0; i < C; i++) {
+                double o = 0.0;
+                for (int r = 0; r < F; r++) {
+                    o += (double)w2[(size_t)i * F + r] * act[r];
+                    dact[r] += g * dyn[i] * w2[(size_t)i * F + r];
+                    d2[(size_t)i * F + r] += (float)(g * dyn[i] * act[r]);
+                }
+                dg += dyn[i] * o;
+            }
+            dscore[(size_t)n * E + e] += (float)dg;
+            for (int r = 0; r < F; r++) {
+                double a = hh[r], b = hh[F + r], sg = 1.0 / (1.0 + exp(-a));
+                dh[r] = dact[r] * b * sg * (1.0 + a * (1.0 - sg));
+                dh[F + r] = dact[r] * a * sg;
+            }
+            for (int r = 0; r < 2 * F; r++)
+                for (int i = 0; i < C; i++) {
+                    dx[(size_t)n * C + i] += (float)(dh[r] * w1[(size_t)r * C + i]);
+                    d1[(size_t)r * C + i] += (float)(dh[r] * xn[i]);
+                }
+        }
+    free(hh);
+    free(act);
+    free(dact);
+    free(dh);
+}
+
+/* experts_matmul_fast schedules a layer's expert products on the threads;
+   experts_matmul_ref runs them one after another. Each product is the same
+   call either way, so the two must agree bit for bit, forward and backward. */
+static void check_expert_schedule(const char *what, const float *x, const float *w, const int *offset, int E,
+                                  int n_in, int n_out, int backward) {
+    size_t rows = (size_t)offset[E], ny = rows * (backward ? n_in : n_out);
+    float *y = calloc_check(ny, 4), *y_ref = calloc_check(ny, 4);
+    experts_matmul_fast(y, x, w, offset, E, n_in, n_out, backward);
+    experts_matmul_ref(y_ref, x, w, offset, E, n_in, n_out, backward);
+    check_true(what, !memcmp(y, y_ref, ny * 4), "");
+    free(y), free(y_ref);
+}
+
 static void test_moe(void) {
     // N, C, F, E, K, and how many tokens go to expert 0 first (K = 1): the fourth case sends every
     // token to one expert, the fifth gives expert 0 over half the rows, so that it runs on all threads
-    // (expert_matmuls) while the small ones run with a thread each; they are read in place (GM_SMALL),
-    // the last has SwiGLU rows longer than swiglu_backward's chunk
+    // (experts_matmul_fast) while the small ones run with a thread each; they are read in place
+    // (GM_SMALL), the last has SwiGLU rows longer than swiglu_backward's chunk
     static const int cases[][6] = {{23, 16, 12, 5, 2, 0},
                                    {40, 32, 20, 8, 1, 0},
                                    {7, 8, 4, 4, 3, 0},
@@ -380,16 +474,20 @@ static void test_moe(void) {
         float *dfc1 = calloc_check((size_t)E * 2 * F * C, 4), *dfc2 = calloc_check((size_t)E * C * F, 4);
         float *dx_ref = calloc_check((size_t)N * C, 4), *dscore_ref = calloc_check((size_t)N * E, 4);
         float *dfc1_ref = calloc_check((size_t)E * 2 * F * C, 4), *dfc2_ref = calloc_check((size_t)E * C * F, 4);
-        MoeLayer ml = {N, C, F, E, K, x, score, chosen, fc1, fc2, dfc1_ref, dfc2_ref, d, NULL, 0, 0};
-        experts_forward(y, h, eout, xs, act, &ml);
-        moe_forward_ref(y_ref, &ml);
-        experts_backward(dx, dscore, eout, h, act_kept, dxs, dy, &ml);
+        MoeLayer ml = {N, C, F, E, K, x, score, chosen, fc1, fc2, d};
+        moe_forward(y, h, eout, xs, act, &ml);
+        oracle_moe_forward(y_ref, &ml);
+        snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: experts scheduled = one by one, fc1", N, C, F, E, K);
+        check_expert_schedule(what, xs, fc1, d.offset, E, C, 2 * F, 0);
+        snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: experts scheduled = one by one, d act", N, C, F, E, K);
+        check_expert_schedule(what, eout, fc2, d.offset, E, F, C, 1);
+        moe_backward(dx, dscore, eout, h, act_kept, dxs, dy, &ml);
         snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: backward's SwiGLU output = forward's, bit for bit", N, C, F, E, K);
         check_true(what, !memcmp(act_kept, act, (size_t)NK * F * 4), "");
         int *rows = malloc_check((size_t)NK * sizeof(int));
         GradScratch sc = {hs, act, dxs, xs, rows};
-        moe_weight_grads(dfc1, dfc2, &sc, &(PoolRows){h, eout, act_kept, x, d.order, d.offset, 1, N}, N, C, F, E, K);
-        moe_backward_ref(dx_ref, dscore_ref, dy, &ml);
+        pool_weight_grads(dfc1, dfc2, &sc, &(PoolRows){h, eout, act_kept, x, d.order, d.offset, 1, N}, N, C, F, E, K);
+        oracle_moe_backward(dx_ref, dscore_ref, dfc1_ref, dfc2_ref, dy, &ml);
         const char *names[5] = {"y", "dx", "dscore", "dfc1", "dfc2"};
         float *got[5] = {y, dx, dscore, dfc1, dfc2}, *ref[5] = {y_ref, dx_ref, dscore_ref, dfc1_ref, dfc2_ref};
         size_t sizes[5] = {(size_t)N * C, (size_t)N * C, (size_t)N * E, (size_t)E * 2 * F * C, (size_t)E * C * F};
@@ -411,7 +509,7 @@ static void test_moe(void) {
             memcpy(off2 + (size_t)j * (E + 1), d.offset, (size_t)(E + 1) * sizeof(int));
         }
         memset(dfc1, 0, (size_t)E * 2 * F * C * 4), memset(dfc2, 0, (size_t)E * C * F * 4);
-        moe_weight_grads(dfc1, dfc2, &sc, &(PoolRows){h2, eo2, ak2, x2, ord2, off2, 2, N}, N, C, F, E, K);
+        pool_weight_grads(dfc1, dfc2, &sc, &(PoolRows){h2, eo2, ak2, x2, ord2, off2, 2, N}, N, C, F, E, K);
         for (size_t i = 0; i < (size_t)E * 2 * F * C; i++) dfc1_ref[i] *= 2;
         for (size_t i = 0; i < (size_t)E * C * F; i++) dfc2_ref[i] *= 2;
         for (int i = 3; i < 5; i++) {
@@ -574,6 +672,11 @@ static void test_expert_bias(void) {
     snprintf(detail, sizeof detail, "layer 0 expert 2 counted %lld of %d, all layers %lld of %d",
              (long long)m.step_counts[2], N, (long long)total, 4 * N);
     check_true("training forward counts its routing", m.step_counts[2] == N && total == 4 * N, detail);
+    model_forward(&m, in, tg, TB, TT, 0, 0);  // an evaluation pass: its routing is not the step's
+    int64_t after = 0;
+    for (int j = 0; j < 16; j++) after += m.step_counts[j];
+    snprintf(detail, sizeof detail, "all layers %lld after it, %lld before", (long long)after, (long long)total);
+    check_true("evaluation forward leaves the step's counts alone", after == total, detail);
     model_free(&m);
 }
 

@@ -208,6 +208,24 @@ static void param_point(ParamTensors *p, float *memory, const Shape shapes[NUM_P
 }
 
 // Returns NULL if the configuration is usable, else what is wrong with it.
+/* Layer l's slices of the per-layer tensors, of the parameters or of their gradients. */
+typedef struct {
+    float *attn_norm;     // (C)
+    float *wq;            // (NH*hd,C)
+    float *wk, *wv;       // (NKV*hd,C)
+    float *wo;            // (C,NH*hd)
+    float *ffn_norm;      // (C)
+    float *router;        // (E,C)
+    float *router_scale;  // (1) the NormRouter's sigma
+} LayerTensors;
+
+static LayerTensors layer_tensors(const ParamTensors *t, const Config *c, size_t l) {
+    size_t C = c->C, Q = (size_t)c->NH * HD(c), KV = (size_t)c->NKV * HD(c), E = c->E;
+    return (LayerTensors){t->attn_norm + l * C, t->wq + l * Q * C,         t->wk + l * KV * C,
+                          t->wv + l * KV * C,   t->wo + l * C * Q,         t->ffn_norm + l * C,
+                          t->router + l * E * C, t->router_scale + l};
+}
+
 static const char *config_error(const Config *c) {
     // bounds far beyond any real model keep every size computation small enough for 64 bits
     if (c->Vp > (1 << 24) || c->L > 1024 || c->C > (1 << 16) || c->F > (1 << 20) || c->maxT > (1 << 16) ||
@@ -233,11 +251,11 @@ static const char *config_error(const Config *c) {
 
 // ----------------------------------------------------------------------------
 // The kernels' interface. The model calls exponential, matmul_forward,
-// matmul_backward, attention_forward, attention_backward, moe_forward and
-// moe_backward, each a function defined next to its plain twin (name_ref)
-// and its math below; it runs name_ref in a `make REFERENCE=1` build
-// (-DUNIPOOL_REFERENCE), else the fast name_fast of the machinery section at
-// the end of the file. test_unipool holds each fast kernel to its plain twin.
+// matmul_backward, attention_forward, attention_backward and experts_matmul,
+// each a function defined next to its plain twin (name_ref) and its math
+// below; it runs name_ref in a `make REFERENCE=1` build (-DUNIPOOL_REFERENCE),
+// else the fast name_fast of the machinery section at the end of the file.
+// test_unipool holds each fast kernel to its plain twin.
 
 #ifdef UNIPOOL_REFERENCE
 #define KERNEL(name) name##_ref
@@ -245,9 +263,6 @@ static const char *config_error(const Config *c) {
 #define KERNEL(name) name##_fast
 #endif
 #define KERNEL_DEF __attribute__((unused)) static  // a build leaves one definition of each unused
-
-
-typedef struct MoeLayer MoeLayer;  // one layer's view of its pool (see "The mixture of experts")
 
 /* One attention call: B sequences of T queries at positions [t0, t0 + T),
    NH query heads and NKV key/value heads of hd each. */
@@ -264,8 +279,8 @@ KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, 
 KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at);
 KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                         const float *lse, const Attention *at);
-KERNEL_DEF void moe_forward_fast(float *y, const MoeLayer *ml);
-KERNEL_DEF void moe_backward_fast(float *dx, float *dscore, const float *dy, const MoeLayer *ml);
+KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, const int *offset, int E, int n_in,
+                                    int n_out, int backward);
 
 // ----------------------------------------------------------------------------
 // Small vector helpers. gcc vectorises a float sum only when it may reorder
@@ -338,6 +353,11 @@ static void encoder_forward(float *out, const int *tokens, const float *wte, int
 static void encoder_backward(float *dwte, const float *dout, const int *tokens, int N, int C) {
     // dwte (Vp,C) +=, dout (N,C); in token order, so repeated tokens add up deterministically
     for (int n = 0; n < N; n++) axpy(dwte + (size_t)tokens[n] * C, 1.0f, dout + (size_t)n * C, C);
+}
+
+// out = a + b: a residual connection (its backward passes the gradient to both unchanged)
+static void residual_forward(float *out, const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w
@@ -725,6 +745,258 @@ static void crossentropy_backward(float *logits, const float *lse, const int *ta
 }
 
 // ----------------------------------------------------------------------------
+// The mixture of experts: one layer's view of its pool
+
+/* A layer's mixture, dropless: y_n = sum_k gate_nk expert_{chosen_nk}(x_n),
+   with expert_e(x) = fc2_e (silu(a) * b), [a; b] = fc1_e x (a the gate rows,
+   b the up rows), silu(a) = a sigmoid(a). Ownership is all a layer needs to
+   know: fc1 and fc2 below point at the E experts of its pool
+   (layer_first_expert), so with G < L several layers read the same rows.
+
+   It runs expert by expert. The N*K (token, slot) assignments are sorted by
+   expert (the dispatch); row p of the sorted order is assignment order[p],
+   and expert e's rows are the block [offset[e], offset[e+1]). Then
+     xs[p]  = x[order[p] / K]                          (N*K,C)  gather
+     h_e    = xs_e fc1_e^T                             (n_e,2F) one product per expert
+     act    = silu(h[:, :F]) * h[:, F:]                (N*K,F)  SwiGLU
+     eout_e = act_e fc2_e^T                            (n_e,C)  one product per expert
+     y_n    = sum_k gate_nk eout[slot[n K + k]]        (N,C)    the gated scatter-add
+   and the backward runs the same steps in reverse. An expert with no tokens
+   costs nothing. */
+typedef struct {
+    int *order;   // (N*K) assignment a = n*K + k at each sorted position
+    int *slot;    // (N*K) sorted position of each assignment (inverse of order)
+    int *offset;  // (E+1) first sorted position of each expert
+} Dispatch;
+
+// A counting sort by expert, stable (so deterministic); its counts are also the experts' loads.
+static void moe_dispatch(Dispatch *d, const int *chosen, int NK, int E) {
+    for (int e = 0; e <= E; e++) d->offset[e] = 0;
+    for (int a = 0; a < NK; a++) d->offset[chosen[a] + 1]++;
+    for (int e = 0; e < E; e++) d->offset[e + 1] += d->offset[e];
+    for (int a = 0; a < NK; a++) d->slot[a] = d->offset[chosen[a]]++;
+    for (int e = E; e > 0; e--) d->offset[e] = d->offset[e - 1];  // undo the increments
+    d->offset[0] = 0;
+    for (int a = 0; a < NK; a++) d->order[d->slot[a]] = a;
+}
+
+// What a layer's mixture reads: its input, its routing and its pool.
+typedef struct {
+    int N, C, F, E, K;
+    const float *x;          // (N,C) input: the ffn norm's output
+    const float *score;      // (N,E) router scores; the chosen ones are the gates
+    const int *chosen;       // (N,K) chosen experts, indices into the pool
+    const float *fc1, *fc2;  // (E,2F,C), (E,C,F) the pool's experts
+    Dispatch d;              // the assignments sorted by expert
+} MoeLayer;
+
+static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int K, int C) {
+    // xs (N*K,C) rows in sorted order, x (N,C)
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
+}
+
+/* Expert e's product over its block of sorted rows, W (E,n_out,n_in):
+     forward:  y_e = x_e W_e^T  (x rows of n_in, y rows of n_out)
+     backward: y_e += x_e W_e   (the input's gradient: x rows of n_out, y rows of n_in) */
+static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int n_in, int n_out,
+                          int backward) {
+    size_t ys = backward ? (size_t)n_in : (size_t)n_out, xs = backward ? (size_t)n_out : (size_t)n_in;
+    int p0 = offset[e], ne = offset[e + 1] - p0;
+    if (ne == 0) return;  // an expert no token chose costs nothing
+    float *ye = y + (size_t)p0 * ys;
+    const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * n_out * n_in;
+    if (backward)
+        matmul_backward(ye, NULL, xe, NULL, we, ne, n_in, n_out);
+    else
+        matmul_forward(ye, xe, we, ne, n_in, n_out);
+}
+
+// Every expert's product of one layer, one after another (the fast build schedules them on the threads).
+KERNEL_DEF void experts_matmul_ref(float *y, const float *x, const float *w, const int *offset, int E, int n_in,
+                                   int n_out, int backward) {
+    for (int e = 0; e < E; e++) expert_matmul(y, x, w, offset, e, n_in, n_out, backward);
+}
+
+static void experts_matmul(float *y, const float *x, const float *w, const int *offset, int E, int n_in, int n_out,
+                           int backward) {
+    KERNEL(experts_matmul)(y, x, w, offset, E, n_in, n_out, backward);
+}
+
+// SwiGLU: h = [a; b] (2F), out = silu(a) * b, silu(a) = a sigmoid(a)
+static void swiglu_forward(float *out, const float *h, int M, int F) {
+    // out (M,F), h (M,2F)
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        const float *a = h + (size_t)m * 2 * F, *b = a + F;
+        float *o = out + (size_t)m * F;
+        for (int i = 0; i < F; i++) o[i] = a[i] * sigmoid(a[i]) * b[i];
+    }
+}
+
+/* da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a);
+   and the forward's output again, act = silu(a) b (the same bits), which
+   the weight gradient of fc2 needs. In place: dh may be h and act may be
+   dout. Each element is read before it is written, but a vectorised loop
+   may not assume so; inputs go through a small copy. */
+#define SWIGLU_CHUNK 256
+static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M, int F) {
+    // dh (M,2F) written, act (M,F) written, dout (M,F), h (M,2F)
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        for (int i0 = 0; i0 < F; i0 += SWIGLU_CHUNK) {
+            int n = F - i0 < SWIGLU_CHUNK ? F - i0 : SWIGLU_CHUNK;
+            float a[SWIGLU_CHUNK], b[SWIGLU_CHUNK], d[SWIGLU_CHUNK];
+            memcpy(a, h + (size_t)m * 2 * F + i0, n * sizeof(float));
+            memcpy(b, h + (size_t)m * 2 * F + F + i0, n * sizeof(float));
+            memcpy(d, dout + (size_t)m * F + i0, n * sizeof(float));
+            float *restrict da = dh + (size_t)m * 2 * F + i0, *restrict db = da + F;
+            float *restrict o = act + (size_t)m * F + i0;
+            for (int i = 0; i < n; i++) {
+                float sg = sigmoid(a[i]), silu = a[i] * sg;
+                da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
+                db[i] = d[i] * silu;
+                o[i] = silu * b[i];
+            }
+        }
+}
+
+static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, const MoeLayer *ml) {
+    // y (N,C); saved for the backward: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
+    const float *score = ml->score;
+    const int *chosen = ml->chosen;
+    const Dispatch *d = &ml->d;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    moe_gather(xs, ml->x, d, N * K, K, C);
+    experts_matmul(h, xs, ml->fc1, d->offset, E, C, 2 * F, 0);
+    swiglu_forward(act, h, N * K, F);
+    experts_matmul(eout, act, ml->fc2, d->offset, E, F, C, 0);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *yn = y + (size_t)n * C;
+        for (int i = 0; i < C; i++) yn[i] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            int a = n * K + k;
+            axpy(yn, score[(size_t)n * E + chosen[a]], eout + (size_t)d->slot[a] * C, C);
+        }
+    }
+}
+
+/* The backward for the input and the gates. With g the gate and o the
+   expert's output (eout):
+     dgate = dy . o,   do = g dy,   dact = do fc2,
+     da = dact b silu'(a),   db = dact silu(a)   (swiglu_backward),
+     dxs = [da; db] fc1,   dx_n += sum_k dxs[slot[n K + k]]
+   The experts' weight gradients,
+     dfc2_e += do_e^T act_e,   dfc1_e += [da; db]_e^T xs_e,
+   wait for pool_weight_grads (below): this backward leaves what they need in
+   place of what it has finished with, do over eout, [da; db] over h, and
+   SwiGLU's output act, recomputed (the same bits as the forward's). */
+static void moe_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs, const float *dy,
+                         const MoeLayer *ml) {
+    // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten:
+    // eout (N*K,C) -> do, h (N*K,2F) -> [da; db]; act (N*K,F) written; scratch dxs (N*K,C); dy (N,C)
+    const float *score = ml->score;
+    const int *chosen = ml->chosen;
+    const Dispatch *d = &ml->d;
+    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
+    int NK = N * K;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int a = n * K + k;
+            const float *dyn = dy + (size_t)n * C;
+            float g = score[(size_t)n * E + chosen[a]], *eo = eout + (size_t)d->slot[a] * C;
+            dscore[(size_t)n * E + chosen[a]] += dot(dyn, eo, C);
+            for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
+        }
+    memset(act, 0, (size_t)NK * F * sizeof(float));
+    experts_matmul(act, eout, ml->fc2, d->offset, E, F, C, 1);  // d act, until SwiGLU's backward
+    swiglu_backward(h, act, act, h, NK, F);
+    memset(dxs, 0, (size_t)NK * C * sizeof(float));
+    experts_matmul(dxs, h, ml->fc1, d->offset, E, C, 2 * F, 1);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
+}
+
+/* The pooled weight gradient, UniPool's own step in the backward. A shared
+   expert serves every layer of its pool, so its gradient is a sum over all
+   of them:
+     dfc2_e += sum over the pool's layers j of do_{j,e}^T act_{j,e}
+     dfc1_e += sum over j of [da; db]_{j,e}^T xs_{j,e}
+   model_backward runs it once a pool's last layer in backward order (its
+   first) is done, as one product per weight over the expert's rows of every
+   layer, so each gradient is written once per pool instead of once per layer
+   (vanilla MoE is the pool of one layer). The rows of nl layers are what
+   moe_backward left, each layer a block of `block` tokens (block*K rows): */
+typedef struct {
+    const float *dh;     // (nl,block*K,2F) [da; db], dispatch order
+    const float *deout;  // (nl,block*K,C) do
+    const float *act;    // (nl,block*K,F) SwiGLU output
+    const float *x;      // (nl,block,C) the mixture's input
+    const int *order;    // (nl,block*K) dispatch: assignment at each position
+    const int *offset;   // (nl,E+1) dispatch: first position of each expert
+    int nl;
+    size_t block;
+} PoolRows;
+
+// Scratch for a chunk of up to N*K rows of one expert: hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
+typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
+
+/* One expert's weight gradients from R of its rows (rows[r] = layer j of the
+   pool times block*K plus the dispatch position). Rows that are one run
+   (vanilla: an expert's rows of its one layer) are read in place; rows of
+   several layers are gathered into the scratch first, and the inputs x
+   always are. */
+static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R, const PoolRows *pr, int C,
+                                int F, int K) {
+    // dfc1 (2F,C) +=, dfc2 (C,F) +=
+    float *hs = sc->hs, *as = sc->as, *ds = sc->ds, *xs = sc->xs;
+    const float *dh = pr->dh, *deout = pr->deout, *act = pr->act, *x = pr->x;
+    const int *rows = sc->rows, *order = pr->order;
+    size_t block = pr->block;
+    size_t blockK = block * K, q0 = (size_t)rows[0];
+    int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        size_t q = (size_t)rows[r], j = q / blockK;  // row q of the pool's (layer, position) blocks
+        if (!run) {
+            memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
+            memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
+            memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
+        }
+        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
+    }
+    matmul_backward(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
+    matmul_backward(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
+}
+
+/* The weight gradients of a pool's E experts: each expert's rows of every
+   layer, in layer then dispatch order, in chunks of at most N*K rows (the
+   scratch). */
+static void pool_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr, int N, int C, int F,
+                              int E, int K) {
+    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
+    const int *offset = pr->offset;
+    int *rows = sc->rows, nl = pr->nl;
+    size_t blockK = pr->block * K;
+    for (int e = 0; e < E; e++) {
+        float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
+        int R = 0;
+        for (int j = 0; j < nl; j++)
+            for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
+                rows[R++] = (int)(j * blockK + p);
+                if (R == N * K) {
+                    expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
+                    R = 0;
+                }
+            }
+        if (R) expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // The model
 
 /* Ownership is data. Layer l's router sees experts [g E, (g+1) E) of the one
@@ -818,11 +1090,9 @@ typedef struct {
     int maxN, B, T;                        // B, T of the last forward
     int N_all;                             // its tokens over all ranks: the N of the loss means (B T R)
     double ce, aux;                        // of the last forward
-    // routing probe (infer_unipool): at layer probe_layer each token's experts
-    // are redrawn from probe_set (see probe_reroute); -1 leaves routing alone
-    int probe_layer, probe_n;
-    const int *probe_set;
-    Rng probe_rng;
+    // called after each layer's routing, which it may rewrite (infer_unipool's probe); NULL: none
+    void (*route_hook)(void *ctx, int l, int *chosen, float *score, int N);  // chosen (N,K), score (N,E)
+    void *route_ctx;
 } Model;
 
 static void model_build(Model *m, const Config *cfg) {
@@ -847,7 +1117,6 @@ static void model_build(Model *m, const Config *cfg) {
     m->expert_bias = calloc_check(le, sizeof(float));
     m->step_counts = calloc_check(le, sizeof(int64_t));
     m->counts = calloc_check(le, sizeof(int64_t));
-    m->probe_layer = -1;
     world_shard(m->num_params, world.rank, &m->opt_lo, &m->opt_hi);
 }
 
@@ -912,19 +1181,11 @@ static void act_alloc(Model *m, int N) {
     m->maxN = N;
 }
 
-/* Load-balancing loss (SPEC section 4), one formula for every mode:
-     aux = sum_l sum_j coef[l][j] P[l][j],   P[l][j] = mean_n score[l][n][j]
-     coef[l][j] = alpha E fbar[j] / |group|,     fbar = mean over l' in group of f[l'][j]
-   where group is l's group: {l} for the per-layer loss (aux 1), the layers of
-   l's pool for the pool losses (aux 2, 3); aux 2 takes f from the previous
-   training micro-batch (none yet: no loss). f[l][j] = count / (K N) carries
-   no gradient, so d aux / d score[l][n][j] = coef[l][j] / N.
-   In a data-parallel run N and the counts are the whole micro-batch's, all
-   ranks' rows (N_all), as on one process: the counts are summed over the
-   ranks here, and the P returned is this rank's share of the sum over n. */
-static double aux_forward(Model *m, int N, int training) {
+/* Each layer's expert loads of the last forward, from its dispatch:
+   counts[l][j], summed over the ranks, and f[l][j] = counts[l][j] / (K N_all). */
+static void expert_loads(Model *m) {
     const Config *c = &m->cfg;
-    int L = c->L, E = c->E, group = c->aux == AUX_LAYER ? 1 : L / c->G;
+    int L = c->L, E = c->E;
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             const int *off = m->acts.offset + (size_t)l * (E + 1);
@@ -932,14 +1193,46 @@ static double aux_forward(Model *m, int N, int training) {
         }
     world_sum_i64(m->counts, (size_t)L * E);
     for (int i = 0; i < L * E; i++) m->aux_f[i] = (float)m->counts[i] / ((float)c->K * m->N_all);
-    const float *fsrc = c->aux == AUX_POOL_PREV ? m->aux_prev_f : m->aux_f;
+}
+
+/* After a training micro-batch: its f becomes the stale statistic of the
+   next one (aux 2), and the sigmoid router's step counts take its loads. */
+static void aux_keep_statistic(Model *m) {
+    const Config *c = &m->cfg;
+    int LE = c->L * c->E;
+    memcpy(m->aux_prev_f, m->aux_f, (size_t)LE * sizeof(float));
+    m->aux_prev_valid = 1;
+    for (int i = 0; c->router == ROUTER_SIGMOID && i < LE; i++) m->step_counts[i] += m->counts[i];
+}
+
+/* The load-balancing loss (SPEC section 4). UniPool's pool loss, as the
+   paper writes it, for each pool of M = E experts:
+     aux = alpha M sum_j fprev_j P_j
+   where, over the L/G layers l of the pool and the micro-batch's N tokens,
+     P_j     = mean over l and n of score[l][n][j]   (every candidate: the gradient flows here)
+     fprev_j = mean over l of f[l][j] of the previous training micro-batch (the stale statistic),
+     f[l][j] = count[l][j] / (K N), count[l][j] the tokens layer l sent to expert j (a constant).
+   Its variants: aux 3 takes f of this micro-batch; aux 1 is vanilla MoE's
+   per-layer loss, each layer a pool of one (alpha E sum_j f[l][j] P[l][j]);
+   aux 0 is none. With P[l][j] the mean over n alone, each of them is
+     aux = sum_l sum_j coef[l][j] P[l][j],   coef[l][j] = alpha E fbar[j] / |group|,
+   fbar the mean of f over l's group (its pool, or {l}), which is how it is
+   computed and what the backward needs: d aux / d score[l][n][j] = coef[l][j] / N.
+   In a data-parallel run N and the counts are the whole micro-batch's, all
+   ranks' rows (N_all), as on one process; the P summed here is this rank's
+   share of the sum over n. */
+static double aux_forward(Model *m, int N, int training) {
+    const Config *c = &m->cfg;
+    int L = c->L, E = c->E, group = c->aux == AUX_LAYER ? 1 : L / c->G;
+    expert_loads(m);  // f (L,E) of this micro-batch: m->aux_f
+    const float *f = c->aux == AUX_POOL_PREV ? m->aux_prev_f : m->aux_f;
     int active = c->aux != AUX_NONE && (c->aux != AUX_POOL_PREV || m->aux_prev_valid);
     double aux = 0.0;
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
             double fbar = 0.0, P = 0.0;
             int l0 = l / group * group;
-            for (int ll = l0; ll < l0 + group; ll++) fbar += fsrc[ll * E + j];
+            for (int ll = l0; ll < l0 + group; ll++) fbar += f[ll * E + j];
             fbar /= group;
             for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * m->maxN + n) * E + j];
             P /= m->N_all;
@@ -947,12 +1240,16 @@ static double aux_forward(Model *m, int N, int training) {
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P;
         }
-    if (training) {  // evaluation passes leave the stale statistic and the step's counts alone
-        memcpy(m->aux_prev_f, m->aux_f, (size_t)L * E * sizeof(float));
-        m->aux_prev_valid = 1;
-        for (int i = 0; c->router == ROUTER_SIGMOID && i < L * E; i++) m->step_counts[i] += m->counts[i];
-    }
+    if (training) aux_keep_statistic(m);  // evaluation passes leave it, and the step's counts, alone
     return aux;
+}
+
+/* d aux / d score[l][n][j] = coef[l][j] / N_all, times the backward's scale:
+   where d score (N,E) of layer l starts; the gates' path adds to it. */
+static void aux_backward(float *dscore, const float *coef, float scale, int N_all, int N, int E) {
+    // dscore (N,E) written, coef (E) layer l's row of aux_coef
+    for (int n = 0; n < N; n++)
+        for (int j = 0; j < E; j++) dscore[(size_t)n * E + j] = coef[j] * scale / N_all;
 }
 
 /* Balancing without a loss, for the sigmoid router (SPEC section 3): after
@@ -975,164 +1272,29 @@ static void expert_bias_update(Model *m) {
     }
 }
 
-// ----------------------------------------------------------------------------
-// The mixture of experts: one layer's view of its pool
-
-/* The N*K (token, slot) assignments counting-sorted by expert (stable, so
-   deterministic): the experts' loads for the aux loss, and the order in
-   which the fast path gathers each expert's rows. */
-typedef struct {
-    int *order;   // (N*K) assignment a = n*K + k at each sorted position
-    int *slot;    // (N*K) sorted position of each assignment (inverse of order)
-    int *offset;  // (E+1) first sorted position of each expert
-} Dispatch;
-
-static void moe_dispatch(Dispatch *d, const int *chosen, int NK, int E) {
-    for (int e = 0; e <= E; e++) d->offset[e] = 0;
-    for (int a = 0; a < NK; a++) d->offset[chosen[a] + 1]++;
-    for (int e = 0; e < E; e++) d->offset[e + 1] += d->offset[e];
-    for (int a = 0; a < NK; a++) d->slot[a] = d->offset[chosen[a]]++;
-    for (int e = E; e > 0; e--) d->offset[e] = d->offset[e - 1];  // undo the increments
-    d->offset[0] = 0;
-    for (int a = 0; a < NK; a++) d->order[d->slot[a]] = a;
-}
-
-/* A layer's mixture, dropless: y_n = sum_k gate_nk expert_{chosen_nk}(x_n),
-   with expert_e(x) = fc2_e (silu(a) * b), [a; b] = fc1_e x (a the gate rows,
-   b the up rows), silu(a) = a sigmoid(a). Ownership is all a layer needs to
-   know: fc1 and fc2 below point at the E experts of its pool
-   (layer_first_expert), so with G < L several layers read the same rows. */
-struct MoeLayer {
-    int N, C, F, E, K;
-    const float *x;          // (N,C) input: the ffn norm's output
-    const float *score;      // (N,E) router scores; the chosen ones are the gates
-    const int *chosen;       // (N,K) chosen experts, indices into the pool
-    const float *fc1, *fc2;  // (E,2F,C), (E,C,F) the pool's experts
-    float *dfc1, *dfc2;      // (E,2F,C), (E,C,F) their gradients (+=)
-    Dispatch d;              // the assignments sorted by expert
-    Model *m;                // the fast path's saved activations and scratch: layer l,
-    int l;                   // rows from row of its (L, maxN) blocks
-    size_t row;
-};
-
+/* Layer l's mixture over rows [row, row + N) of its (L, maxN) activation
+   blocks: its input and routing, and the E experts of its pool. */
 static MoeLayer moe_layer(Model *m, int l, size_t row, int N) {
     const Config *c = &m->cfg;
     Acts *a = &m->acts;
     int C = c->C, F = c->F, E = c->E, K = c->K;
     size_t e0 = layer_first_expert(c, l);
+    Dispatch d = {a->order + row * K, a->slot + row * K, a->offset + (size_t)l * (E + 1)};
     return (MoeLayer){N, C, F, E, K, a->ln2 + row * C, a->score + row * E, a->chosen + row * K,
-                      m->params.expert_fc1 + e0 * 2 * F * C, m->params.expert_fc2 + e0 * C * F,
-                      m->grads.expert_fc1 + e0 * 2 * F * C, m->grads.expert_fc2 + e0 * C * F,
-                      {a->order + row * K, a->slot + row * K, a->offset + (size_t)l * (E + 1)}, m, l, row};
+                      m->params.expert_fc1 + e0 * 2 * F * C, m->params.expert_fc2 + e0 * C * F, d};
 }
 
-/* The forward, one token and one expert at a time, in double. */
-KERNEL_DEF void moe_forward_ref(float *y, const MoeLayer *ml) {
-    // y (N,C)
-    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
-    double *hh = malloc_check(2 * (size_t)F * sizeof(double));  // (2F) fc1 x, then silu(a) * b
-    for (int n = 0; n < N; n++) {
-        const float *xn = ml->x + (size_t)n * C;
-        float *yn = y + (size_t)n * C;
-        for (int i = 0; i < C; i++) yn[i] = 0.0f;
-        for (int k = 0; k < K; k++) {
-            int e = ml->chosen[n * K + k];
-            const float *w1 = ml->fc1 + (size_t)e * 2 * F * C, *w2 = ml->fc2 + (size_t)e * C * F;
-            for (int r = 0; r < 2 * F; r++) {
-                hh[r] = 0.0;
-                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
-            }
-            for (int r = 0; r < F; r++) hh[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
-            for (int i = 0; i < C; i++) {
-                double o = 0.0;
-                for (int r = 0; r < F; r++) o += (double)w2[(size_t)i * F + r] * hh[r];
-                yn[i] += (float)(ml->score[(size_t)n * E + e] * o);
-            }
-        }
-    }
-    free(hh);
-}
-
-static void moe_forward(float *y, const MoeLayer *ml) { KERNEL(moe_forward)(y, ml); }
-
-/* The backward, recomputing each expert's activations from x. With g the
-   gate, act = silu(a) * b and o = fc2 act the expert's output:
-     dgate = dy . o,  dact = g fc2^T dy,  dfc2 += g dy act^T,
-     da = dact b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))),  db = dact silu(a),
-     dx += fc1^T [da; db],  dfc1 += [da; db] x^T
-   dfc1 and dfc2 are the pool's: a shared expert's gradient is the sum of its
-   rows' contributions from every layer that used it, each layer's backward
-   adding its own. */
-KERNEL_DEF void moe_backward_ref(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
-    // dx (N,C) +=, dscore (N,E) += at the chosen experts, dy (N,C)
-    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
-    double *hh = malloc_check(2 * (size_t)F * sizeof(double)), *act = malloc_check((size_t)F * sizeof(double));
-    double *dact = malloc_check((size_t)F * sizeof(double)), *dh = malloc_check(2 * (size_t)F * sizeof(double));
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int e = ml->chosen[n * K + k];
-            const float *w1 = ml->fc1 + (size_t)e * 2 * F * C, *w2 = ml->fc2 + (size_t)e * C * F;
-            float *d1 = ml->dfc1 + (size_t)e * 2 * F * C, *d2 = ml->dfc2 + (size_t)e * C * F;
-            const float *xn = ml->x + (size_t)n * C, *dyn = dy + (size_t)n * C;
-            double g = ml->score[(size_t)n * E + e], dg = 0.0;
-            for (int r = 0; r < 2 * F; r++) {
-                hh[r] = 0.0;
-                for (int i = 0; i < C; i++) hh[r] += (double)w1[(size_t)r * C + i] * xn[i];
-            }
-            for (int r = 0; r < F; r++) act[r] = hh[r] / (1.0 + exp(-hh[r])) * hh[F + r];
-            for (int r = 0; r < F; r++) dact[r] = 0.0;
-            for (int i = 0; i < C; i++) {
-                double o = 0.0;
-                for (int r = 0; r < F; r++) {
-                    o += (double)w2[(size_t)i * F + r] * act[r];
-                    dact[r] += g * dyn[i] * w2[(size_t)i * F + r];
-                    d2[(size_t)i * F + r] += (float)(g * dyn[i] * act[r]);
-                }
-                dg += dyn[i] * o;
-            }
-            dscore[(size_t)n * E + e] += (float)dg;
-            for (int r = 0; r < F; r++) {
-                double a = hh[r], b = hh[F + r], sg = 1.0 / (1.0 + exp(-a));
-                dh[r] = dact[r] * b * sg * (1.0 + a * (1.0 - sg));
-                dh[F + r] = dact[r] * a * sg;
-            }
-            for (int r = 0; r < 2 * F; r++)
-                for (int i = 0; i < C; i++) {
-                    dx[(size_t)n * C + i] += (float)(dh[r] * w1[(size_t)r * C + i]);
-                    d1[(size_t)r * C + i] += (float)(dh[r] * xn[i]);
-                }
-        }
-    free(hh);
-    free(act);
-    free(dact);
-    free(dh);
-}
-
-static void moe_backward(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
-    KERNEL(moe_backward)(dx, dscore, dy, ml);
-}
-
-/* The routing-randomisation probe: each token's K experts are replaced by K
-   distinct experts drawn uniformly from set (n >= K local indices), and each
-   new expert receives the gate the router gave to the choice it replaces.
-   So the probe changes which experts run, not how much of their output is
-   mixed in. Only the chosen scores are rewritten: the loss it measures is CE. */
-static void probe_reroute(int *chosen, float *score, int N, int E, int K, const int *set, int n, Rng *rng) {
-    for (int t = 0; t < N; t++) {
-        int *ch = chosen + (size_t)t * K;
-        float g[K], *s = score + (size_t)t * E;
-        for (int k = 0; k < K; k++) g[k] = s[ch[k]];
-        for (int k = 0; k < K; k++) {
-            int e, dup;
-            do {
-                e = set[rng_u64(rng) % (uint64_t)n];
-                dup = 0;
-                for (int kk = 0; kk < k; kk++) dup |= ch[kk] == e;
-            } while (dup);
-            ch[k] = e;
-        }
-        for (int k = 0; k < K; k++) s[ch[k]] = g[k];
-    }
+/* The weight gradients of the pool whose first layer is l0, once the
+   backward has been through all its L/G layers (pool_weight_grads). */
+static void pool_backward(Model *m, int l0, int N) {
+    const Config *c = &m->cfg;
+    Acts *a = &m->acts;
+    int C = c->C, F = c->F, E = c->E, K = c->K, LP = c->L / c->G;
+    size_t block = (size_t)m->maxN, f0 = (size_t)l0 * block, e0 = layer_first_expert(c, l0);
+    PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C, a->order + f0 * K,
+                   a->offset + (size_t)l0 * (E + 1), LP, block};
+    GradScratch sc = {a->hs, a->act, a->dxs, a->xs, a->rows};
+    pool_weight_grads(m->grads.expert_fc1 + e0 * 2 * F * C, m->grads.expert_fc2 + e0 * C * F, &sc, &pr, N, C, F, E, K);
 }
 
 static void check_tokens(const int *tok, int N, int V, const char *what) {
@@ -1155,55 +1317,72 @@ static void check_tokens(const int *tok, int N, int V, const char *what) {
    The logits (T,Vp) of the new positions are rows 0..T-1 of m->acts.logits. */
 static void model_forward(Model *m, const int *inputs, const int *targets, int B, int T, int t0, int training) {
     const Config *c = &m->cfg;
-    int N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, hd = HD(c);
-    int Q = c->NH * hd, KV = c->NKV * hd, NK = N * K;
     if (t0 + T > c->maxT) fail("sequence length %d exceeds the model's maxT %d; use a smaller -t", t0 + T, c->maxT);
     if (t0 > 0 && (B != 1 || targets || t0 + T > m->maxN)) fail("internal: KV-cache forward beyond its capacity");
-    if (N > m->maxN) act_alloc(m, N);
+    if (B * T > m->maxN) act_alloc(m, B * T);
     m->B = B;
     m->T = T;
+    size_t N = (size_t)B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NH = c->NH, hd = HD(c);
+    size_t Q = NH * hd, KV = (size_t)c->NKV * hd, Vp = c->Vp;
+    size_t block = m->maxN;  // rows of each layer's block of activations
+    float eps = c->norm_eps;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params;
-    size_t block = (size_t)m->maxN;  // rows per layer block
     check_tokens(inputs, N, c->V, "input");
-    memcpy(a->inputs + t0, inputs, (size_t)N * sizeof(int));
-    encoder_forward(a->resid + (size_t)t0 * C, inputs, p->wte, N, C);
-    for (int l = 0; l < L; l++) {
-        size_t lS = (size_t)l * block + t0, lK = ((size_t)l * block + t0) * K;  // this call's first row of layer l
-        float *x = a->resid + lS * C, *ln1 = a->ln1 + lS * C, *xm = a->resmid + lS * C, *ln2 = a->ln2 + lS * C;
-        float *k = a->k + (size_t)l * block * KV, *v = a->v + (size_t)l * block * KV;  // from row 0: the cache
-        float *q = a->q + lS * Q, *atty = a->atty + lS * Q, *z = a->z + lS * E, *score = a->score + lS * E;
-        int *chosen = a->chosen + lK;
+    memcpy(a->inputs + t0, inputs, N * sizeof(int));
+    encoder_forward(a->resid + t0 * C, inputs, p->wte, N, C);
+    for (size_t l = 0; l < L; l++) {
+        size_t row = l * block + t0;  // this call's first row of layer l's block
+        LayerTensors w = layer_tensors(p, c, l);  // the layer's weights
+        const float *l_bias = c->router == ROUTER_SIGMOID ? m->expert_bias + l * E : NULL;  // (E)
+        // its activations
+        float *l_resid = a->resid + row * C;            // (N,C) the residual entering the layer
+        float *l_ln1 = a->ln1 + row * C;                // (N,C)
+        float *l_rstd1 = a->rstd1 + row;                // (N)
+        float *l_q = a->q + row * Q;                    // (N,Q)
+        float *l_k = a->k + l * block * KV;             // (t0+N,KV) from row 0: the KV cache
+        float *l_v = a->v + l * block * KV;             // (t0+N,KV)
+        float *l_atty = a->atty + row * Q;              // (N,Q)
+        float *l_att_lse = a->att_lse + row * NH;       // (N,NH)
+        float *l_resmid = a->resmid + row * C;          // (N,C)
+        float *l_ln2 = a->ln2 + row * C;                // (N,C)
+        float *l_rstd2 = a->rstd2 + row;                // (N)
+        float *l_z = a->z + row * E;                    // (N,E)
+        float *l_score = a->score + row * E;            // (N,E)
+        int *l_chosen = a->chosen + row * K;            // (N,K)
+        float *l_h = a->h + row * K * 2 * F;            // (N*K,2F)
+        float *l_eout = a->eout + row * K * C;          // (N*K,C)
+        float *l_resid_out = a->resid + (row + block) * C;  // (N,C) the residual leaving it
         // attention sublayer
-        rmsnorm_forward(ln1, a->rstd1 + lS, x, p->attn_norm + (size_t)l * C, N, C, c->norm_eps);
-        matmul_forward(q, ln1, p->wq + (size_t)l * Q * C, N, C, Q);
-        matmul_forward(k + (size_t)t0 * KV, ln1, p->wk + (size_t)l * KV * C, N, C, KV);
-        matmul_forward(v + (size_t)t0 * KV, ln1, p->wv + (size_t)l * KV * C, N, C, KV);
-        rope_apply(q, m->rope_cos, m->rope_sin, N, T, t0, c->NH, hd, +1);
-        rope_apply(k + (size_t)t0 * KV, m->rope_cos, m->rope_sin, N, T, t0, c->NKV, hd, +1);
-        attention_forward(atty, a->att_lse + lS * c->NH, &(Attention){B, T, t0, c->NH, c->NKV, hd, q, k, v});
-        matmul_forward(a->y, atty, p->wo + (size_t)l * C * Q, N, Q, C);
-        for (size_t i = 0; i < (size_t)N * C; i++) xm[i] = x[i] + a->y[i];
+        rmsnorm_forward(l_ln1, l_rstd1, l_resid, w.attn_norm, N, C, eps);
+        matmul_forward(l_q, l_ln1, w.wq, N, C, Q);
+        matmul_forward(l_k + t0 * KV, l_ln1, w.wk, N, C, KV);
+        matmul_forward(l_v + t0 * KV, l_ln1, w.wv, N, C, KV);
+        rope_apply(l_q, m->rope_cos, m->rope_sin, N, T, t0, NH, hd, +1);
+        rope_apply(l_k + t0 * KV, m->rope_cos, m->rope_sin, N, T, t0, c->NKV, hd, +1);
+        Attention at = {B, T, t0, NH, c->NKV, hd, l_q, l_k, l_v};
+        attention_forward(l_atty, l_att_lse, &at);
+        matmul_forward(a->y, l_atty, w.wo, N, Q, C);
+        residual_forward(l_resmid, l_resid, a->y, N * C);
         // expert sublayer: route into this layer's pool, run the chosen experts
-        rmsnorm_forward(ln2, a->rstd2 + lS, xm, p->ffn_norm + (size_t)l * C, N, C, c->norm_eps);
-        matmul_forward(z, ln2, p->router + (size_t)l * E * C, N, C, E);
-        router_forward(score, z, p->router_scale[l], c, N);
-        topk_forward(chosen, score, c->router == ROUTER_SIGMOID ? m->expert_bias + (size_t)l * E : NULL, N, E, K);
-        if (c->router == ROUTER_SIGMOID && K > 1) router_gates(score, chosen, N, E, K);
-        if (l == m->probe_layer) probe_reroute(chosen, score, N, E, K, m->probe_set, m->probe_n, &m->probe_rng);
-        MoeLayer ml = moe_layer(m, l, lS, N);
-        moe_dispatch(&ml.d, chosen, NK, E);
-        moe_forward(a->y, &ml);
-        float *xn = a->resid + (lS + block) * C;
-        for (size_t i = 0; i < (size_t)N * C; i++) xn[i] = xm[i] + a->y[i];
+        rmsnorm_forward(l_ln2, l_rstd2, l_resmid, w.ffn_norm, N, C, eps);
+        matmul_forward(l_z, l_ln2, w.router, N, C, E);
+        router_forward(l_score, l_z, *w.router_scale, c, N);
+        topk_forward(l_chosen, l_score, l_bias, N, E, K);
+        if (c->router == ROUTER_SIGMOID && K > 1) router_gates(l_score, l_chosen, N, E, K);
+        if (m->route_hook) m->route_hook(m->route_ctx, l, l_chosen, l_score, N);
+        MoeLayer ml = moe_layer(m, l, row, N);
+        moe_dispatch(&ml.d, l_chosen, N * K, E);
+        moe_forward(a->y, l_h, l_eout, a->xs, a->act, &ml);
+        residual_forward(l_resid_out, l_resmid, a->y, N * C);
     }
-    rmsnorm_forward(a->lnf, a->rstdf, a->resid + ((size_t)L * block + t0) * C, p->final_norm, N, C, c->norm_eps);
-    matmul_forward(a->logits, a->lnf, p->lm_head, N, C, c->Vp);
+    rmsnorm_forward(a->lnf, a->rstdf, a->resid + (L * block + t0) * C, p->final_norm, N, C, eps);
+    matmul_forward(a->logits, a->lnf, p->lm_head, N, C, Vp);
     if (!targets) return;
     check_tokens(targets, N, c->V, "target");
-    memcpy(a->targets, targets, (size_t)N * sizeof(int));
+    memcpy(a->targets, targets, N * sizeof(int));
     m->N_all = N * world.size;
-    m->ce = crossentropy_forward(a->losses, a->ce_lse, a->logits, targets, N, c->V, c->Vp) / m->N_all;
+    m->ce = crossentropy_forward(a->losses, a->ce_lse, a->logits, targets, N, c->V, Vp) / m->N_all;
     m->aux = aux_forward(m, N, training);
 }
 
@@ -1211,47 +1390,67 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
    m->grads (scale = 1 / micro-batches per step). The logits become d logits. */
 static void model_backward(Model *m, float scale) {
     const Config *c = &m->cfg;
-    int B = m->B, T = m->T, N = B * T, L = c->L, C = c->C, E = c->E, K = c->K, hd = HD(c);
-    int Q = c->NH * hd, KV = c->NKV * hd;
+    int B = m->B, T = m->T;
+    size_t N = (size_t)B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NH = c->NH, hd = HD(c);
+    size_t Q = NH * hd, KV = (size_t)c->NKV * hd, Vp = c->Vp;
+    size_t block = m->maxN;  // rows of each layer's block, as in the forward
+    size_t LP = L / c->G;    // layers per pool
     Acts *a = &m->acts;
-    ParamTensors *p = &m->params, *g = &m->grads;
-    size_t block = (size_t)m->maxN;  // rows per layer block, as in the forward
-    crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / m->N_all, N, c->V, c->Vp);
-    memset(a->dln, 0, (size_t)N * C * sizeof(float));
-    matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, c->Vp);
-    memset(a->dresid, 0, (size_t)N * C * sizeof(float));
-    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + (size_t)L * block * C, p->final_norm, a->rstdf, N, C);
-    for (int l = L - 1; l >= 0; l--) {  // a->dresid holds d(residual leaving layer l)
-        size_t lN = (size_t)l * block;
-        const float *ln2 = a->ln2 + lN * C, *ln1 = a->ln1 + lN * C;
-        const float *z = a->z + lN * E, *score = a->score + lN * E;
-        const int *chosen = a->chosen + lN * K;
-        MoeLayer ml = moe_layer(m, l, lN, N);
+    ParamTensors *p = &m->params;
+    ParamTensors *g = &m->grads;
+    crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / m->N_all, N, c->V, Vp);
+    memset(a->dln, 0, N * C * sizeof(float));
+    matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, Vp);
+    memset(a->dresid, 0, N * C * sizeof(float));
+    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + L * block * C, p->final_norm, a->rstdf, N, C);
+    for (size_t l = L; l-- > 0;) {  // a->dresid holds d(residual leaving layer l)
+        size_t row = l * block;
+        LayerTensors w = layer_tensors(p, c, l);   // the layer's weights
+        LayerTensors dw = layer_tensors(g, c, l);  // and their gradients
+        // its saved activations
+        const float *l_resid = a->resid + row * C;      // (N,C)
+        const float *l_ln1 = a->ln1 + row * C;          // (N,C)
+        const float *l_rstd1 = a->rstd1 + row;          // (N)
+        const float *l_q = a->q + row * Q;              // (N,Q)
+        const float *l_k = a->k + row * KV;             // (N,KV)
+        const float *l_v = a->v + row * KV;             // (N,KV)
+        const float *l_atty = a->atty + row * Q;        // (N,Q)
+        const float *l_att_lse = a->att_lse + row * NH; // (N,NH)
+        const float *l_resmid = a->resmid + row * C;    // (N,C)
+        const float *l_ln2 = a->ln2 + row * C;          // (N,C)
+        const float *l_rstd2 = a->rstd2 + row;          // (N)
+        const float *l_z = a->z + row * E;              // (N,E)
+        const float *l_score = a->score + row * E;      // (N,E)
+        const int *l_chosen = a->chosen + row * K;      // (N,K)
+        float *l_h = a->h + row * K * 2 * F;            // (N*K,2F) becomes d h
+        float *l_eout = a->eout + row * K * C;          // (N*K,C) becomes d eout
+        float *l_act = a->act_pool + (l % LP) * block * K * F;  // (N*K,F) its slot in act_pool
         // expert sublayer: d score = gate path + aux path, then router and norm
-        for (int n = 0; n < N; n++)
-            for (int j = 0; j < E; j++) a->dscore[(size_t)n * E + j] = m->aux_coef[l * E + j] * scale / m->N_all;
-        memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_backward(a->dln, a->dscore, a->dresid, &ml);  // adds to the gradients of the pool's experts
-        router_backward(a->dz, g->router_scale + l, a->dscore, z, score, chosen, p->router_scale[l], c, N);
-        matmul_backward(a->dln, g->router + (size_t)l * E * C, a->dz, ln2, p->router + (size_t)l * E * C, N, C, E);
-        rmsnorm_backward(a->dresid, g->ffn_norm + (size_t)l * C, a->dln, a->resmid + lN * C,
-                         p->ffn_norm + (size_t)l * C, a->rstd2 + lN, N, C);
+        aux_backward(a->dscore, m->aux_coef + l * E, scale, m->N_all, N, E);
+        memset(a->dln, 0, N * C * sizeof(float));
+        MoeLayer ml = moe_layer(m, l, row, N);
+        moe_backward(a->dln, a->dscore, l_eout, l_h, l_act, a->dxs, a->dresid, &ml);
+        // UniPool's step: at its first layer every layer sharing the pool is done; each of its
+        // experts' weight gradients is one sum over its rows of all of them
+        if (l % LP == 0) pool_backward(m, l, N);
+        router_backward(a->dz, dw.router_scale, a->dscore, l_z, l_score, l_chosen, *w.router_scale, c, N);
+        matmul_backward(a->dln, dw.router, a->dz, l_ln2, w.router, N, C, E);
+        rmsnorm_backward(a->dresid, dw.ffn_norm, a->dln, l_resmid, w.ffn_norm, l_rstd2, N, C);
         // attention sublayer; a->dresid holds d(residual after attention)
-        memset(a->datty, 0, (size_t)N * Q * sizeof(float));
-        matmul_backward(a->datty, g->wo + (size_t)l * C * Q, a->dresid, a->atty + lN * Q, p->wo + (size_t)l * C * Q, N, Q, C);
-        memset(a->dq, 0, (size_t)N * Q * sizeof(float));
-        memset(a->dk, 0, (size_t)N * KV * sizeof(float));
-        memset(a->dv, 0, (size_t)N * KV * sizeof(float));
-        attention_backward(a->dq, a->dk, a->dv, a->datty, a->atty + lN * Q, a->att_lse + lN * c->NH,
-                           &(Attention){B, T, 0, c->NH, c->NKV, hd, a->q + lN * Q, a->k + lN * KV, a->v + lN * KV});
-        rope_apply(a->dq, m->rope_cos, m->rope_sin, N, T, 0, c->NH, hd, -1);
+        memset(a->datty, 0, N * Q * sizeof(float));
+        matmul_backward(a->datty, dw.wo, a->dresid, l_atty, w.wo, N, Q, C);
+        memset(a->dq, 0, N * Q * sizeof(float));
+        memset(a->dk, 0, N * KV * sizeof(float));
+        memset(a->dv, 0, N * KV * sizeof(float));
+        Attention at = {B, T, 0, NH, c->NKV, hd, l_q, l_k, l_v};
+        attention_backward(a->dq, a->dk, a->dv, a->datty, l_atty, l_att_lse, &at);
+        rope_apply(a->dq, m->rope_cos, m->rope_sin, N, T, 0, NH, hd, -1);
         rope_apply(a->dk, m->rope_cos, m->rope_sin, N, T, 0, c->NKV, hd, -1);
-        memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(a->dln, g->wq + (size_t)l * Q * C, a->dq, ln1, p->wq + (size_t)l * Q * C, N, C, Q);
-        matmul_backward(a->dln, g->wk + (size_t)l * KV * C, a->dk, ln1, p->wk + (size_t)l * KV * C, N, C, KV);
-        matmul_backward(a->dln, g->wv + (size_t)l * KV * C, a->dv, ln1, p->wv + (size_t)l * KV * C, N, C, KV);
-        rmsnorm_backward(a->dresid, g->attn_norm + (size_t)l * C, a->dln, a->resid + lN * C,
-                         p->attn_norm + (size_t)l * C, a->rstd1 + lN, N, C);
+        memset(a->dln, 0, N * C * sizeof(float));
+        matmul_backward(a->dln, dw.wq, a->dq, l_ln1, w.wq, N, C, Q);
+        matmul_backward(a->dln, dw.wk, a->dk, l_ln1, w.wk, N, C, KV);
+        matmul_backward(a->dln, dw.wv, a->dv, l_ln1, w.wv, N, C, KV);
+        rmsnorm_backward(a->dresid, dw.attn_norm, a->dln, l_resid, w.attn_norm, l_rstd1, N, C);
     }
     encoder_backward(g->wte, a->dresid, a->inputs, N, C);
 }
@@ -3242,8 +3441,9 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
    rows are F floats apart, are packed in blocks of whole rows, which the
    hardware prefetcher follows. */
 static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth, int add) {
-    static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (expert_matmuls)
+    static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (experts_matmul_fast)
     static _Thread_local size_t acap, bcap;
+    if (rows <= 0 || cols <= 0) return;  // an empty product: nothing to write
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
     // would evict itself before the next rows of A come to use it, so it is packed
     int few = rows < GM_SMALL;  // few rows of A
@@ -3501,50 +3701,6 @@ KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const f
     }
 }
 
-// SwiGLU: h = [a; b] (2F), out = silu(a) * b, silu(a) = a sigmoid(a)
-
-static void swiglu_forward(float *out, const float *h, int M, int F) {
-    // out (M,F), h (M,2F)
-#pragma omp parallel for schedule(static)
-    for (int m = 0; m < M; m++) {
-        const float *a = h + (size_t)m * 2 * F, *b = a + F;
-        float *o = out + (size_t)m * F;
-        for (int i = 0; i < F; i++) o[i] = a[i] * sigmoid(a[i]) * b[i];
-    }
-}
-
-/* da = dout b silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); db = dout silu(a);
-   and the forward's output again, act = silu(a) b (the same bits), which
-   the weight gradient of fc2 needs. In place: dh may be h and act may be
-   dout. Each element is read before it is written, but a vectorised loop
-   may not assume so; inputs go through a small copy. */
-#define SWIGLU_CHUNK 256
-static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M, int F) {
-    // dh (M,2F) written, act (M,F) written, dout (M,F), h (M,2F)
-#pragma omp parallel for schedule(static)
-    for (int m = 0; m < M; m++)
-        for (int i0 = 0; i0 < F; i0 += SWIGLU_CHUNK) {
-            int n = F - i0 < SWIGLU_CHUNK ? F - i0 : SWIGLU_CHUNK;
-            float a[SWIGLU_CHUNK], b[SWIGLU_CHUNK], d[SWIGLU_CHUNK];
-            memcpy(a, h + (size_t)m * 2 * F + i0, n * sizeof(float));
-            memcpy(b, h + (size_t)m * 2 * F + F + i0, n * sizeof(float));
-            memcpy(d, dout + (size_t)m * F + i0, n * sizeof(float));
-            float *restrict da = dh + (size_t)m * 2 * F + i0, *restrict db = da + F, *restrict o = act + (size_t)m * F + i0;
-            for (int i = 0; i < n; i++) {
-                float sg = sigmoid(a[i]), silu = a[i] * sg;
-                da[i] = d[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
-                db[i] = d[i] * silu;
-                o[i] = silu * b[i];
-            }
-        }
-}
-
-static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int K, int C) {
-    // xs (N*K,C) rows in sorted order, x (N,C)
-#pragma omp parallel for schedule(static)
-    for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
-}
-
 static int max_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -3610,30 +3766,16 @@ static int sharing_step(Sharing *s, double *others) {
     return n;
 }
 
-/* The experts' products of one layer, each over its block of sorted rows:
-   y_e = x_e W_e^T (forward: x rows of n_in, y rows of n_out) or
-   y_e += x_e W_e (backward for the input: x rows of n_out, y rows of n_in),
-   W (E,n_out,n_in). Experts
-   with more rows than a thread's share of the layer's run in turn, each on
-   all threads; the rest run one per thread, largest first, which keeps the
-   threads about equally busy. Split across threads, a product of a few dozen
-   rows (a UniPool expert's tokens of a layer) would wait at dozens of
-   barriers for microseconds of work each. A product computes the same sums
-   whichever threads run it, so the result does not depend on them. */
-static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int n_in, int n_out,
-                          int backward) {  // expert e's product of expert_matmuls, below
-    size_t ys = backward ? (size_t)n_in : (size_t)n_out, xs = backward ? (size_t)n_out : (size_t)n_in;
-    int p0 = offset[e], ne = offset[e + 1] - p0;
-    float *ye = y + (size_t)p0 * ys;
-    const float *xe = x + (size_t)p0 * xs, *we = w + (size_t)e * n_out * n_in;
-    if (backward)
-        matmul_backward_fast(ye, NULL, xe, NULL, we, ne, n_in, n_out);
-    else
-        matmul_forward_fast(ye, xe, we, ne, n_in, n_out);
-}
-
-static void expert_matmuls(float *y, const float *x, const float *w, const int *offset, int E, int n_in, int n_out,
-                           int backward) {
+/* A layer's expert products (experts_matmul_ref: expert_matmul for each
+   expert) scheduled on the threads. Experts with more rows than a thread's
+   share of the layer's run in turn, each on all threads; the rest run one per
+   thread, largest first, which keeps the threads about equally busy. Split
+   across threads, a product of a few dozen rows (a UniPool expert's tokens of
+   a layer) would wait at dozens of barriers for microseconds of work each. A
+   product computes the same sums whichever threads run it, so the result
+   does not depend on them. */
+KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, const int *offset, int E, int n_in,
+                                    int n_out, int backward) {
     int by_size[E];  // experts by rows, descending (insertion sort: E is at most a few hundred)
     for (int e = 0; e < E; e++) {
         int i = e, ne = offset[e + 1] - offset[e];
@@ -3644,170 +3786,11 @@ static void expert_matmuls(float *y, const float *x, const float *w, const int *
     // the big ones outside any parallel region: inside one, even an inactive one (if false), the
     // GEMM's own regions would be nested ones, which cost more to start
     for (int i = 0; i < E; i++)
-        if (offset[by_size[i] + 1] - offset[by_size[i]] > share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
+        if (offset[by_size[i] + 1] - offset[by_size[i]] > share)
+            expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < E; i++) {
         int ne = offset[by_size[i] + 1] - offset[by_size[i]];
         if (ne > 0 && ne <= share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
-    }
-}
-
-static void experts_forward(float *y, float *h, float *eout, float *xs, float *act, const MoeLayer *ml) {
-    // y (N,C) out; saved: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
-    const float *x = ml->x, *score = ml->score, *fc1 = ml->fc1, *fc2 = ml->fc2;
-    const int *chosen = ml->chosen;
-    const Dispatch *d = &ml->d;
-    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
-    moe_gather(xs, x, d, N * K, K, C);
-    expert_matmuls(h, xs, fc1, d->offset, E, C, 2 * F, 0);
-    swiglu_forward(act, h, N * K, F);
-    expert_matmuls(eout, act, fc2, d->offset, E, F, C, 0);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *yn = y + (size_t)n * C;
-        for (int i = 0; i < C; i++) yn[i] = 0.0f;
-        for (int k = 0; k < K; k++) {
-            int a = n * K + k;
-            axpy(yn, score[(size_t)n * E + chosen[a]], eout + (size_t)d->slot[a] * C, C);
-        }
-    }
-}
-
-/* The backward of one layer's mixture, for its input and gates:
-     dgate_nk = dy_n . expert output, d(expert output) = gate dy_n,
-   then back through fc2, SwiGLU and fc1 to the gathered inputs. The experts'
-   weight gradients wait (moe_weight_grads): with a shared pool, one expert
-   serves every layer, and summing its rows of all layers in one product
-   writes its gradient once instead of once per layer. What that product
-   needs is written over what this backward has finished with: d h over h,
-   and SwiGLU's output act, recomputed. Experts with no tokens cost nothing. */
-static void experts_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs,
-                             const float *dy, const MoeLayer *ml) {
-    // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten for
-    // the weight gradients: eout (N*K,C) the expert outputs -> their gradients, h (N*K,2F) -> d h;
-    // act (N*K,F) written; scratch dxs (N*K,C); dy (N,C)
-    const float *score = ml->score, *fc1 = ml->fc1, *fc2 = ml->fc2;
-    const int *chosen = ml->chosen;
-    const Dispatch *d = &ml->d;
-    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K;
-    int NK = N * K;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int a = n * K + k;
-            const float *dyn = dy + (size_t)n * C;
-            float g = score[(size_t)n * E + chosen[a]], *eo = eout + (size_t)d->slot[a] * C;
-            dscore[(size_t)n * E + chosen[a]] += dot(dyn, eo, C);
-            for (int i = 0; i < C; i++) eo[i] = g * dyn[i];
-        }
-    memset(act, 0, (size_t)NK * F * sizeof(float));
-    expert_matmuls(act, eout, fc2, d->offset, E, F, C, 1);  // d act, until SwiGLU's backward
-    swiglu_backward(h, act, act, h, NK, F);
-    memset(dxs, 0, (size_t)NK * C * sizeof(float));
-    expert_matmuls(dxs, h, fc1, d->offset, E, C, 2 * F, 1);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
-}
-
-/* A pool's saved rows for its experts' weight gradients: nl layers, each a
-   block of `block` tokens (block*K assignments) in the activations. */
-typedef struct {
-    const float *dh;     // (nl,block*K,2F) gradient of the fc1 output, dispatch order
-    const float *deout;  // (nl,block*K,C) gradient of the expert output
-    const float *act;    // (nl,block*K,F) SwiGLU output
-    const float *x;      // (nl,block,C) the experts' input
-    const int *order;    // (nl,block*K) dispatch: assignment at each position
-    const int *offset;   // (nl,E+1) dispatch: first position of each expert
-    int nl;
-    size_t block;
-} PoolRows;
-
-// Scratch for a chunk of up to N*K rows of one expert: hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
-typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
-
-/* One expert's weight gradients from R of its rows (rows[r] = layer j of the
-   pool times blockK plus the dispatch position):
-     dfc2 += d(out)^T act,   dfc1 += dh^T x.
-   Rows that are one run (vanilla: an expert's rows of its one layer) are read
-   in place; rows of several layers are gathered into the scratch first, and
-   the inputs x always are. */
-static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R, const PoolRows *pr, int C,
-                                int F, int K) {
-    // dfc1 (2F,C) +=, dfc2 (C,F) +=
-    float *hs = sc->hs, *as = sc->as, *ds = sc->ds, *xs = sc->xs;
-    const float *dh = pr->dh, *deout = pr->deout, *act = pr->act, *x = pr->x;
-    const int *rows = sc->rows, *order = pr->order;
-    size_t block = pr->block;
-    size_t blockK = block * K, q0 = (size_t)rows[0];
-    int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) {
-        size_t q = (size_t)rows[r], j = q / blockK;  // row q of the pool's (layer, position) blocks
-        if (!run) {
-            memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
-            memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
-            memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
-        }
-        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
-    }
-    matmul_backward_fast(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
-    matmul_backward_fast(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
-}
-
-/* The weight gradients of a pool's E experts, once its nl layers are all
-   backpropagated: each expert's rows of every layer, in layer then dispatch
-   order, in chunks of at most N*K rows (the scratch). Vanilla MoE is nl = 1. */
-static void moe_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr, int N, int C, int F,
-                             int E, int K) {
-    // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
-    const int *offset = pr->offset;
-    int *rows = sc->rows, nl = pr->nl;
-    size_t blockK = pr->block * K;
-    for (int e = 0; e < E; e++) {
-        float *d1 = dfc1 + (size_t)e * 2 * F * C, *d2 = dfc2 + (size_t)e * C * F;
-        int R = 0;
-        for (int j = 0; j < nl; j++)
-            for (int p = offset[j * (E + 1) + e]; p < offset[j * (E + 1) + e + 1]; p++) {
-                rows[R++] = (int)(j * blockK + p);
-                if (R == N * K) {
-                    expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
-                    R = 0;
-                }
-            }
-        if (R) expert_weight_grads(d1, d2, sc, R, pr, C, F, K);
-    }
-}
-
-/* The fast path of one layer's mixture. Its forward gathers each expert's
-   rows in dispatch order and runs them as one product per weight
-   (experts_forward), keeping the fc1 output h and each expert's output eout.
-   Its backward computes the input and gate gradients layer by layer
-   (experts_backward) and defers the experts' weight gradients: when the
-   backward reaches the first layer of a pool, each expert's rows of all the
-   pool's layers go through one product per weight (moe_weight_grads), so a
-   shared expert's gradient is written once per pool instead of once per
-   layer. Until then each layer's h and eout hold their gradients, and
-   SwiGLU's output is kept per layer of the pool (act_pool). */
-KERNEL_DEF void moe_forward_fast(float *y, const MoeLayer *ml) {
-    Acts *a = &ml->m->acts;
-    int C = ml->C, F = ml->F, K = ml->K;
-    size_t rK = ml->row * K;
-    experts_forward(y, a->h + rK * 2 * F, a->eout + rK * C, a->xs, a->act, ml);
-}
-
-KERNEL_DEF void moe_backward_fast(float *dx, float *dscore, const float *dy, const MoeLayer *ml) {
-    const Config *c = &ml->m->cfg;
-    Acts *a = &ml->m->acts;
-    int N = ml->N, C = ml->C, F = ml->F, E = ml->E, K = ml->K, l = ml->l, LP = c->L / c->G;  // LP layers per pool
-    size_t block = (size_t)ml->m->maxN, rK = ml->row * K;
-    experts_backward(dx, dscore, a->eout + rK * C, a->h + rK * 2 * F, a->act_pool + (size_t)(l % LP) * block * K * F,
-                     a->dxs, dy, ml);
-    if (l % LP == 0) {  // the pool's first layer: all its layers are done, so its experts' weights
-        size_t f0 = (size_t)l * block;
-        GradScratch sc = {a->hs, a->act, a->dxs, a->xs, a->rows};
-        PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C, a->order + f0 * K,
-                       a->offset + (size_t)l * (E + 1), LP, block};
-        moe_weight_grads(ml->dfc1, ml->dfc2, &sc, &pr, N, C, F, E, K);
     }
 }

@@ -94,10 +94,10 @@ static void fill(float *p, size_t n, uint64_t seed) {
 
 /* The products of the 182M model (B*T = 4096 and 1024) and of the exp preset
    (B 16 T 256, V 8192), each as training runs it. Experts run as a layer's
-   set (expert_matmuls: E experts of M rows each, one per thread when they are
+   set (experts_matmul_fast: E experts of M rows each, one per thread when they are
    small); a plain product (attention, LM head) is a set of one, which runs on
    all threads. Each weight gradient is one product over its rows of all the
-   layers that share it (moe_weight_grads: M for vanilla, L M for UniPool's
+   layers that share it (pool_weight_grads: M for vanilla, L M for UniPool's
    one pool). An expert's weights come from memory for M rows in the forward
    and d input: at most M * bandwidth / 2 FLOP/s (2 M flops per 4-byte
    weight), printed where it is below the peak. Built with OpenBLAS (make
@@ -132,9 +132,9 @@ static void gemm_rates(const GemmShape *g, int blas, float *w, float *dw, float 
         double t[4];
         t[0] = now_seconds();
         if (!blas) {
-            expert_matmuls(y, x, w, offset, E, K, N, 0);
+            experts_matmul_fast(y, x, w, offset, E, K, N, 0);
             t[1] = now_seconds();
-            expert_matmuls(dx, y, w, offset, E, K, N, 1);
+            experts_matmul_fast(dx, y, w, offset, E, K, N, 1);
             t[2] = now_seconds();
             for (int e = 0; e < E; e++)
                 matmul_backward(NULL, dw + (size_t)e * N * K, gy + (size_t)e * R * N, gx + (size_t)e * R * K, NULL, R, K, N);
