@@ -1,5 +1,5 @@
 /*
-test_unipool.c: holds train_unipool.c to a reference and its fast kernels to their plain twins.
+test_unipool.c: holds train_unipool.c to a reference, and its kernels, fast and plain, to oracles.
 
   ./test_unipool            the unit checks, then every dump in dev/dumps/
   ./test_unipool DUMP...    the named reference dumps only
@@ -251,7 +251,7 @@ static int run_dump(const char *path) {
 }
 
 // ----------------------------------------------------------------------------
-// Unit checks: fast kernels against their plain twins, the NormRouter constant, and
+// Unit checks: the kernels against oracles in double, the NormRouter constant, and
 // fixed points of the load-balancing loss.
 
 static float *randn(size_t n, float scale, Rng *rng) {
@@ -266,39 +266,137 @@ static float *copy(const float *x, size_t n) {
     return y;
 }
 
-/* Fast kernels against their plain twins, which sum in double: a float32 sum of K
+/* Oracles for the kernels: plain loops summing in double and libm's exp,
+   independent of the program's kernels, fast and plain alike. */
+static void oracle_matmul_forward(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < n_out; o++) {
+            double s = 0.0;
+            for (int i = 0; i < n_in; i++) s += (double)inp[(size_t)r * n_in + i] * w[(size_t)o * n_in + i];
+            out[(size_t)r * n_out + o] = (float)s;
+        }
+}
+
+static void oracle_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                                  int rows, int n_in, int n_out) {
+    // either of dinp, dw may be NULL
+    for (int r = 0; r < rows && dinp; r++)
+        for (int i = 0; i < n_in; i++) {
+            double s = 0.0;
+            for (int o = 0; o < n_out; o++) s += (double)dout[(size_t)r * n_out + o] * w[(size_t)o * n_in + i];
+            dinp[(size_t)r * n_in + i] += (float)s;
+        }
+    for (int o = 0; o < n_out && dw; o++)
+        for (int i = 0; i < n_in; i++) {
+            double s = 0.0;
+            for (int r = 0; r < rows; r++) s += (double)dout[(size_t)r * n_out + o] * inp[(size_t)r * n_in + i];
+            dw[(size_t)o * n_in + i] += (float)s;
+        }
+}
+
+static void oracle_attention_forward(float *out, float *lse, const Attention *at) {
+    // out (B,T,NH*hd), lse (B,T,NH), q (B,T,NH*hd), k, v (B,t0+T,NKV*hd)
+    int B = at->B, T = at->T, t0 = at->t0, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
+    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
+    double scale = 1.0 / sqrt((double)hd), *p = malloc_check((size_t)(t0 + T) * sizeof(double));
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + ((size_t)b * T + t) * qs + h * hd;
+                const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd, *vb = v + (kb - k);
+                float *o = out + ((size_t)b * T + t) * qs + h * hd;
+                int n = t0 + t + 1;  // keys this query sees
+                double mx = -INFINITY, sum = 0.0;
+                for (int j = 0; j < n; j++) {
+                    double s = 0.0;
+                    for (int i = 0; i < hd; i++) s += (double)qt[i] * kb[(size_t)j * ks + i];
+                    p[j] = s * scale;
+                    mx = p[j] > mx ? p[j] : mx;
+                }
+                for (int j = 0; j < n; j++) sum += (p[j] = exp(p[j] - mx));
+                for (int i = 0; i < hd; i++) {
+                    double acc = 0.0;
+                    for (int j = 0; j < n; j++) acc += p[j] / sum * vb[(size_t)j * ks + i];
+                    o[i] = (float)acc;
+                }
+                lse[((size_t)b * T + t) * NH + h] = (float)(mx + log(sum));
+            }
+    free(p);
+}
+
+static void oracle_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                     const float *lse, const Attention *at) {
+    // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
+    int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
+    const float *q = at->q, *k = at->k, *v = at->v;
+    int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
+    double scale = 1.0 / sqrt((double)hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                size_t qo = ((size_t)b * T + t) * qs + h * hd, ko = (size_t)b * T * ks + (h / grp) * hd;
+                double D = 0.0, l = lse[((size_t)b * T + t) * NH + h];  // D = do_t . o_t
+                for (int i = 0; i < hd; i++) D += (double)dout[qo + i] * out[qo + i];
+                for (int j = 0; j <= t; j++) {
+                    size_t kj = ko + (size_t)j * ks;
+                    double s = 0.0, dp = 0.0;
+                    for (int i = 0; i < hd; i++) s += (double)q[qo + i] * k[kj + i], dp += (double)dout[qo + i] * v[kj + i];
+                    double pj = exp(s * scale - l), ds = pj * (dp - D) * scale;
+                    for (int i = 0; i < hd; i++) {
+                        dq[qo + i] += (float)(ds * k[kj + i]);
+                        dk[kj + i] += (float)(ds * q[qo + i]);
+                        dv[kj + i] += (float)(pj * dout[qo + i]);
+                    }
+                }
+            }
+}
+
+/* The kernels, fast and plain, against the oracles: a float32 sum of K
    terms is off by about sqrt(K) ulps of its terms, so 1e-5 of the largest
    output plus 1e-5 relative. Any indexing mistake is off by O(1). */
 static const Tol TOL_TWIN = {0.0, 1e-5, 1e-5};
+
+typedef void MatmulForward(float *out, const float *inp, const float *w, int rows, int n_in, int n_out);
+typedef void MatmulBackward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int rows,
+                            int n_in, int n_out);
+static const struct { const char *name; MatmulForward *forward; MatmulBackward *backward; } MATMULS[2] = {
+    {"fast", matmul_forward_fast, matmul_backward_fast}, {"plain", matmul_forward_ref, matmul_backward_ref}};
 
 static void test_matmul(void) {
     // (M, K, N): edges of every tile size, K over one packed block (GM_KC) and over one row read in
     // place (GM_KROW), N over one column block (GM_NC, and GM_NC / 4 for few rows), B rows 4 KiB apart
     // (packed; with few rows, blocks GM_KC / 2 deep and GM_NC wide: the d input of {10, GM_NC + 1024, 150}
-    // has two of each), M on both sides of GM_SMALL (both operands packed from there)
+    // has two of each), M on both sides of GM_SMALL (both operands packed from there) and of the plain
+    // kernels' PLAIN_ROWS
     static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130},
                                     {9, 200, 131}, {7, 600, 37}, {3, 40, 3200}, {150, 70, 45}, {300, 300, 100},
                                     {43, 96, 600}, {200, 150, 500}, {20, GM_KROW + 104, 40}, {50, 64, 1700},
-                                    {10, 1024, 50}, {10, GM_NC + 1024, 150}, {GM_SMALL + 8, 150, 500}, {GM_SMALL + 44, 300, 100}};
+                                    {10, 1024, 50}, {10, GM_NC + 1024, 150}, {GM_SMALL + 8, 150, 500},
+                                    {GM_SMALL + 44, 300, 100}};
     Rng rng = {1};
     char what[96];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int M = shapes[s][0], K = shapes[s][1], N = shapes[s][2];
-        float *inp = randn((size_t)M * K, 1, &rng), *w = randn((size_t)N * K, 1, &rng), *dout = randn((size_t)M * N, 1, &rng);
-        float *out = randn((size_t)M * N, 1, &rng), *out_ref = randn((size_t)M * N, 1, &rng);
-        float *dinp = randn((size_t)M * K, 1, &rng), *dw = randn((size_t)N * K, 1, &rng);  // backward accumulates
-        float *dinp_ref = copy(dinp, (size_t)M * K), *dw_ref = copy(dw, (size_t)N * K);
-        matmul_forward_fast(out, inp, w, M, K, N);
-        matmul_forward_ref(out_ref, inp, w, M, K, N);
-        matmul_backward_fast(dinp, dw, dout, inp, w, M, K, N);
-        matmul_backward_ref(dinp_ref, dw_ref, dout, inp, w, M, K, N);
-        snprintf(what, sizeof what, "matmul %dx%dx%d forward", M, K, N);
-        check(what, out, out_ref, (Shape){2, {M, N, 1}}, TOL_TWIN);
-        snprintf(what, sizeof what, "matmul %dx%dx%d backward dinp", M, K, N);
-        check(what, dinp, dinp_ref, (Shape){2, {M, K, 1}}, TOL_TWIN);
-        snprintf(what, sizeof what, "matmul %dx%dx%d backward dweight", M, K, N);
-        check(what, dw, dw_ref, (Shape){2, {N, K, 1}}, TOL_TWIN);
-        free(inp), free(w), free(dout), free(out), free(out_ref), free(dinp), free(dw), free(dinp_ref), free(dw_ref);
+        float *inp = randn((size_t)M * K, 1, &rng), *w = randn((size_t)N * K, 1, &rng);
+        float *dout = randn((size_t)M * N, 1, &rng), *out_ref = malloc_check((size_t)M * N * 4);
+        float *dinp_ref = randn((size_t)M * K, 1, &rng), *dw_ref = randn((size_t)N * K, 1, &rng);  // += into these
+        float *dinp0 = copy(dinp_ref, (size_t)M * K), *dw0 = copy(dw_ref, (size_t)N * K);
+        oracle_matmul_forward(out_ref, inp, w, M, K, N);
+        oracle_matmul_backward(dinp_ref, dw_ref, dout, inp, w, M, K, N);
+        for (int kn = 0; kn < 2; kn++) {
+            float *out = randn((size_t)M * N, 1, &rng), *dinp = copy(dinp0, (size_t)M * K), *dw = copy(dw0, (size_t)N * K);
+            MATMULS[kn].forward(out, inp, w, M, K, N);
+            MATMULS[kn].backward(dinp, dw, dout, inp, w, M, K, N);
+            snprintf(what, sizeof what, "matmul %s %dx%dx%d forward", MATMULS[kn].name, M, K, N);
+            check(what, out, out_ref, (Shape){2, {M, N, 1}}, TOL_TWIN);
+            snprintf(what, sizeof what, "matmul %s %dx%dx%d backward dinp", MATMULS[kn].name, M, K, N);
+            check(what, dinp, dinp_ref, (Shape){2, {M, K, 1}}, TOL_TWIN);
+            snprintf(what, sizeof what, "matmul %s %dx%dx%d backward dweight", MATMULS[kn].name, M, K, N);
+            check(what, dw, dw_ref, (Shape){2, {N, K, 1}}, TOL_TWIN);
+            free(out), free(dinp), free(dw);
+        }
+        free(inp), free(w), free(dout), free(out_ref), free(dinp_ref), free(dw_ref), free(dinp0), free(dw0);
     }
 }
 
@@ -318,6 +416,12 @@ static void test_exp(void) {
     check_true("exp_fast keeps NaN, clamps -inf", isnan(exp_fast(NAN)) && exp_fast(-INFINITY) < 1e-37f, detail);
 }
 
+typedef void AttentionForward(float *out, float *lse, const Attention *at);
+typedef void AttentionBackward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const Attention *at);
+static const struct { const char *name; AttentionForward *forward; AttentionBackward *backward; } ATTENTIONS[2] = {
+    {"fast", attention_forward_fast, attention_backward_fast}, {"plain", attention_forward_ref, attention_backward_ref}};
+
 static void test_attention(void) {
     // B, T, NH, NKV, hd: T past the 32-key blocks, hd past the 64-wide output chunks
     static const int cases[][5] = {{2, 13, 4, 2, 8}, {1, 9, 4, 4, 6}, {2, 16, 6, 1, 16}, {1, 70, 2, 1, 64}, {2, 40, 2, 2, 96}};
@@ -325,25 +429,28 @@ static void test_attention(void) {
     char what[96];
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         int B = cases[c][0], T = cases[c][1], NH = cases[c][2], NKV = cases[c][3], hd = cases[c][4];
-        size_t nq = (size_t)B * T * NH * hd, nk = (size_t)B * T * NKV * hd;
+        size_t nq = (size_t)B * T * NH * hd, nk = (size_t)B * T * NKV * hd, nl = (size_t)B * T * NH;
         float *q = randn(nq, 1, &rng), *k = randn(nk, 1, &rng), *v = randn(nk, 1, &rng), *dout = randn(nq, 1, &rng);
-        float *out = malloc_check(nq * 4), *out_ref = malloc_check(nq * 4), *lse = malloc_check((size_t)B * T * NH * 4);
-        float *lse_ref = malloc_check((size_t)B * T * NH * 4);
-        float *dq = calloc_check(nq, 4), *dk = calloc_check(nk, 4), *dv = calloc_check(nk, 4);
+        float *out_ref = malloc_check(nq * 4), *lse_ref = malloc_check(nl * 4);
         float *dq_ref = calloc_check(nq, 4), *dk_ref = calloc_check(nk, 4), *dv_ref = calloc_check(nk, 4);
         Attention at = {B, T, 0, NH, NKV, hd, q, k, v};
-        attention_forward_fast(out, lse, &at);
-        attention_forward_ref(out_ref, lse_ref, &at);
-        attention_backward_fast(dq, dk, dv, dout, out, lse, &at);
-        attention_backward_ref(dq_ref, dk_ref, dv_ref, dout, out_ref, lse_ref, &at);
-        const char *names[5] = {"out", "dq", "dk", "dv", "lse"};
-        float *got[5] = {out, dq, dk, dv, lse}, *ref[5] = {out_ref, dq_ref, dk_ref, dv_ref, lse_ref};
-        for (int i = 0; i < 5; i++) {
-            snprintf(what, sizeof what, "attention B%d T%d NH%d NKV%d hd%d %s", B, T, NH, NKV, hd, names[i]);
-            check(what, got[i], ref[i], flat(i == 4 ? (size_t)B * T * NH : i < 2 ? nq : nk), TOL_TWIN);
+        oracle_attention_forward(out_ref, lse_ref, &at);
+        oracle_attention_backward(dq_ref, dk_ref, dv_ref, dout, out_ref, lse_ref, &at);
+        for (int kn = 0; kn < 2; kn++) {
+            float *out = malloc_check(nq * 4), *lse = malloc_check(nl * 4);
+            float *dq = calloc_check(nq, 4), *dk = calloc_check(nk, 4), *dv = calloc_check(nk, 4);
+            ATTENTIONS[kn].forward(out, lse, &at);
+            ATTENTIONS[kn].backward(dq, dk, dv, dout, out, lse, &at);
+            const char *names[5] = {"out", "dq", "dk", "dv", "lse"};
+            float *got[5] = {out, dq, dk, dv, lse}, *ref[5] = {out_ref, dq_ref, dk_ref, dv_ref, lse_ref};
+            for (int i = 0; i < 5; i++) {
+                snprintf(what, sizeof what, "attention %s B%d T%d NH%d NKV%d hd%d %s", ATTENTIONS[kn].name, B, T, NH,
+                         NKV, hd, names[i]);
+                check(what, got[i], ref[i], flat(i == 4 ? nl : i < 2 ? nq : nk), TOL_TWIN);
+            }
+            free(out), free(lse), free(dq), free(dk), free(dv);
         }
-        free(q), free(k), free(v), free(dout), free(out), free(out_ref), free(lse), free(lse_ref);
-        free(dq), free(dk), free(dv), free(dq_ref), free(dk_ref), free(dv_ref);
+        free(q), free(k), free(v), free(dout), free(out_ref), free(lse_ref), free(dq_ref), free(dk_ref), free(dv_ref);
     }
 }
 

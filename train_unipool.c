@@ -255,7 +255,8 @@ static const char *config_error(const Config *c) {
 // each a function defined next to its plain twin (name_ref) and its math
 // below; it runs name_ref in a `make REFERENCE=1` build (-DUNIPOOL_REFERENCE),
 // else the fast name_fast of the machinery section at the end of the file.
-// test_unipool holds each fast kernel to its plain twin.
+// The plain twins are loops in float in a fixed order, with OpenMP over
+// rows or heads; test_unipool holds both to oracles that sum in double.
 
 #ifdef UNIPOOL_REFERENCE
 #define KERNEL(name) name##_ref
@@ -399,15 +400,19 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 /* A linear map, y = x W^T with W (out, in) as nn.Linear stores it:
      forward:  out (rows,n_out) = inp (rows,n_in) W^T,  W (n_out,n_in)
      backward: dinp (rows,n_in) += dout (rows,n_out) W,  dW (n_out,n_in) += dout^T inp
-   Here n_in and n_out are the map's input and output sizes. The plain loops sum in
-   double. */
+   Here n_in and n_out are the map's input and output sizes. The plain loops
+   sum in float in a fixed order: each dot product in dot's 16 partial sums,
+   each accumulation over rows or outputs in their order. They go through
+   the rows in blocks of PLAIN_ROWS, which stay in the L1 cache while W
+   streams past once per block. */
+#define PLAIN_ROWS 32
+
 KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
-    for (int r = 0; r < rows; r++)
-        for (int o = 0; o < n_out; o++) {
-            double s = 0.0;
-            for (int i = 0; i < n_in; i++) s += (double)inp[(size_t)r * n_in + i] * w[(size_t)o * n_in + i];
-            out[(size_t)r * n_out + o] = (float)s;
-        }
+#pragma omp parallel for schedule(static)
+    for (int r0 = 0; r0 < rows; r0 += PLAIN_ROWS)
+        for (int o = 0; o < n_out; o++)
+            for (int r = r0; r < rows && r < r0 + PLAIN_ROWS; r++)
+                out[(size_t)r * n_out + o] = dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
 }
 
 // What the model calls: the plain loop above in the reference build, else the fast one (machinery).
@@ -418,18 +423,20 @@ static void matmul_forward(float *out, const float *inp, const float *w, int row
 KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                     int rows, int n_in, int n_out) {
     // either of dinp, dw may be NULL
-    for (int r = 0; r < rows && dinp; r++)
-        for (int i = 0; i < n_in; i++) {
-            double s = 0.0;
-            for (int o = 0; o < n_out; o++) s += (double)dout[(size_t)r * n_out + o] * w[(size_t)o * n_in + i];
-            dinp[(size_t)r * n_in + i] += (float)s;
-        }
-    for (int o = 0; o < n_out && dw; o++)
-        for (int i = 0; i < n_in; i++) {
-            double s = 0.0;
-            for (int r = 0; r < rows; r++) s += (double)dout[(size_t)r * n_out + o] * inp[(size_t)r * n_in + i];
-            dw[(size_t)o * n_in + i] += (float)s;
-        }
+    if (dinp) {
+#pragma omp parallel for schedule(static)
+        for (int r0 = 0; r0 < rows; r0 += PLAIN_ROWS)
+            for (int o = 0; o < n_out; o++)
+                for (int r = r0; r < rows && r < r0 + PLAIN_ROWS; r++)
+                    axpy(dinp + (size_t)r * n_in, dout[(size_t)r * n_out + o], w + (size_t)o * n_in, n_in);
+    }
+    if (dw) {
+#pragma omp parallel for schedule(static)
+        for (int o0 = 0; o0 < n_out; o0 += PLAIN_ROWS)
+            for (int r = 0; r < rows; r++)
+                for (int o = o0; o < n_out && o < o0 + PLAIN_ROWS; o++)
+                    axpy(dw + (size_t)o * n_in, dout[(size_t)r * n_out + o], inp + (size_t)r * n_in, n_in);
+    }
 }
 
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int rows,
@@ -482,30 +489,28 @@ KERNEL_DEF void attention_forward_ref(float *out, float *lse, const Attention *a
     int B = at->B, T = at->T, t0 = at->t0, NH = at->NH, NKV = at->NKV, hd = at->hd;
     const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
-    double scale = 1.0 / sqrt((double)hd), *p = malloc_check((size_t)(t0 + T) * sizeof(double));
+    float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++)
+        for (int h = 0; h < NH; h++) {
+            float *p = malloc_check((size_t)(t0 + T) * sizeof(float));  // one query's scores, then weights
+            const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd, *vb = v + (kb - k);
             for (int t = 0; t < T; t++) {
                 const float *qt = q + ((size_t)b * T + t) * qs + h * hd;
-                const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd, *vb = v + (kb - k);
                 float *o = out + ((size_t)b * T + t) * qs + h * hd;
                 int n = t0 + t + 1;  // keys this query sees
-                double mx = -INFINITY, sum = 0.0;
+                float mx = -INFINITY, sum = 0.0f;
                 for (int j = 0; j < n; j++) {
-                    double s = 0.0;
-                    for (int i = 0; i < hd; i++) s += (double)qt[i] * kb[(size_t)j * ks + i];
-                    p[j] = s * scale;
+                    p[j] = dot(qt, kb + (size_t)j * ks, hd) * scale;
                     mx = p[j] > mx ? p[j] : mx;
                 }
-                for (int j = 0; j < n; j++) sum += (p[j] = exp(p[j] - mx));
-                for (int i = 0; i < hd; i++) {
-                    double acc = 0.0;
-                    for (int j = 0; j < n; j++) acc += p[j] / sum * vb[(size_t)j * ks + i];
-                    o[i] = (float)acc;
-                }
-                lse[((size_t)b * T + t) * NH + h] = (float)(mx + log(sum));
+                for (int j = 0; j < n; j++) sum += (p[j] = exponential(p[j] - mx));
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int j = 0; j < n; j++) axpy(o, p[j] / sum, vb + (size_t)j * ks, hd);
+                lse[((size_t)b * T + t) * NH + h] = mx + logf(sum);
             }
-    free(p);
+            free(p);
+        }
 }
 
 static void attention_forward(float *out, float *lse, const Attention *at) { KERNEL(attention_forward)(out, lse, at); }
@@ -516,25 +521,24 @@ KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const fl
     int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
     const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
-    double scale = 1.0 / sqrt((double)hd);
+    float scale = 1.0f / sqrtf((float)hd);
+    // a task per (sequence, kv head): it alone writes that head's dk and dv, and its query heads' dq
+#pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++)
-            for (int t = 0; t < T; t++) {
-                size_t qo = ((size_t)b * T + t) * qs + h * hd, ko = (size_t)b * T * ks + (h / grp) * hd;
-                double D = 0.0, l = lse[((size_t)b * T + t) * NH + h];  // D = do_t . o_t
-                for (int i = 0; i < hd; i++) D += (double)dout[qo + i] * out[qo + i];
-                for (int j = 0; j <= t; j++) {
-                    size_t kj = ko + (size_t)j * ks;
-                    double s = 0.0, dp = 0.0;
-                    for (int i = 0; i < hd; i++) s += (double)q[qo + i] * k[kj + i], dp += (double)dout[qo + i] * v[kj + i];
-                    double pj = exp(s * scale - l), ds = pj * (dp - D) * scale;
-                    for (int i = 0; i < hd; i++) {
-                        dq[qo + i] += (float)(ds * k[kj + i]);
-                        dk[kj + i] += (float)(ds * q[qo + i]);
-                        dv[kj + i] += (float)(pj * dout[qo + i]);
+        for (int kh = 0; kh < NKV; kh++)
+            for (int h = kh * grp; h < (kh + 1) * grp; h++)
+                for (int t = 0; t < T; t++) {
+                    size_t qo = ((size_t)b * T + t) * qs + h * hd, ko = (size_t)b * T * ks + kh * hd;
+                    float D = dot(dout + qo, out + qo, hd), l = lse[((size_t)b * T + t) * NH + h];  // do_t . o_t
+                    for (int j = 0; j <= t; j++) {
+                        size_t kj = ko + (size_t)j * ks;
+                        float pj = exponential(dot(q + qo, k + kj, hd) * scale - l);
+                        float ds = pj * (dot(dout + qo, v + kj, hd) - D) * scale;
+                        axpy(dq + qo, ds, k + kj, hd);
+                        axpy(dk + kj, ds, q + qo, hd);
+                        axpy(dv + kj, pj, dout + qo, hd);
                     }
                 }
-            }
 }
 
 static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The reference build against the fast one: /usr/bin/python3 dev/test_reference.py
 
-train_unipool_ref (make REFERENCE=1's kernels: plain loops summing in double,
-libm's exp) and train_unipool (cache-blocked GEMM, tiled attention, batched
+train_unipool_ref (make REFERENCE=1's kernels: plain loops summing in float in
+a fixed order, OpenMP over rows or heads, libm's exp) and train_unipool (cache-blocked GEMM, tiled attention, batched
 expert products) train the same small model from the same seed for a few
 steps, for vanilla MoE, UniPool and the sigmoid router. Each step's loss, aux
 loss and gradient norm must agree to TOL.
