@@ -66,7 +66,8 @@ __attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt
 __attribute__((format(printf, 1, 2), noreturn)) static void usage_error(const char *fmt, ...);
 static FILE *fopen_check_(const char *path, const char *mode, const char *src, int line);
 #define fopen_check(path, mode) fopen_check_(path, mode, __FILE__, __LINE__)
-static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path, const char *src, int line);
+static void fread_check_(void *dst, size_t size, size_t n, FILE *f, const char *path,
+                         const char *src, int line);
 #define fread_check(dst, size, n, f, path) fread_check_(dst, size, n, f, path, __FILE__, __LINE__)
 static void *malloc_check_(size_t size, const char *src, int line);
 #define malloc_check(size) malloc_check_(size, __FILE__, __LINE__)
@@ -78,11 +79,15 @@ static void *calloc_check_(size_t n, size_t size, const char *src, int line);
 typedef struct { int rank, size; } World;
 static World world = {0, 1};
 static void world_shard(size_t P, int q, size_t *lo, size_t *hi);  // rank q's range of P parameters
-static const int *world_rows(const int *rows, int B, int T);        // this rank's rows of a micro-batch
-static void world_sum_i64(int64_t *x, size_t n);                    // x summed over the ranks, in place
+// this rank's rows of a micro-batch
+static const int *world_rows(const int *rows, int B, int T);
+// x summed over the ranks, in place
+static void world_sum_i64(int64_t *x, size_t n);
 static void world_sum_f64(double *x, int n);                        // the same, in rank order
-static void world_reduce_scatter(float *g, size_t P);               // g summed over the ranks, own range
-static void world_allgather(float *p, size_t P);                    // every rank's range of p to every rank
+// g summed over the ranks, own range
+static void world_reduce_scatter(float *g, size_t P);
+// every rank's range of p to every rank
+static void world_allgather(float *p, size_t P);
 static void world_finish(void);                                     // before a clean exit
 static void world_abort(int code);                                  // ends every rank's process
 
@@ -95,8 +100,10 @@ static void *calloc_big_(size_t size, const char *src, int line);
    processes" in the machinery section): sharing_start once, sharing_step after
    each step, which returns the thread count for the next (or 0, unchanged). */
 typedef struct {
-    int most, now;               // threads on a free machine (0: the user chose a count), threads now
-    double wall, busy, own;      // at the start of the window: clock, busy CPU seconds of all, of this process
+    // threads on a free machine (0: the user chose a count), threads now
+    int most, now;
+    // at the start of the window: clock, busy CPU seconds of all, of this process
+    double wall, busy, own;
 } Sharing;
 static void sharing_start(Sharing *s, int adapt);
 static int sharing_step(Sharing *s, double *others);
@@ -131,8 +138,10 @@ static double rng_normal(Rng *r) {  // Box-Muller; 1 - u keeps log() away from 0
 #define SHARD_MAGIC 20240520     // llm.c token shard: int32[256] header, then tokens
 #define SHARD_VERSION_U16 1      // tokens are uint16
 #define SHARD_VERSION_U32 7      // tokens are uint32
-#define GPT2_VOCAB 50257         // GPT-2's vocabulary: the one a shard means when its header's vocabulary slot is 0
-#define TOKENIZER_MAGIC 20240328 // llm.c decoding table: uint32[256] header, then (length, bytes) per token
+// GPT-2's vocabulary: the one a shard means when its header's vocabulary slot is 0
+#define GPT2_VOCAB 50257
+// llm.c decoding table: uint32[256] header, then (length, bytes) per token
+#define TOKENIZER_MAGIC 20240328
 #define TOKENIZER_VERSION 2
 #define CKPT_MAGIC 20261127      // checkpoint (see "Checkpoints" below)
 #define CKPT_VERSION 2           // written: the data paths follow the header blocks
@@ -177,7 +186,8 @@ typedef struct {
 } ParamTensors;
 
 #define X_NAME(name, ...) #name,
-__attribute__((unused)) static const char *const param_names[NUM_PARAM_TENSORS] = {PARAM_TABLE(X_NAME, 0)};
+__attribute__((unused)) static const char *const param_names[NUM_PARAM_TENSORS] = {
+    PARAM_TABLE(X_NAME, 0)};
 #undef X_NAME
 #define X_DECAY(name, decay, ...) decay,
 static const int param_decay[NUM_PARAM_TENSORS] = {PARAM_TABLE(X_DECAY, 0)};
@@ -228,8 +238,8 @@ static LayerTensors layer_tensors(const ParamTensors *t, const Config *c, size_t
 
 static const char *config_error(const Config *c) {
     // bounds far beyond any real model keep every size computation small enough for 64 bits
-    if (c->Vp > (1 << 24) || c->L > 1024 || c->C > (1 << 16) || c->F > (1 << 20) || c->maxT > (1 << 16) ||
-        c->G > 1024 || c->E > (1 << 16))
+    if (c->Vp > (1 << 24) || c->L > 1024 || c->C > (1 << 16) || c->F > (1 << 20) ||
+        c->maxT > (1 << 16) || c->G > 1024 || c->E > (1 << 16))
         return "a size is beyond this program's bounds (Vp 2^24, L 1024, C 2^16, F 2^20, maxT 2^16, G 1024, E 2^16)";
     if (c->V < 1 || c->Vp < c->V) return "need 1 <= V <= Vp";
     if (c->L < 1 || c->C < 1 || c->F < 1 || c->maxT < 1) return "L, C, F and maxT must be positive";
@@ -274,14 +284,15 @@ typedef struct {
 } Attention;
 
 static inline float exp_fast(float x);
-KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows, int n_in, int n_out);
-KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                                     int rows, int n_in, int n_out);
+KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows,
+                                    int n_in, int n_out);
+KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp,
+                                     const float *w, int rows, int n_in, int n_out);
 KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at);
-KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                        const float *lse, const Attention *at);
-KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, const int *offset, int E, int n_in,
-                                    int n_out, int backward);
+KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout,
+                                        const float *out, const float *lse, const Attention *at);
+KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, const int *offset,
+                                    int E, int n_in, int n_out, int backward);
 
 // ----------------------------------------------------------------------------
 // Small vector helpers. gcc vectorises a float sum only when it may reorder
@@ -303,7 +314,8 @@ static inline void axpy(float *restrict y, float a, const float *restrict x, int
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static inline float max_of(const float *x, int n) {  // 16 partial maxima, for the same reason as dot
+// 16 partial maxima, for the same reason as dot
+static inline float max_of(const float *x, int n) {
     float m[16];
     for (int j = 0; j < 16; j++) m[j] = x[0];
     int i = 0;
@@ -348,7 +360,8 @@ static inline double sum_exp(float *out, const float *x, int n, float shift) {
 // x[n] = wte[token[n]]
 static void encoder_forward(float *out, const int *tokens, const float *wte, int N, int C) {
     // out (N,C), tokens (N), wte (Vp,C)
-    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * C, wte + (size_t)tokens[n] * C, C * sizeof(float));
+    for (int n = 0; n < N; n++)
+        memcpy(out + (size_t)n * C, wte + (size_t)tokens[n] * C, C * sizeof(float));
 }
 
 static void encoder_backward(float *dwte, const float *dout, const int *tokens, int N, int C) {
@@ -376,8 +389,8 @@ static void rmsnorm_forward(float *out, float *rstd, const float *inp, const flo
 }
 
 // With u = x r, g = dy * w:  dx = r (g - u mean(g u)),  dw = sum_n dy u
-static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                             const float *rstd, int N, int C) {
+static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int N, int C) {
     // dinp (N,C) +=, dw (C) +=, dout (N,C), inp (N,C), w (C), rstd (N)
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -407,40 +420,45 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
    streams past once per block. */
 #define PLAIN_ROWS 32
 
-KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+KERNEL_DEF void matmul_forward_ref(float *out, const float *inp, const float *w, int rows, int n_in,
+                                   int n_out) {
 #pragma omp parallel for schedule(static)
     for (int r0 = 0; r0 < rows; r0 += PLAIN_ROWS)
         for (int o = 0; o < n_out; o++)
             for (int r = r0; r < rows && r < r0 + PLAIN_ROWS; r++)
-                out[(size_t)r * n_out + o] = dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
+                out[(size_t)r * n_out + o] =
+                    dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
 }
 
 // What the model calls: the plain loop above in the reference build, else the fast one (machinery).
-static void matmul_forward(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+static void matmul_forward(float *out, const float *inp, const float *w, int rows, int n_in,
+                           int n_out) {
     KERNEL(matmul_forward)(out, inp, w, rows, n_in, n_out);
 }
 
-KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                                    int rows, int n_in, int n_out) {
+KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp,
+                                    const float *w, int rows, int n_in, int n_out) {
     // either of dinp, dw may be NULL
     if (dinp) {
 #pragma omp parallel for schedule(static)
         for (int r0 = 0; r0 < rows; r0 += PLAIN_ROWS)
             for (int o = 0; o < n_out; o++)
                 for (int r = r0; r < rows && r < r0 + PLAIN_ROWS; r++)
-                    axpy(dinp + (size_t)r * n_in, dout[(size_t)r * n_out + o], w + (size_t)o * n_in, n_in);
+                    axpy(dinp + (size_t)r * n_in, dout[(size_t)r * n_out + o], w + (size_t)o * n_in,
+                         n_in);
     }
     if (dw) {
 #pragma omp parallel for schedule(static)
         for (int o0 = 0; o0 < n_out; o0 += PLAIN_ROWS)
             for (int r = 0; r < rows; r++)
                 for (int o = o0; o < n_out && o < o0 + PLAIN_ROWS; o++)
-                    axpy(dw + (size_t)o * n_in, dout[(size_t)r * n_out + o], inp + (size_t)r * n_in, n_in);
+                    axpy(dw + (size_t)o * n_in, dout[(size_t)r * n_out + o], inp + (size_t)r * n_in,
+                         n_in);
     }
 }
 
-static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int rows,
-                            int n_in, int n_out) {
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                            const float *w, int rows, int n_in, int n_out) {
     KERNEL(matmul_backward)(dinp, dw, dout, inp, w, rows, n_in, n_out);
 }
 
@@ -457,13 +475,14 @@ static void rope_table(float *cosv, float *sinv, int maxT, int hd, float theta) 
         }
 }
 
-static void rope_apply(float *x, const float *cosv, const float *sinv, int N, int T, int pos0, int nh, int hd,
-                       int dir) {
+static void rope_apply(float *x, const float *cosv, const float *sinv, int N, int T, int pos0,
+                       int nh, int hd, int dir) {
     // x (N, nh*hd) in place; token n sits at position pos0 + n % T
     int h2 = hd / 2;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *cs = cosv + (size_t)(pos0 + n % T) * h2, *sn = sinv + (size_t)(pos0 + n % T) * h2;
+        const float *cs = cosv + (size_t)(pos0 + n % T) * h2,
+                    *sn = sinv + (size_t)(pos0 + n % T) * h2;
         for (int h = 0; h < nh; h++) {
             float *u = x + ((size_t)n * nh + h) * hd;
             for (int i = 0; i < h2; i++) {
@@ -493,7 +512,8 @@ KERNEL_DEF void attention_forward_ref(float *out, float *lse, const Attention *a
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
-            float *p = malloc_check((size_t)(t0 + T) * sizeof(float));  // one query's scores, then weights
+            // one query's scores, then weights
+            float *p = malloc_check((size_t)(t0 + T) * sizeof(float));
             const float *kb = k + (size_t)b * (t0 + T) * ks + (h / grp) * hd, *vb = v + (kb - k);
             for (int t = 0; t < T; t++) {
                 const float *qt = q + ((size_t)b * T + t) * qs + h * hd;
@@ -513,23 +533,28 @@ KERNEL_DEF void attention_forward_ref(float *out, float *lse, const Attention *a
         }
 }
 
-static void attention_forward(float *out, float *lse, const Attention *at) { KERNEL(attention_forward)(out, lse, at); }
+static void attention_forward(float *out, float *lse, const Attention *at) {
+    KERNEL(attention_forward)(out, lse, at);
+}
 
-KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                       const float *lse, const Attention *at) {
+KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout,
+                                       const float *out, const float *lse, const Attention *at) {
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
     int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
     const float *q = at->q, *k = at->k, *v = at->v;
     int qs = NH * hd, ks = NKV * hd, grp = NH / NKV;
     float scale = 1.0f / sqrtf((float)hd);
-    // a task per (sequence, kv head): it alone writes that head's dk and dv, and its query heads' dq
+    // a task per (sequence, kv head): it alone writes
+    // that head's dk and dv, and its query heads' dq
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int kh = 0; kh < NKV; kh++)
             for (int h = kh * grp; h < (kh + 1) * grp; h++)
                 for (int t = 0; t < T; t++) {
-                    size_t qo = ((size_t)b * T + t) * qs + h * hd, ko = (size_t)b * T * ks + kh * hd;
-                    float D = dot(dout + qo, out + qo, hd), l = lse[((size_t)b * T + t) * NH + h];  // do_t . o_t
+                    size_t qo = ((size_t)b * T + t) * qs + h * hd,
+                           ko = (size_t)b * T * ks + kh * hd;
+                    // do_t . o_t
+                    float D = dot(dout + qo, out + qo, hd), l = lse[((size_t)b * T + t) * NH + h];
                     for (int j = 0; j <= t; j++) {
                         size_t kj = ko + (size_t)j * ks;
                         float pj = exponential(dot(q + qo, k + kj, hd) * scale - l);
@@ -541,8 +566,8 @@ KERNEL_DEF void attention_backward_ref(float *dq, float *dk, float *dv, const fl
                 }
 }
 
-static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse,
-                               const Attention *at) {
+static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const Attention *at) {
     KERNEL(attention_backward)(dq, dk, dv, dout, out, lse, at);
 }
 
@@ -576,8 +601,8 @@ static void norm_router_forward(float *s, const float *z, float sigma, float c, 
     for (int j = 0; j < E; j++) s[j] = sigma * c * fmaxf(z[j] * inv, 0.0f);
 }
 
-static void norm_router_backward(float *d, double *dsig, const float *ds, const float *z, float sigma, float c,
-                                 float eps, int E) {
+static void norm_router_backward(float *d, double *dsig, const float *ds, const float *z,
+                                 float sigma, float c, float eps, int E) {
     // d (E) written, dsig += this token's part of dsigma (in double, token after token)
     float r = sqrtf(dot(z, z, E)), re = r + eps, duz = 0.0f;
     for (int j = 0; j < E; j++) {
@@ -626,7 +651,8 @@ static float norm_router_c(int E, int K, long draws, uint64_t seed) {
 
 // The router constant a new model stores: the NormRouter's c, 1 for the others.
 static float router_constant(const Config *c) {
-    return c->router == ROUTER_NORM ? norm_router_c(c->E, c->K, ROUTER_C_DRAWS, ROUTER_C_SEED) : 1.0f;
+    return c->router == ROUTER_NORM ? norm_router_c(c->E, c->K, ROUTER_C_DRAWS, ROUTER_C_SEED)
+                                    : 1.0f;
 }
 
 /* Sigmoid router with an expert bias: the router of the paper's vanilla 182M
@@ -641,8 +667,8 @@ static void sigmoid_router_forward(float *s, const float *z, int E) {
     for (int j = 0; j < E; j++) s[j] = sigmoid(z[j]);
 }
 
-static void sigmoid_router_backward(float *d, const float *ds, const float *s, const float *z, const int *ch, int E,
-                                    int K) {
+static void sigmoid_router_backward(float *d, const float *ds, const float *s, const float *z,
+                                    const int *ch, int E, int K) {
     // d (E) written; ch (K) the token's chosen experts
     for (int j = 0; j < E; j++) d[j] = ds[j];
     if (K > 1) {
@@ -668,28 +694,33 @@ static void router_gates(float *score, const int *chosen, int N, int E, int K) {
     }
 }
 
-// The configured router over N tokens: score (N,E) from z (N,E); sigma is the layer's NormRouter scale.
+// The configured router over N tokens: score (N,E)
+// from z (N,E); sigma is the layer's NormRouter scale.
 static void router_forward(float *score, const float *z, float sigma, const Config *c, int N) {
     int E = c->E;
     for (int n = 0; n < N; n++) {
         const float *zn = z + (size_t)n * E;
         float *s = score + (size_t)n * E;
         if (c->router == ROUTER_SOFTMAX) softmax_router_forward(s, zn, E);
-        else if (c->router == ROUTER_NORM) norm_router_forward(s, zn, sigma, c->router_c, c->router_eps, E);
+        else if (c->router == ROUTER_NORM)
+            norm_router_forward(s, zn, sigma, c->router_c, c->router_eps, E);
         else sigmoid_router_forward(s, zn, E);
     }
 }
 
-static void router_backward(float *dz, float *dsigma, const float *dscore, const float *z, const float *score,
-                            const int *chosen, float sigma, const Config *c, int N) {
+static void router_backward(float *dz, float *dsigma, const float *dscore, const float *z,
+                            const float *score, const int *chosen, float sigma, const Config *c,
+                            int N) {
     // dz (N,E) written, dsigma (1) +=, dscore, z, score (N,E), chosen (N,K)
     int E = c->E, K = c->K;
     double dsig = 0.0;
     for (int n = 0; n < N; n++) {
-        const float *zn = z + (size_t)n * E, *s = score + (size_t)n * E, *ds = dscore + (size_t)n * E;
+        const float *zn = z + (size_t)n * E, *s = score + (size_t)n * E,
+                    *ds = dscore + (size_t)n * E;
         float *d = dz + (size_t)n * E;
         if (c->router == ROUTER_SOFTMAX) softmax_router_backward(d, ds, s, E);
-        else if (c->router == ROUTER_NORM) norm_router_backward(d, &dsig, ds, zn, sigma, c->router_c, c->router_eps, E);
+        else if (c->router == ROUTER_NORM)
+            norm_router_backward(d, &dsig, ds, zn, sigma, c->router_c, c->router_eps, E);
         else sigmoid_router_backward(d, ds, s, zn, chosen + (size_t)n * K, E, K);
     }
     *dsigma += (float)dsig;
@@ -720,8 +751,8 @@ static void topk_forward(int *chosen, const float *score, const float *bias, int
 /* Cross-entropy over the first V of Vp logits: loss_n = lse_n - logit[target].
    The backward writes d logits over the logits (they are not needed after):
    (softmax - onehot) * dloss for the first V, 0 for the padding. */
-static double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets,
-                                   int N, int V, int Vp) {
+static double crossentropy_forward(float *losses, float *lse, const float *logits,
+                                   const int *targets, int N, int V, int Vp) {
     // losses (N), lse (N), logits (N,Vp), targets (N); returns the summed loss
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -735,8 +766,8 @@ static double crossentropy_forward(float *losses, float *lse, const float *logit
     return sum;
 }
 
-static void crossentropy_backward(float *logits, const float *lse, const int *targets, float dloss, int N,
-                                  int V, int Vp) {
+static void crossentropy_backward(float *logits, const float *lse, const int *targets, float dloss,
+                                  int N, int V, int Vp) {
     // logits (N,Vp) in: logits, out: d logits
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -797,15 +828,17 @@ typedef struct {
 static void moe_gather(float *xs, const float *x, const Dispatch *d, int NK, int K, int C) {
     // xs (N*K,C) rows in sorted order, x (N,C)
 #pragma omp parallel for schedule(static)
-    for (int p = 0; p < NK; p++) memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
+    for (int p = 0; p < NK; p++)
+        memcpy(xs + (size_t)p * C, x + (size_t)(d->order[p] / K) * C, C * sizeof(float));
 }
 
 /* Expert e's product over its block of sorted rows, W (E,n_out,n_in):
      forward:  y_e = x_e W_e^T  (x rows of n_in, y rows of n_out)
      backward: y_e += x_e W_e   (the input's gradient: x rows of n_out, y rows of n_in) */
-static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e, int n_in, int n_out,
-                          int backward) {
-    size_t ys = backward ? (size_t)n_in : (size_t)n_out, xs = backward ? (size_t)n_out : (size_t)n_in;
+static void expert_matmul(float *y, const float *x, const float *w, const int *offset, int e,
+                          int n_in, int n_out, int backward) {
+    size_t ys = backward ? (size_t)n_in : (size_t)n_out,
+           xs = backward ? (size_t)n_out : (size_t)n_in;
     int p0 = offset[e], ne = offset[e + 1] - p0;
     if (ne == 0) return;  // an expert no token chose costs nothing
     float *ye = y + (size_t)p0 * ys;
@@ -816,14 +849,15 @@ static void expert_matmul(float *y, const float *x, const float *w, const int *o
         matmul_forward(ye, xe, we, ne, n_in, n_out);
 }
 
-// Every expert's product of one layer, one after another (the fast build schedules them on the threads).
-KERNEL_DEF void experts_matmul_ref(float *y, const float *x, const float *w, const int *offset, int E, int n_in,
-                                   int n_out, int backward) {
+// Every expert's product of one layer, one after another
+// (the fast build schedules them on the threads).
+KERNEL_DEF void experts_matmul_ref(float *y, const float *x, const float *w, const int *offset,
+                                   int E, int n_in, int n_out, int backward) {
     for (int e = 0; e < E; e++) expert_matmul(y, x, w, offset, e, n_in, n_out, backward);
 }
 
-static void experts_matmul(float *y, const float *x, const float *w, const int *offset, int E, int n_in, int n_out,
-                           int backward) {
+static void experts_matmul(float *y, const float *x, const float *w, const int *offset, int E,
+                           int n_in, int n_out, int backward) {
     KERNEL(experts_matmul)(y, x, w, offset, E, n_in, n_out, backward);
 }
 
@@ -844,7 +878,8 @@ static void swiglu_forward(float *out, const float *h, int M, int F) {
    dout. Each element is read before it is written, but a vectorised loop
    may not assume so; inputs go through a small copy. */
 #define SWIGLU_CHUNK 256
-static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M, int F) {
+static void swiglu_backward(float *dh, float *act, const float *dout, const float *h, int M,
+                            int F) {
     // dh (M,2F) written, act (M,F) written, dout (M,F), h (M,2F)
 #pragma omp parallel for schedule(static)
     for (int m = 0; m < M; m++)
@@ -865,7 +900,8 @@ static void swiglu_backward(float *dh, float *act, const float *dout, const floa
         }
 }
 
-static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, const MoeLayer *ml) {
+static void moe_forward(float *y, float *h, float *eout, float *xs, float *act,
+                        const MoeLayer *ml) {
     // y (N,C); saved for the backward: h (N*K,2F), eout (N*K,C); scratch: xs (N*K,C), act (N*K,F)
     const float *score = ml->score;
     const int *chosen = ml->chosen;
@@ -896,10 +932,11 @@ static void moe_forward(float *y, float *h, float *eout, float *xs, float *act, 
    wait for pool_weight_grads (below): this backward leaves what they need in
    place of what it has finished with, do over eout, [da; db] over h, and
    SwiGLU's output act, recomputed (the same bits as the forward's). */
-static void moe_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs, const float *dy,
-                         const MoeLayer *ml) {
+static void moe_backward(float *dx, float *dscore, float *eout, float *h, float *act, float *dxs,
+                         const float *dy, const MoeLayer *ml) {
     // dx (N,C) +=, dscore (N,E) += at the chosen experts; saved by the forward and overwritten:
-    // eout (N*K,C) -> do, h (N*K,2F) -> [da; db]; act (N*K,F) written; scratch dxs (N*K,C); dy (N,C)
+    // eout (N*K,C) -> do, h (N*K,2F) -> [da; db]; act
+    // (N*K,F) written; scratch dxs (N*K,C); dy (N,C)
     const float *score = ml->score;
     const int *chosen = ml->chosen;
     const Dispatch *d = &ml->d;
@@ -921,7 +958,8 @@ static void moe_backward(float *dx, float *dscore, float *eout, float *h, float 
     experts_matmul(dxs, h, ml->fc1, d->offset, E, C, 2 * F, 1);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
+        for (int k = 0; k < K; k++)
+            axpy(dx + (size_t)n * C, 1.0f, dxs + (size_t)d->slot[n * K + k] * C, C);
 }
 
 /* The pooled weight gradient, UniPool's own step in the backward. A shared
@@ -945,7 +983,8 @@ typedef struct {
     size_t block;
 } PoolRows;
 
-// Scratch for a chunk of up to N*K rows of one expert: hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
+// Scratch for a chunk of up to N*K rows of one expert:
+// hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
 typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
 
 /* One expert's weight gradients from R of its rows (rows[r] = layer j of the
@@ -953,8 +992,8 @@ typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
    (vanilla: an expert's rows of its one layer) are read in place; rows of
    several layers are gathered into the scratch first, and the inputs x
    always are. */
-static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R, const PoolRows *pr, int C,
-                                int F, int K) {
+static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R,
+                                const PoolRows *pr, int C, int F, int K) {
     // dfc1 (2F,C) +=, dfc2 (C,F) +=
     float *hs = sc->hs, *as = sc->as, *ds = sc->ds, *xs = sc->xs;
     const float *dh = pr->dh, *deout = pr->deout, *act = pr->act, *x = pr->x;
@@ -970,7 +1009,8 @@ static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc,
             memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
             memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
         }
-        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C, (size_t)C * sizeof(float));
+        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C,
+               (size_t)C * sizeof(float));
     }
     matmul_backward(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
     matmul_backward(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
@@ -979,8 +1019,8 @@ static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc,
 /* The weight gradients of a pool's E experts: each expert's rows of every
    layer, in layer then dispatch order, in chunks of at most N*K rows (the
    scratch). */
-static void pool_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr, int N, int C, int F,
-                              int E, int K) {
+static void pool_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr,
+                              int N, int C, int F, int E, int K) {
     // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
     const int *offset = pr->offset;
     int *rows = sc->rows, nl = pr->nl;
@@ -1008,12 +1048,14 @@ static void pool_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, c
    (vanilla MoE), G = 1 gives every layer the same E experts (UniPool), and
    the backward of a shared expert simply accumulates over the layers that
    used it. This function is the only place the difference lives. */
-static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (c->L / c->G)) * c->E; }
+static size_t layer_first_expert(const Config *c, int l) {
+    return (size_t)(l / (c->L / c->G)) * c->E;
+}
 
 /* Activations, for N = B*T tokens (NK = N*K expert assignments). The
    expressions name local variables of act_alloc. Saved by the forward: */
 #define ACT_TABLE(X)                                                               \
-    X(resid,  (L + 1) * N * C)  /* (L+1,N,C) residual entering layer l; [L] the final norm's input */ \
+    X(resid,  (L + 1) * N * C)  /* (L+1,N,C) residual entering layer l; [L] final norm's input */ \
     X(ln1,    L * N * C)        /* (L,N,C) attention norm output */                 \
     X(rstd1,  L * N)            /* (L,N) */                                         \
     X(q,      L * N * Q)        /* (L,N,NH*hd) after RoPE */                        \
@@ -1026,8 +1068,8 @@ static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (
     X(rstd2,  L * N)            /* (L,N) */                                         \
     X(z,      L * N * E)        /* (L,N,E) router logits */                         \
     X(score,  L * N * E)        /* (L,N,E) router scores; the chosen ones are the gates */ \
-    X(h,      L * NK * 2 * F)   /* (L,N*K,2F) expert fc1 output, dispatch order; the backward makes it d h */ \
-    X(eout,   L * NK * C)       /* (L,N*K,C) expert output before its gate, dispatch order; then its gradient */ \
+    X(h,      L * NK * 2 * F)   /* (L,N*K,2F) expert fc1 output, dispatch order; then d h */ \
+    X(eout,   L * NK * C)       /* (L,N*K,C) expert output before its gate; then its gradient */ \
     X(lnf,    N * C)            /* (N,C) final norm output */                       \
     X(rstdf,  N)                /* (N) */                                           \
     X(logits, N * Vp)           /* (N,Vp); the backward turns them into d logits */  \
@@ -1046,7 +1088,7 @@ static size_t layer_first_expert(const Config *c, int l) { return (size_t)(l / (
     X(xs,     NK * C)           /* (N*K,C) expert inputs gathered in dispatch order */ \
     X(dxs,    NK * C)           /* (N*K,C) */                                       \
     X(act,    NK * F)           /* (N*K,F) SwiGLU output */                         \
-    X(act_pool, LP * NK * F)    /* (L/G,N*K,F) SwiGLU output of each layer of the pool being backpropagated */ \
+    X(act_pool, LP * NK * F)    /* (L/G,N*K,F) SwiGLU outputs of the pool in the backward */ \
     X(hs,     NK * 2 * F)       /* (N*K,2F) an expert's d h rows of several layers, gathered */
 
 #define ACT_INT_TABLE(X)                                                           \
@@ -1072,8 +1114,10 @@ typedef struct {
     Shape shapes[NUM_PARAM_TENSORS];
     size_t num_params;
     float *params_memory, *grads_memory;   // (num_params) each
-    float *m_memory, *v_memory;            // (opt_hi - opt_lo) AdamW moments, allocated by the first update
-    size_t opt_lo, opt_hi;                 // the parameters this rank updates: all of them on one process
+    // (opt_hi - opt_lo) AdamW moments, allocated by the first update
+    float *m_memory, *v_memory;
+    // the parameters this rank updates: all of them on one process
+    size_t opt_lo, opt_hi;
     ParamTensors params, grads;
     int adam_t;                            // AdamW updates taken
     float *rope_cos, *rope_sin;            // (maxT, hd/2)
@@ -1081,7 +1125,8 @@ typedef struct {
     // micro-batch (model state: it survives steps), and d aux / d P (L,E)
     float *aux_f, *aux_prev_f, *aux_coef;
     int aux_prev_valid;
-    int64_t *counts;                       // (L,E) tokens per expert in the last forward, over all ranks
+    // (L,E) tokens per expert in the last forward, over all ranks
+    int64_t *counts;
     // the sigmoid router's balancing (section 3): the expert bias (L,E), and
     // the tokens each expert took at each layer in this step's training
     // micro-batches so far (L,E)
@@ -1092,10 +1137,12 @@ typedef struct {
     void *acts_memory;
     size_t acts_bytes;
     int maxN, B, T;                        // B, T of the last forward
-    int N_all;                             // its tokens over all ranks: the N of the loss means (B T R)
+    // its tokens over all ranks: the N of the loss means (B T R)
+    int N_all;
     double ce, aux;                        // of the last forward
     // called after each layer's routing, which it may rewrite (infer_unipool's probe); NULL: none
-    void (*route_hook)(void *ctx, int l, int *chosen, float *score, int N);  // chosen (N,K), score (N,E)
+    // chosen (N,K), score (N,E)
+    void (*route_hook)(void *ctx, int l, int *chosen, float *score, int N);
     void *route_ctx;
 } Model;
 
@@ -1152,7 +1199,8 @@ static void model_init(Model *m, uint64_t seed, float init_std) {
         size_t n = shape_numel(m->shapes[i]);
         float std = (i == PT_wo || i == PT_expert_fc2) ? init_std / sqrtf(2.0f * c->L) : init_std;
         for (size_t j = 0; j < n; j++) p[j] = param_decay[i] ? std * (float)rng_normal(&rng) : 1.0f;
-        if (i == PT_wte || i == PT_lm_head) memset(p + (size_t)c->V * c->C, 0, (size_t)(c->Vp - c->V) * c->C * sizeof(float));
+        if (i == PT_wte || i == PT_lm_head)
+            memset(p + (size_t)c->V * c->C, 0, (size_t)(c->Vp - c->V) * c->C * sizeof(float));
         p += n;
     }
 }
@@ -1244,7 +1292,8 @@ static double aux_forward(Model *m, int N, int training) {
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P;
         }
-    if (training) aux_keep_statistic(m);  // evaluation passes leave it, and the step's counts, alone
+    // evaluation passes leave it, and the step's counts, alone
+    if (training) aux_keep_statistic(m);
     return aux;
 }
 
@@ -1295,10 +1344,11 @@ static void pool_backward(Model *m, int l0, int N) {
     Acts *a = &m->acts;
     int C = c->C, F = c->F, E = c->E, K = c->K, LP = c->L / c->G;
     size_t block = (size_t)m->maxN, f0 = (size_t)l0 * block, e0 = layer_first_expert(c, l0);
-    PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C, a->order + f0 * K,
-                   a->offset + (size_t)l0 * (E + 1), LP, block};
+    PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C,
+                   a->order + f0 * K, a->offset + (size_t)l0 * (E + 1), LP, block};
     GradScratch sc = {a->hs, a->act, a->dxs, a->xs, a->rows};
-    pool_weight_grads(m->grads.expert_fc1 + e0 * 2 * F * C, m->grads.expert_fc2 + e0 * C * F, &sc, &pr, N, C, F, E, K);
+    pool_weight_grads(m->grads.expert_fc1 + e0 * 2 * F * C, m->grads.expert_fc2 + e0 * C * F, &sc,
+                      &pr, N, C, F, E, K);
 }
 
 static void check_tokens(const int *tok, int N, int V, const char *what) {
@@ -1319,14 +1369,16 @@ static void check_tokens(const int *tok, int N, int V, const char *what) {
    earlier calls, are the KV cache. Every layer's activations are rows of a
    block of m->maxN tokens, so those rows stay where the next call finds them.
    The logits (T,Vp) of the new positions are rows 0..T-1 of m->acts.logits. */
-static void model_forward(Model *m, const int *inputs, const int *targets, int B, int T, int t0, int training) {
+static void model_forward(Model *m, const int *inputs, const int *targets, int B, int T, int t0,
+                          int training) {
     const Config *c = &m->cfg;
     if (t0 + T > c->maxT) fail("sequence length %d exceeds the model's maxT %d; use a smaller -t", t0 + T, c->maxT);
     if (t0 > 0 && (B != 1 || targets || t0 + T > m->maxN)) fail("internal: KV-cache forward beyond its capacity");
     if (B * T > m->maxN) act_alloc(m, B * T);
     m->B = B;
     m->T = T;
-    size_t N = (size_t)B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NH = c->NH, hd = HD(c);
+    size_t N = (size_t)B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NH = c->NH,
+           hd = HD(c);
     size_t Q = NH * hd, KV = (size_t)c->NKV * hd, Vp = c->Vp;
     size_t block = m->maxN;  // rows of each layer's block of activations
     float eps = c->norm_eps;
@@ -1395,7 +1447,8 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
 static void model_backward(Model *m, float scale) {
     const Config *c = &m->cfg;
     int B = m->B, T = m->T;
-    size_t N = (size_t)B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NH = c->NH, hd = HD(c);
+    size_t N = (size_t)B * T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NH = c->NH,
+           hd = HD(c);
     size_t Q = NH * hd, KV = (size_t)c->NKV * hd, Vp = c->Vp;
     size_t block = m->maxN;  // rows of each layer's block, as in the forward
     size_t LP = L / c->G;    // layers per pool
@@ -1406,7 +1459,8 @@ static void model_backward(Model *m, float scale) {
     memset(a->dln, 0, N * C * sizeof(float));
     matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, Vp);
     memset(a->dresid, 0, N * C * sizeof(float));
-    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + L * block * C, p->final_norm, a->rstdf, N, C);
+    rmsnorm_backward(a->dresid, g->final_norm, a->dln, a->resid + L * block * C, p->final_norm,
+                     a->rstdf, N, C);
     for (size_t l = L; l-- > 0;) {  // a->dresid holds d(residual leaving layer l)
         size_t row = l * block;
         LayerTensors w = layer_tensors(p, c, l);   // the layer's weights
@@ -1437,7 +1491,8 @@ static void model_backward(Model *m, float scale) {
         // UniPool's step: at its first layer every layer sharing the pool is done; each of its
         // experts' weight gradients is one sum over its rows of all of them
         if (l % LP == 0) pool_backward(m, l, N);
-        router_backward(a->dz, dw.router_scale, a->dscore, l_z, l_score, l_chosen, *w.router_scale, c, N);
+        router_backward(a->dz, dw.router_scale, a->dscore, l_z, l_score, l_chosen, *w.router_scale,
+                        c, N);
         matmul_backward(a->dln, dw.router, a->dz, l_ln2, w.router, N, C, E);
         rmsnorm_backward(a->dresid, dw.ffn_norm, a->dln, l_resmid, w.ffn_norm, l_rstd2, N, C);
         // attention sublayer; a->dresid holds d(residual after attention)
@@ -1501,13 +1556,16 @@ static void adamw_update(Model *m, const OptConfig *o, float lr, float gscale) {
     }
     m->adam_t++;
     float bc1 = 1.0f - (float)pow(o->b1, m->adam_t), bc2 = 1.0f - (float)pow(o->b2, m->adam_t);
-    size_t off = 0;  // tensor i is [off, off + n) of the flat buffer; its part in the range is [a, b)
+    // tensor i is [off, off + n) of the flat buffer; its part in the range is [a, b)
+    size_t off = 0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        size_t n = shape_numel(m->shapes[i]), a = off > lo ? off : lo, b = off + n < hi ? off + n : hi;
+        size_t n = shape_numel(m->shapes[i]), a = off > lo ? off : lo,
+               b = off + n < hi ? off + n : hi;
         off += n;
         if (a >= b) continue;
         float decay = param_decay[i] ? 1.0f - lr * o->wd : 1.0f;
-        float *restrict p = m->params_memory + a, *restrict mm = m->m_memory + (a - lo), *restrict vv = m->v_memory + (a - lo);
+        float *restrict p = m->params_memory + a, *restrict mm = m->m_memory + (a - lo),
+                        *restrict vv = m->v_memory + (a - lo);
         const float *restrict g = m->grads_memory + a;
         const float b1 = o->b1, b2 = o->b2, eps = o->eps;
 #pragma omp parallel for schedule(static)
@@ -1544,7 +1602,8 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
     int Br = B / world.size, *io = malloc_check(2 * (size_t)Br * T * sizeof(int));
     memset(m->grads_memory, 0, m->num_params * sizeof(float));
     for (int mb = 0; mb < n_micro; mb++) {
-        split_rows(io, io + (size_t)Br * T, world_rows(tokens + (size_t)mb * B * (T + 1), B, T), Br, T);
+        const int *rows = world_rows(tokens + (size_t)mb * B * (T + 1), B, T);
+        split_rows(io, io + (size_t)Br * T, rows, Br, T);
         model_forward(m, io, io + (size_t)Br * T, Br, T, 0, 1);
         model_backward(m, 1.0f / n_micro);
         st.ce += m->ce / n_micro;
@@ -1552,7 +1611,8 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
     }
     free(io);
     world_reduce_scatter(m->grads_memory, m->num_params);
-    double sums[3] = {st.ce, st.aux, sum_squares(m->grads_memory + m->opt_lo, m->opt_hi - m->opt_lo)};
+    double sums[3] = {st.ce, st.aux,
+                      sum_squares(m->grads_memory + m->opt_lo, m->opt_hi - m->opt_lo)};
     world_sum_f64(sums, 3);
     return (StepStats){sums[0], sums[1], sqrt(sums[2])};
 }
@@ -1631,7 +1691,9 @@ static void *calloc_check_(size_t n, size_t size, const char *src, int line) {
 }
 
 // Whether all n items were written (errno says why not).
-static int write_all(FILE *f, const void *p, size_t size, size_t n) { return fwrite(p, size, n, f) == n; }
+static int write_all(FILE *f, const void *p, size_t size, size_t n) {
+    return fwrite(p, size, n, f) == n;
+}
 
 // ----------------------------------------------------------------------------
 // Data parallelism (make MPI=1): R processes, "ranks", each with the whole
@@ -1672,7 +1734,7 @@ static const int *world_rows(const int *rows, int B, int T) {
 }
 
 #ifdef UNIPOOL_MPI
-#define WORLD_CHUNK ((size_t)1 << 22)  // floats per message (16 MiB): the int counts of MPI stay small
+#define WORLD_CHUNK ((size_t)1 << 22)  // floats per message (16 MiB): MPI's int counts stay small
 
 static void world_init(int *argc, char ***argv) {
     MPI_Init(argc, argv);
@@ -1688,7 +1750,8 @@ static void world_abort(int code) {
 }
 
 static void world_sum_i64(int64_t *x, size_t n) {  // integers: exact in any order
-    if (world.size > 1) MPI_Allreduce(MPI_IN_PLACE, x, (int)n, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+    if (world.size > 1)
+        MPI_Allreduce(MPI_IN_PLACE, x, (int)n, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
 }
 
 static void world_sum_f64(double *x, int n) {
@@ -1703,7 +1766,9 @@ static void world_sum_f64(double *x, int n) {
 }
 
 // How many of the floats [c, c + WORLD_CHUNK) lie in a range of n floats.
-static size_t chunk_len(size_t n, size_t c) { return c < n ? (n - c < WORLD_CHUNK ? n - c : WORLD_CHUNK) : 0; }
+static size_t chunk_len(size_t n, size_t c) {
+    return c < n ? (n - c < WORLD_CHUNK ? n - c : WORLD_CHUNK) : 0;
+}
 
 /* g (P) is this rank's gradient. Afterwards its own range holds the sum of
    all ranks' g there, added in rank order; the rest is left as it was. Chunk
@@ -1713,9 +1778,11 @@ static void world_reduce_scatter(float *g, size_t P) {
     if (world.size == 1) return;
     int R = world.size, me = world.rank, nreq;
     size_t lo, hi, qlo, qhi, longest = 0;
-    for (int q = 0; q < R; q++) world_shard(P, q, &qlo, &qhi), longest = qhi - qlo > longest ? qhi - qlo : longest;
+    for (int q = 0; q < R; q++)
+        world_shard(P, q, &qlo, &qhi), longest = qhi - qlo > longest ? qhi - qlo : longest;
     world_shard(P, me, &lo, &hi);
-    float *in = malloc_check((size_t)R * WORLD_CHUNK * sizeof(float));  // (R,WORLD_CHUNK): rank q's part of the chunk
+    // (R,WORLD_CHUNK): rank q's part of the chunk
+    float *in = malloc_check((size_t)R * WORLD_CHUNK * sizeof(float));
     MPI_Request *req = malloc_check(2 * (size_t)R * sizeof(MPI_Request));
     for (size_t c = 0; c < longest; c += WORLD_CHUNK) {
         size_t n = chunk_len(hi - lo, c);
@@ -1724,7 +1791,9 @@ static void world_reduce_scatter(float *g, size_t P) {
             if (q == me) continue;
             world_shard(P, q, &qlo, &qhi);
             size_t nq = chunk_len(qhi - qlo, c);
-            if (n) MPI_Irecv(in + (size_t)q * WORLD_CHUNK, (int)n, MPI_FLOAT, q, 0, MPI_COMM_WORLD, &req[nreq++]);
+            if (n)
+                MPI_Irecv(in + (size_t)q * WORLD_CHUNK, (int)n, MPI_FLOAT, q, 0, MPI_COMM_WORLD,
+                          &req[nreq++]);
             if (nq) MPI_Isend(g + qlo + c, (int)nq, MPI_FLOAT, q, 0, MPI_COMM_WORLD, &req[nreq++]);
         }
         MPI_Waitall(nreq, req, MPI_STATUSES_IGNORE);
@@ -1763,7 +1832,8 @@ static int world_write_ranges(FILE *f, const float *x, size_t P, int ok) {
             size_t n = chunk_len(qhi - qlo, c);
             const float *part = x ? x + c : buf;
             if (q != 0 && world.rank == q) MPI_Send(part, (int)n, MPI_FLOAT, 0, 1, MPI_COMM_WORLD);
-            if (q != 0 && world.rank == 0) MPI_Recv(buf, (int)n, MPI_FLOAT, q, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            if (q != 0 && world.rank == 0)
+                MPI_Recv(buf, (int)n, MPI_FLOAT, q, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
             if (world.rank == 0) ok = ok && write_all(f, q == 0 ? part : buf, sizeof(float), n);
         }
     }
@@ -1825,7 +1895,8 @@ static void shuffle_ints(int64_t *x, int64_t n, uint64_t seed) {  // Fisher-Yate
     }
 }
 
-// Reads up to n bytes from the start of a file and its size, and closes it: the checks that follow need no open file.
+// Reads up to n bytes from the start of a file and its size,
+// and closes it: the checks that follow need no open file.
 static size_t read_head(const char *path, void *buf, size_t n, long *file_size) {
     FILE *f = fopen_check(path, "rb");
     size_t got = fread(buf, 1, n, f);
@@ -1862,7 +1933,8 @@ static size_t shard_header(const char *path, int *version, int *vocab, const cha
 
 /* Opens the shards that match pattern. They must share one vocabulary, which
    becomes d->V: every token is checked against it as its shard loads. */
-static void loader_init(DataLoader *d, const char *pattern, int T, int shuffle, uint64_t seed, const char *what) {
+static void loader_init(DataLoader *d, const char *pattern, int T, int shuffle, uint64_t seed,
+                        const char *what) {
     memset(d, 0, sizeof *d);
     if (glob(pattern, 0, NULL, &d->files) != 0 || d->files.gl_pathc == 0)
         fail("%s: no files match '%s'; run 'make data' or pass shards written by prepro_pile.py", what, pattern);
@@ -1915,7 +1987,9 @@ static void loader_load_shard(DataLoader *d, int s) {
     d->loaded = s;
 }
 
-static int64_t shard_rows(const DataLoader *d, int s) { return (int64_t)((d->count[s] - 1) / d->T); }
+static int64_t shard_rows(const DataLoader *d, int s) {
+    return (int64_t)((d->count[s] - 1) / d->T);
+}
 
 // The epoch's shard order: order[i] is the shard visited i-th.
 static void loader_shard_order(const DataLoader *d, int64_t epoch, int *order) {
@@ -1929,8 +2003,8 @@ static void loader_shard_order(const DataLoader *d, int64_t epoch, int *order) {
    stores it: shard an index of the epoch's order, row at most the rows of the
    shard there (all of them read: the next read moves on). Returns NULL if so,
    else what is out of range, in buf. */
-static const char *loader_position_error(const DataLoader *d, uint64_t epoch, uint64_t shard, uint64_t row,
-                                         char *buf, size_t n) {
+static const char *loader_position_error(const DataLoader *d, uint64_t epoch, uint64_t shard,
+                                         uint64_t row, char *buf, size_t n) {
     if (epoch > INT32_MAX) {
         snprintf(buf, n, "epoch %llu, beyond 2^31", (unsigned long long)epoch);
         return buf;
@@ -1970,7 +2044,8 @@ static void loader_seek(DataLoader *d, int64_t epoch, int64_t shard, int64_t row
     free(d->row_order);
     d->row_order = malloc_check(d->rows * sizeof(int64_t));
     for (int64_t r = 0; r < d->rows; r++) d->row_order[r] = r;
-    if (d->shuffle) shuffle_ints(d->row_order, d->rows, mix_seed(d->seed, (uint64_t)epoch, (uint64_t)s + 1));
+    if (d->shuffle)
+        shuffle_ints(d->row_order, d->rows, mix_seed(d->seed, (uint64_t)epoch, (uint64_t)s + 1));
 }
 
 // The next B rows of T+1 tokens: out (B,T+1).
@@ -1982,7 +2057,8 @@ static void loader_next(DataLoader *d, int *out, int B) {
             if (shard == d->n) shard = 0, epoch++;
             loader_seek(d, epoch, shard, 0);
         }
-        memcpy(out + (size_t)b * (d->T + 1), d->tokens + d->row_order[d->row] * d->T, (d->T + 1) * sizeof(int));
+        memcpy(out + (size_t)b * (d->T + 1), d->tokens + d->row_order[d->row] * d->T,
+               (d->T + 1) * sizeof(int));
         d->row++;
     }
 }
@@ -2003,7 +2079,8 @@ static int tokenizer_load(Tokenizer *t, const char *path) {  // 0 on success, -1
     if (!f) return -1;
     uint32_t h[256];
     fread_check(h, sizeof(uint32_t), 256, f, path);
-    if (h[0] != TOKENIZER_MAGIC || h[1] != TOKENIZER_VERSION || h[2] == 0 || h[2] > (1u << 24) || h[3] >= h[2])
+    if (h[0] != TOKENIZER_MAGIC || h[1] != TOKENIZER_VERSION || h[2] == 0 || h[2] > (1u << 24) ||
+        h[3] >= h[2])
         fail("'%s' is not a version %d tokenizer table (magic %u, version %u); re-create it with prepro_pile.py",
              path, TOKENIZER_VERSION, h[0], h[1]);
     t->n = (int)h[2], t->eot = (int)h[3];
@@ -2028,7 +2105,8 @@ static void vocab_agree(const char *a, int va, const char *b, int vb) {
              "the same prepro_pile.py --vocab", a, va, b, vb);
 }
 
-// The padded vocabulary of the embedding and the head: V rounded up to whole blocks of 1024 rows (GPT-2: 51200).
+// The padded vocabulary of the embedding and the head: V
+// rounded up to whole blocks of 1024 rows (GPT-2: 51200).
 static int padded_vocab(int V) { return (V + 1023) / 1024 * 1024; }
 
 static void tokenizer_free(Tokenizer *t) {
@@ -2036,7 +2114,8 @@ static void tokenizer_free(Tokenizer *t) {
     free(t->piece);
 }
 
-// Prints a token's bytes as it comes (ctx: the Tokenizer), leaving out control bytes other than newline and tab.
+// Prints a token's bytes as it comes (ctx: the Tokenizer),
+// leaving out control bytes other than newline and tab.
 static void tokenizer_print(int id, void *ctx) {
     const Tokenizer *t = ctx;
     if (!t->piece || id < 0 || id >= t->n) {
@@ -2053,7 +2132,8 @@ static void tokenizer_print(int id, void *ctx) {
 // -r continues a run as it was started.
 
 typedef struct {
-    int B, T, n_micro, steps, warmup, val_every, val_batches, sample_every, gen_tokens, ckpt_every, keep;
+    int B, T, n_micro, steps, warmup, val_every, val_batches;
+    int sample_every, gen_tokens, ckpt_every, keep;
     uint64_t seed;
     float lr_floor;  // the cosine schedule ends at lr * lr_floor
     float init_std;  // initialisation (model_init); a new run's only, not stored in checkpoints
@@ -2061,19 +2141,20 @@ typedef struct {
 } TrainConfig;
 
 #define CKPT_NEVER (-1)               // ckpt_every of -K never: no checkpoint at all
-#define MAX_BATCH_TOKENS (1 << 24)    // B * T: token indices and activation sizes stay far inside an int
+#define MAX_BATCH_TOKENS (1 << 24)    // B * T: token indices and activation sizes stay in an int
 
 /* Returns NULL if the training configuration is one the flags can set, else
    what is wrong with it. Checkpoint headers are held to it too: a damaged
    one then stops at load, naming the field, rather than in the run (a B of
    2^24 as an allocation of terabytes, a negative lr as a NaN steps later). */
 static const char *train_config_error(const TrainConfig *tc) {
-    if (tc->B < 1 || tc->B > (1 << 20) || tc->T < 1 || tc->T > (1 << 20) || tc->n_micro < 1 || tc->n_micro > (1 << 20))
+    if (tc->B < 1 || tc->B > (1 << 20) || tc->T < 1 || tc->T > (1 << 20) || tc->n_micro < 1 ||
+        tc->n_micro > (1 << 20))
         return "B, T and the micro-batches per step must be in [1, 2^20]";
     if ((int64_t)tc->B * tc->T > MAX_BATCH_TOKENS) return "B * T must be at most 2^24 tokens";
-    if (tc->steps < 1 || tc->warmup < 0 || tc->val_every < 0 || tc->val_batches < 1 || tc->sample_every < 0 ||
-        tc->gen_tokens < 1 || tc->gen_tokens > (1 << 20) || tc->ckpt_every < CKPT_NEVER || tc->keep < 1 ||
-        tc->keep > (1 << 20))
+    if (tc->steps < 1 || tc->warmup < 0 || tc->val_every < 0 || tc->val_batches < 1 ||
+        tc->sample_every < 0 || tc->gen_tokens < 1 || tc->gen_tokens > (1 << 20) ||
+        tc->ckpt_every < CKPT_NEVER || tc->keep < 1 || tc->keep > (1 << 20))
         return "need steps, val batches, sample tokens (<= 2^20) and checkpoints kept (<= 2^20) >= 1, the intervals "
                "and warmup >= 0";
     if (tc->seed > INT32_MAX) return "the seed must be in [0, 2^31 - 1]";
@@ -2141,7 +2222,8 @@ typedef struct {
 } TrainState;
 
 static void header_put_config(int32_t *h, float *hp, const Config *c) {
-    int32_t v[] = {c->V, c->Vp, c->maxT, c->L, c->C, c->NH, c->NKV, c->F, c->G, c->E, c->K, c->router, c->aux};
+    int32_t v[] = {c->V, c->Vp, c->maxT, c->L, c->C,      c->NH, c->NKV,
+                   c->F, c->G,  c->E,    c->K, c->router, c->aux};
     memcpy(h + 3, v, sizeof v);
     float f[] = {c->alpha, c->norm_eps, c->rope_theta, c->router_c, c->router_eps};
     memcpy(hp, f, sizeof f);
@@ -2149,10 +2231,10 @@ static void header_put_config(int32_t *h, float *hp, const Config *c) {
 }
 
 static Config header_get_config(const int32_t *h, const float *hp) {
-    return (Config){.V = h[3], .Vp = h[4], .maxT = h[5], .L = h[6], .C = h[7], .NH = h[8], .NKV = h[9],
-                    .F = h[10], .G = h[11], .E = h[12], .K = h[13], .router = h[14], .aux = h[15],
-                    .alpha = hp[0], .norm_eps = hp[1], .rope_theta = hp[2], .router_c = hp[3], .router_eps = hp[4],
-                    .bias_rate = hp[12]};
+    return (Config){.V = h[3], .Vp = h[4], .maxT = h[5], .L = h[6], .C = h[7], .NH = h[8],
+                    .NKV = h[9], .F = h[10], .G = h[11], .E = h[12], .K = h[13], .router = h[14],
+                    .aux = h[15], .alpha = hp[0], .norm_eps = hp[1], .rope_theta = hp[2],
+                    .router_c = hp[3], .router_eps = hp[4], .bias_rate = hp[12]};
 }
 
 /* Completes a file written to tmp: flushes, fsyncs, closes and renames it over
@@ -2168,7 +2250,8 @@ static int commit_temporary(FILE *f, int ok, const char *tmp, const char *path) 
     return ok ? 0 : err ? err : EIO;
 }
 
-static void checkpoint_save(const char *path, const Model *m, const TrainConfig *tc, const TrainState *st) {
+static void checkpoint_save(const char *path, const Model *m, const TrainConfig *tc,
+                            const TrainState *st) {
     int32_t h[256] = {CKPT_MAGIC, CKPT_VERSION, st != NULL};
     float hp[64] = {0};
     uint64_t h64[32] = {0};
@@ -2177,14 +2260,16 @@ static void checkpoint_save(const char *path, const Model *m, const TrainConfig 
     int32_t t[] = {tc->B, tc->T, tc->n_micro, tc->steps, tc->warmup, tc->val_every, tc->val_batches,
                    tc->sample_every, tc->gen_tokens, tc->ckpt_every, tc->keep};
     memcpy(h + 16, t, sizeof t);
-    float o[] = {tc->opt.lr, tc->opt.b1, tc->opt.b2, tc->opt.eps, tc->opt.wd, tc->opt.clip, tc->lr_floor};
+    float o[] = {tc->opt.lr, tc->opt.b1,   tc->opt.b2,  tc->opt.eps,
+                 tc->opt.wd, tc->opt.clip, tc->lr_floor};
     memcpy(hp + 5, o, sizeof o);
     h64[0] = tc->seed;
     memset(paths, 0, sizeof paths);
     if (st) {
         h[27] = st->step, h[28] = m->adam_t, h[29] = m->aux_prev_valid;
         if (st->loader) {
-            h64[1] = (uint64_t)st->loader->epoch, h64[2] = (uint64_t)st->loader->shard, h64[3] = (uint64_t)st->loader->row;
+            h64[1] = (uint64_t)st->loader->epoch, h64[2] = (uint64_t)st->loader->shard,
+            h64[3] = (uint64_t)st->loader->row;
             h64[5] = loader_fingerprint(st->loader);
         }
         h64[4] = st->sampler;
@@ -2192,11 +2277,14 @@ static void checkpoint_save(const char *path, const Model *m, const TrainConfig 
     }
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) fail("checkpoint path '%s' is too long", path);
-    FILE *f = world.rank == 0 ? fopen_check(tmp, "wb") : NULL;  // every rank sends rank 0 its AdamW state
+    // every rank sends rank 0 its AdamW state
+    FILE *f = world.rank == 0 ? fopen_check(tmp, "wb") : NULL;
     size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E;
-    int ok = !f || (write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) && write_all(f, h64, sizeof h64, 1) &&
-                    write_all(f, paths, sizeof paths, 1) && write_all(f, m->params_memory, sizeof(float), P) &&
-                    (m->cfg.router != ROUTER_SIGMOID || write_all(f, m->expert_bias, sizeof(float), LE)));
+    int ok = !f ||
+        (write_all(f, h, sizeof h, 1) && write_all(f, hp, sizeof hp, 1) &&
+         write_all(f, h64, sizeof h64, 1) && write_all(f, paths, sizeof paths, 1) &&
+         write_all(f, m->params_memory, sizeof(float), P) &&
+         (m->cfg.router != ROUTER_SIGMOID || write_all(f, m->expert_bias, sizeof(float), LE)));
     if (st) {  // the moments are NULL (zeros) before the first update
         ok = world_write_ranges(f, m->m_memory, P, ok);
         ok = world_write_ranges(f, m->v_memory, P, ok);
@@ -2268,14 +2356,17 @@ static void checkpoint_header(const char *path, CheckpointHeader *ck) {
     ck->cfg = header_get_config(h, hp);
     const char *err = config_error(&ck->cfg);
     if (err) checkpoint_damaged(path, "a bad model configuration (%s)", err);
-    ck->tc = (TrainConfig){.B = h[16], .T = h[17], .n_micro = h[18], .steps = h[19], .warmup = h[20],
-                           .val_every = h[21], .val_batches = h[22], .sample_every = h[23], .gen_tokens = h[24],
-                           .ckpt_every = h[25], .keep = h[26], .seed = h64[0], .lr_floor = hp[11],
-                           .opt = {.lr = hp[5], .b1 = hp[6], .b2 = hp[7], .eps = hp[8], .wd = hp[9], .clip = hp[10]}};
+    ck->tc = (TrainConfig){.B = h[16], .T = h[17], .n_micro = h[18], .steps = h[19],
+                           .warmup = h[20], .val_every = h[21], .val_batches = h[22],
+                           .sample_every = h[23], .gen_tokens = h[24], .ckpt_every = h[25],
+                           .keep = h[26], .seed = h64[0], .lr_floor = hp[11],
+                           .opt = {.lr = hp[5], .b1 = hp[6], .b2 = hp[7], .eps = hp[8],
+                                   .wd = hp[9], .clip = hp[10]}};
     if ((err = train_config_error(&ck->tc))) checkpoint_damaged(path, "a bad training configuration (%s)", err);
     if (ck->tc.T > ck->cfg.maxT) checkpoint_damaged(path, "its T %d exceeds its maxT %d", ck->tc.T, ck->cfg.maxT);
     ck->has_state = h[2], ck->step = h[27], ck->adam_t = h[28], ck->aux_prev_valid = h[29];
-    ck->epoch = h64[1], ck->shard = h64[2], ck->row = h64[3], ck->sampler = h64[4], ck->data_fingerprint = h64[5];
+    ck->epoch = h64[1], ck->shard = h64[2], ck->row = h64[3], ck->sampler = h64[4],
+    ck->data_fingerprint = h64[5];
     if (ck->has_state) {
         if (ck->step < 0 || ck->step > ck->tc.steps)
             checkpoint_damaged(path, "its step %d is outside [0, %d], the steps of its run", ck->step, ck->tc.steps);
@@ -2283,7 +2374,8 @@ static void checkpoint_header(const char *path, CheckpointHeader *ck) {
             checkpoint_damaged(path, "its AdamW step count %d is outside [0, %d], the steps done", ck->adam_t, ck->step);
         if (ck->aux_prev_valid != 0 && ck->aux_prev_valid != 1)
             checkpoint_damaged(path, "its stale-statistic flag is %d, not 0 or 1", ck->aux_prev_valid);
-        double rows = (double)ck->step * ck->tc.B * ck->tc.n_micro;  // every epoch holds a row at least
+        // every epoch holds a row at least
+        double rows = (double)ck->step * ck->tc.B * ck->tc.n_micro;
         if ((double)ck->epoch > rows)
             checkpoint_damaged(path, "its loader epoch %llu is more than the %.0f rows its %d steps read",
                                (unsigned long long)ck->epoch, rows, ck->step);
@@ -2306,7 +2398,8 @@ static void checkpoint_header(const char *path, CheckpointHeader *ck) {
     Shape shapes[NUM_PARAM_TENSORS];
     param_shapes(shapes, &ck->cfg);
     double P = 0.0;
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++)
+        P += (double)shapes[i].dim[0] * shapes[i].dim[1] * shapes[i].dim[2];
     double LE = (double)ck->cfg.L * ck->cfg.E;
     double want = ck->body + 4.0 * P * (ck->has_state ? 3 : 1) + (ck->has_state ? 4.0 * LE : 0.0) +
                   (ck->cfg.router == ROUTER_SIGMOID ? 4.0 * LE : 0.0);
@@ -2327,7 +2420,8 @@ static long first_outside(const float *x, size_t n, float lo, float hi) {
    The expert bias decides routing and the stale statistic (token fractions)
    the next aux loss: both are checked finite, the statistic in [0, 1]. */
 static void checkpoint_read_body(const char *path, Model *m, const CheckpointHeader *ck) {
-    size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E, lo = m->opt_lo, n = m->opt_hi - m->opt_lo;
+    size_t P = m->num_params, LE = (size_t)m->cfg.L * m->cfg.E, lo = m->opt_lo,
+           n = m->opt_hi - m->opt_lo;
     FILE *f = fopen_check(path, "rb");
     fseek(f, ck->body, SEEK_SET);
     fread_check(m->params_memory, sizeof(float), P, f, path);
@@ -2392,7 +2486,8 @@ static void health_add(RouteHealth *h, const Model *m, int N) {
     const Config *c = &m->cfg;
     for (int l = 0; l < c->L; l++) {
         const int *off = m->acts.offset + (size_t)l * (c->E + 1);
-        for (int j = 0; j < c->E; j++) h->load[(size_t)l * c->E + j] += (uint64_t)(off[j + 1] - off[j]);
+        for (int j = 0; j < c->E; j++)
+            h->load[(size_t)l * c->E + j] += (uint64_t)(off[j + 1] - off[j]);
         for (int n = 0; n < N; n++) {
             const float *s = m->acts.score + ((size_t)l * m->maxN + n) * c->E;
             int zero = 1;
@@ -2405,10 +2500,12 @@ static void health_add(RouteHealth *h, const Model *m, int N) {
 
 /* Load statistics of n counts: how many are non-zero, the largest one's
    share of the total, and the entropy of the shares over log(n) (1: even). */
-static void load_stats(const uint64_t *counts, int n, int *used, double *top_share, double *entropy) {
+static void load_stats(const uint64_t *counts, int n, int *used, double *top_share,
+                       double *entropy) {
     double total = 0.0, mx = 0.0, h = 0.0;
     *used = 0;
-    for (int i = 0; i < n; i++) total += (double)counts[i], mx = fmax(mx, (double)counts[i]), *used += counts[i] > 0;
+    for (int i = 0; i < n; i++)
+        total += (double)counts[i], mx = fmax(mx, (double)counts[i]), *used += counts[i] > 0;
     for (int i = 0; i < n; i++)
         if (counts[i]) h -= counts[i] / total * log(counts[i] / total);
     *top_share = total > 0 ? mx / total : 0.0;
@@ -2420,9 +2517,11 @@ static void load_stats(const uint64_t *counts, int n, int *used, double *top_sha
    adds the routing of every batch to it. progress: a line on stderr. In a
    data-parallel run each rank runs its rows of every batch, and the losses
    and the health are summed over the ranks. */
-static double evaluate(Model *m, DataLoader *d, int B, int batches, RouteHealth *health, int progress) {
+static double evaluate(Model *m, DataLoader *d, int B, int batches, RouteHealth *health,
+                       int progress) {
     int T = d->T, Br = B / world.size, N = Br * T;
-    int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
+    int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)),
+        *io = malloc_check(2 * (size_t)N * sizeof(int));
     loader_seek(d, 0, 0, 0);
     double loss = 0.0, t0 = now_seconds();
     for (int i = 0; i < batches; i++) {
@@ -2460,15 +2559,18 @@ static int prob_desc(const void *a, const void *b) {
     return x->p != y->p ? (x->p < y->p) - (x->p > y->p) : (x->id > y->id) - (x->id < y->id);
 }
 
-static int sample_token(const float *logits, int V, float temperature, float top_p, Rng *rng, ProbIndex *scratch) {
+static int sample_token(const float *logits, int V, float temperature, float top_p, Rng *rng,
+                        ProbIndex *scratch) {
     int best = 0;
     for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
     if (temperature <= 0.0f) return best;
     double sum = 0.0;
-    for (int i = 0; i < V; i++) sum += (scratch[i].p = expf((logits[i] - logits[best]) / temperature));
+    for (int i = 0; i < V; i++)
+        sum += (scratch[i].p = expf((logits[i] - logits[best]) / temperature));
     int n = V;
     if (top_p < 1.0f) {
-        // tokens below (1 - top_p) / (V - 1) of the mass cannot be in the nucleus: sort only the rest
+        // tokens below (1 - top_p) / (V - 1) of the mass
+        // cannot be in the nucleus: sort only the rest
         double floor = (1.0 - top_p) / (V - 1) * sum;
         n = 0;
         for (int i = 0; i < V; i++)
@@ -2490,8 +2592,8 @@ static int sample_token(const float *logits, int V, float temperature, float top
 /* Continues seq[0:n_prompt] by n_new tokens (B = 1) through the KV cache:
    the prompt in one forward, then one position per forward (t0 = its
    position). Each new token goes to emit as soon as it is chosen. */
-static void generate(Model *m, int *seq, int n_prompt, int n_new, float temperature, float top_p, Rng *rng,
-                     void (*emit)(int token, void *ctx), void *ctx) {
+static void generate(Model *m, int *seq, int n_prompt, int n_new, float temperature, float top_p,
+                     Rng *rng, void (*emit)(int token, void *ctx), void *ctx) {
     const Config *c = &m->cfg;
     int total = n_prompt + n_new;
     if (n_prompt < 1 || total > c->maxT)
@@ -2621,8 +2723,8 @@ typedef struct {
 /* Applies the command line to a model configuration and a training
    configuration that hold their defaults (or a checkpoint's values).
    Returns through *model_flags whether any flag touched the model. */
-static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths *p, int *model_flags,
-                        int derive) {
+static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths *p,
+                        int *model_flags, int derive) {
     static const char *const own[] = {"layer", "pool"}, *const routers[] = {"softmax", "norm", "sigmoid"},
                               *const auxes[] = {"none", "layer", "pool", "poolcur"};
     const Preset *pre = &presets[0];
@@ -2648,7 +2750,8 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
         else if (!strcmp(f, "-NKV")) c->NKV = (int)parse_int(f, v, 1, 1024);
         else if (!strcmp(f, "-F")) c->F = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "-M")) c->maxT = (int)parse_int(f, v, 1, 1 << 20);
-        else if (!strcmp(f, "-o")) G = parse_choice(f, v, own, 2) == 0 ? 0 : 1, derive = 1;  // 0 stands for L
+        // 0 stands for L
+        else if (!strcmp(f, "-o")) G = parse_choice(f, v, own, 2) == 0 ? 0 : 1, derive = 1;
         else if (!strcmp(f, "-g")) G = (int)parse_int(f, v, 1, 1024), derive = 1;
         else if (!strcmp(f, "-e")) E = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "-k")) c->K = (int)parse_int(f, v, 1, 1 << 16);
@@ -2696,7 +2799,8 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
         c->G = G < 0 ? c->G : G == 0 ? c->L : G;
         if (c->G < 1 || c->L % c->G) usage_error("-g %d does not divide the %d layers (-L)", c->G, c->L);
         int vanilla = c->G == c->L;
-        c->E = vanilla ? 8 : (int)lroundf(8.0f * (c->L / c->G) * (c->G == 1 ? pre->pool_frac : 1.0f));
+        c->E =
+            vanilla ? 8 : (int)lroundf(8.0f * (c->L / c->G) * (c->G == 1 ? pre->pool_frac : 1.0f));
         c->router = vanilla ? ROUTER_SOFTMAX : ROUTER_NORM;
         c->aux = vanilla ? AUX_LAYER : AUX_POOL_PREV;
         c->alpha = vanilla ? 1e-2f : pre->pool_alpha;
@@ -2710,7 +2814,8 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
     if (aux >= 0) c->aux = aux;
     if (alpha >= 0.0f) c->alpha = alpha;
     if (bias_rate >= 0.0f) c->bias_rate = bias_rate;
-    if (c->router != ROUTER_SIGMOID) c->bias_rate = 0.0f;  // only the sigmoid router has a bias to move
+    // only the sigmoid router has a bias to move
+    if (c->router != ROUTER_SIGMOID) c->bias_rate = 0.0f;
     if (init_std > 0.0f) tc->init_std = init_std;
     else if (derive) tc->init_std = pre->init_std;
     if (warmup >= 0) tc->warmup = warmup;
@@ -2722,9 +2827,10 @@ static void apply_flags(int argc, char **argv, Config *c, TrainConfig *tc, Paths
 }
 
 static int config_equal(const Config *a, const Config *b) {
-    return a->V == b->V && a->Vp == b->Vp && a->maxT == b->maxT && a->L == b->L && a->C == b->C && a->NH == b->NH &&
-           a->NKV == b->NKV && a->F == b->F && a->G == b->G && a->E == b->E && a->K == b->K &&
-           a->router == b->router && a->aux == b->aux && a->alpha == b->alpha && a->bias_rate == b->bias_rate;
+    return a->V == b->V && a->Vp == b->Vp && a->maxT == b->maxT && a->L == b->L && a->C == b->C &&
+        a->NH == b->NH && a->NKV == b->NKV && a->F == b->F && a->G == b->G && a->E == b->E &&
+        a->K == b->K && a->router == b->router && a->aux == b->aux && a->alpha == b->alpha &&
+        a->bias_rate == b->bias_rate;
 }
 
 static void make_dirs(const char *path) {  // mkdir -p
@@ -2866,7 +2972,8 @@ static double step_times_mean(const StepTimes *s) {
 }
 
 static void print_memory(const Model *m, const TrainConfig *tc) {
-    double mib = 1048576.0, P = (double)m->num_params * sizeof(float), S = (double)(m->opt_hi - m->opt_lo) * sizeof(float);
+    double mib = 1048576.0, P = (double)m->num_params * sizeof(float),
+           S = (double)(m->opt_hi - m->opt_lo) * sizeof(float);
     printf("memory%s: parameters %.1f MiB, gradients %.1f MiB, AdamW %.1f MiB, activations %.1f MiB (B*T = %d)\n",
            world.size > 1 ? " per rank" : "", P / mib, P / mib, 2 * S / mib, m->acts_bytes / mib,
            tc->B / world.size * tc->T);
@@ -2903,12 +3010,14 @@ static double flops_total(Flops f) { return f.head + f.attention + f.routers + f
    (evaluate): dead-token percentage, experts used, the busiest expert's
    percentage of the layer's load, load entropy over log(E). Returns the
    largest layer's share of dead tokens. */
-static double report_validation(FILE *log, int step, double loss, const RouteHealth *h, const Config *c) {
+static double report_validation(FILE *log, int step, double loss, const RouteHealth *h,
+                                const Config *c) {
     int L = c->L, E = c->E, GE = c->G * c->E, used[L], pool_used;
     double dead[L], top[L], ent[L], pool_top, pool_ent, most_dead = 0.0;
     uint64_t *pool = calloc_check(GE, sizeof(uint64_t));
     for (int l = 0; l < L; l++) {
-        for (int j = 0; j < E; j++) pool[layer_first_expert(c, l) + j] += h->load[(size_t)l * E + j];
+        for (int j = 0; j < E; j++)
+            pool[layer_first_expert(c, l) + j] += h->load[(size_t)l * E + j];
         load_stats(h->load + (size_t)l * E, E, &used[l], &top[l], &ent[l]);
         dead[l] = h->tokens ? (double)h->dead[l] / h->tokens : 0.0;
         most_dead = fmax(most_dead, dead[l]);
@@ -2946,7 +3055,8 @@ static double report_validation(FILE *log, int step, double loss, const RouteHea
    (add-one smoothed) as a model. Returns the cross-entropy of the val rows'
    targets under it; *train_ce gets that of the shard itself. A model that
    has learned anything beyond frequencies goes below them. */
-static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, int B, int V, double *train_ce) {
+static double unigram_baseline(DataLoader *train, DataLoader *val, int batches, int B, int V,
+                               double *train_ce) {
     double *cnt = calloc_check(V, sizeof(double)), total = V;
     loader_load_shard(train, 0);
     for (size_t i = 0; i < train->count[0]; i++) cnt[train->tokens[i]] += 1.0;
@@ -2996,7 +3106,8 @@ typedef struct {
 static void resume_position(Run *r) {
     const CheckpointHeader *ck = &r->ck;
     char why[160];
-    const char *outside = loader_position_error(&r->train, ck->epoch, ck->shard, ck->row, why, sizeof why);
+    const char *outside =
+        loader_position_error(&r->train, ck->epoch, ck->shard, ck->row, why, sizeof why);
     int same = ck->data_fingerprint == loader_fingerprint(&r->train);
     if (same && outside)
         checkpoint_damaged(r->resume, "its loader position (%s) is outside the train shards it was trained on", outside);
@@ -3012,12 +3123,16 @@ static void resume_position(Run *r) {
 
 static void run_setup(Run *r, int argc, char **argv) {
     memset(r, 0, sizeof *r);
-    Config cfg = {.V = GPT2_VOCAB, .Vp = padded_vocab(GPT2_VOCAB), .maxT = 1024, .G = 1, .K = 1, .norm_eps = 1e-5f, .rope_theta = 1e6f,
-                  .router_c = 1.0f, .router_eps = 1e-8f, .bias_rate = 1e-3f};
-    TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100, .val_batches = 20,
-                      .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500, .keep = 2, .seed = 1337,
-                      .lr_floor = 0.1f, .init_std = 0.01f, .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f, .clip = 1.0f}};
-    Paths paths = {NULL, NULL, NULL, "out", NULL, 0};  // the data paths: the checkpoint's, else the defaults below
+    Config cfg = {.V = GPT2_VOCAB, .Vp = padded_vocab(GPT2_VOCAB), .maxT = 1024, .G = 1, .K = 1,
+                  .norm_eps = 1e-5f, .rope_theta = 1e6f, .router_c = 1.0f, .router_eps = 1e-8f,
+                  .bias_rate = 1e-3f};
+    TrainConfig tc = {.B = 4, .T = 1024, .n_micro = 1, .steps = 1000, .val_every = 100,
+                      .val_batches = 20, .sample_every = 200, .gen_tokens = 64, .ckpt_every = 500,
+                      .keep = 2, .seed = 1337, .lr_floor = 0.1f, .init_std = 0.01f,
+                      .opt = {.lr = 5e-4f, .b1 = 0.9f, .b2 = 0.999f, .eps = 1e-8f, .wd = 0.01f,
+                              .clip = 1.0f}};
+    // the data paths: the checkpoint's, else the defaults below
+    Paths paths = {NULL, NULL, NULL, "out", NULL, 0};
     const Preset *tiny = &presets[0];
     cfg.L = tiny->L, cfg.C = tiny->C, cfg.NH = tiny->NH, cfg.NKV = tiny->NKV, cfg.F = tiny->F;
     int model_flags;
@@ -3039,7 +3154,8 @@ static void run_setup(Run *r, int argc, char **argv) {
         apply_flags(argc, argv, &want, &tc2, &p2, &model_flags, 0);
         if (model_flags && !config_equal(&want, &ck->cfg))
             usage_error("the model flags describe another model than checkpoint '%s'; drop them to resume", r->resume);
-        if (tc2.B != ck->tc.B || tc2.T != ck->tc.T || tc2.n_micro != ck->tc.n_micro || tc2.seed != ck->tc.seed)
+        if (tc2.B != ck->tc.B || tc2.T != ck->tc.T || tc2.n_micro != ck->tc.n_micro ||
+            tc2.seed != ck->tc.seed)
             usage_error("-b, -t, -m and -s must stay as in checkpoint '%s' to resume its data order", r->resume);
         if (tc2.steps < ck->step)
             usage_error("-n %d is fewer steps than the %d checkpoint '%s' has done; pass a larger -n", tc2.steps, ck->step,
@@ -3136,8 +3252,8 @@ int main(int argc, char **argv) {
     printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);
     Flops fl = training_flops(&cfg, tc.T);
     double ft = flops_total(fl);
-    printf("training FLOPs per token: %.1fM; experts %.0f%%, head %.0f%%, attention %.0f%%, routers %.0f%%\n", ft / 1e6,
-           100 * fl.experts / ft, 100 * fl.head / ft, 100 * fl.attention / ft, 100 * fl.routers / ft);
+    printf("training FLOPs per token: %.1fM; experts %.0f%%, head %.0f%%, attention %.0f%%, routers %.0f%%\n",
+           ft / 1e6, 100 * fl.experts / ft, 100 * fl.head / ft, 100 * fl.attention / ft, 100 * fl.routers / ft);
     printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu",
            tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
            (unsigned long long)tc.seed);
@@ -3149,7 +3265,8 @@ int main(int argc, char **argv) {
                                world.size, tc.B / world.size, tc.B);
     print_memory(&m, &tc);
     if (r.resume) printf("resumed from %s at step %d\n", r.resume, st->step);
-    double unigram_train, unigram = unigram_baseline(&r.train, &r.val, tc.val_batches, tc.B, cfg.V, &unigram_train);
+    double unigram_train,
+        unigram = unigram_baseline(&r.train, &r.val, tc.val_batches, tc.B, cfg.V, &unigram_train);
     printf("unigram baseline: %.4f on train, %.4f on val\n", unigram_train, unigram);
 
     char ckpath[4096 + 32], eta[32];
@@ -3169,7 +3286,8 @@ int main(int argc, char **argv) {
             most_dead = report_validation(r.log, step, val_loss, &health, &cfg);
             health_free(&health);
         }
-        if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last) && world.rank == 0) {
+        if (tc.sample_every && step > 0 && (step % tc.sample_every == 0 || last) &&
+            world.rank == 0) {
             Rng rng = {st->sampler};
             int *seq = malloc_check((tc.gen_tokens + 1) * sizeof(int));
             seq[0] = r.have_tok ? r.tok.eot : cfg.V - 1;
@@ -3206,7 +3324,8 @@ int main(int argc, char **argv) {
         if (threads) printf("threads: %d of %d from here (other processes kept %.1f cores busy)\n", threads, share.most,
                             others);
         st->step = step + 1;
-        if (tc.ckpt_every != CKPT_NEVER && ((tc.ckpt_every && st->step % tc.ckpt_every == 0) || st->step == tc.steps)) {
+        if (tc.ckpt_every != CKPT_NEVER &&
+            ((tc.ckpt_every && st->step % tc.ckpt_every == 0) || st->step == tc.steps)) {
             snprintf(ckpath, sizeof ckpath, "%s/ckpt_%08d.bin", r.paths.out, st->step);
             checkpoint_save(ckpath, &m, &tc, st);
             if (world.rank == 0) prune_checkpoints(r.paths.out, tc.keep);
@@ -3260,7 +3379,8 @@ static void *calloc_big_(size_t size, const char *src, int line) {
 static inline float exp_fast(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
-    float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round(x / ln2) lands in the low bits
+    // 1.5 * 2^23: round(x / ln2) lands in the low bits
+    float t = x * 1.44269504088896341f + 12582912.0f;
     float n = t - 12582912.0f;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts, for an exact product
     float p = 1.9875691500e-4f;
@@ -3287,23 +3407,24 @@ static inline float exp_fast(float x) {
    in the same order and each output has one owner, so the result does not
    depend on the thread count. */
 
-// Block sizes, sized for the caches named below; dev/bench times other choices (-DGM_KC=... overrides them).
+// Block sizes, sized for the caches named below; dev/bench
+// times other choices (-DGM_KC=... overrides them).
 #define GM_MR 6          // register tile: rows of A
 #define GM_NR 16         // register tile: columns of B (two 8-float vectors)
 #ifndef GM_KC
 #define GM_KC 256        // depth of a block: a packed B panel (KC x NR) stays in L1
 #endif
 #ifndef GM_MC
-#define GM_MC 144        // rows of A per block, a multiple of MR: a packed A block (MC x KC) stays in L2
+#define GM_MC 144        // rows of A per block, a multiple of MR: a packed A block (MC x KC) in L2
 #endif
 #ifndef GM_NC
 #define GM_NC 3072       // columns of B per block: a packed B block (KC x NC) stays in L3
 #endif
 #ifndef GM_KROW
-#define GM_KROW 4096     // depth of a block when A is read in place: a B panel (KROW x NR) stays in L2
+#define GM_KROW 4096     // depth of a block when A is read in place: a B panel (KROW x NR) in L2
 #endif
 #ifndef GM_SMALL
-#define GM_SMALL 192     // an operand multiplied by fewer rows or columns than this is read in place
+#define GM_SMALL 192     // an operand meeting fewer rows or columns than this is read in place
 #endif
 
 typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
@@ -3369,7 +3490,8 @@ static inline void tile_prefetch(const float *c, size_t crs, size_t ccs, int mr)
 
 /* C rows r0.., columns c0.. [+]= the mr x nr corner of a tile; a full tile
    into contiguous rows goes as whole rows (the loop vectorises). */
-static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR][GM_NR], int mr, int nr, int add) {
+static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR][GM_NR], int mr,
+                              int nr, int add) {
     if (ccs == 1 && nr == GM_NR) {
         for (int i = 0; i < mr; i++) {
             float *restrict row = c + (size_t)i * crs;
@@ -3387,7 +3509,8 @@ static inline void tile_store(float *c, size_t crs, size_t ccs, float acc[GM_MR]
         }
 }
 
-static float *gemm_buffer(float **buf, size_t *cap, size_t n) {  // grow-only scratch for the packed panels
+// grow-only scratch for the packed panels
+static float *gemm_buffer(float **buf, size_t *cap, size_t n) {
     if (n > *cap) {
         free(*buf);
         *buf = malloc_check(n * sizeof(float));
@@ -3424,7 +3547,8 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
             for (int k = 0; k < kc; k++)
                 for (int w = 0; w < width; w++) {
                     int r = i * width + w;
-                    dst[i * panel_stride(kc, width) + (size_t)k * width + w] = r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
+                    dst[i * panel_stride(kc, width) + (size_t)k * width + w] =
+                        r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
                 }
     }
 }
@@ -3444,8 +3568,10 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
    experts, a few dozen rows each per layer; for them fc2's weights, whose
    rows are F floats apart, are packed in blocks of whole rows, which the
    hardware prefetcher follows. */
-static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth, int add) {
-    static _Thread_local float *apack, *bpack;  // per thread: experts run one per thread (experts_matmul_fast)
+static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth,
+                 int add) {
+    // per thread: experts run one per thread (experts_matmul_fast)
+    static _Thread_local float *apack, *bpack;
     static _Thread_local size_t acap, bcap;
     if (rows <= 0 || cols <= 0) return;  // an empty product: nothing to write
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
@@ -3468,16 +3594,20 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
     for (int n0 = 0; n0 < cols; n0 += ncb) {
         int nc = cols - n0 < ncb ? cols - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
         int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
-        Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};  // B's columns are its panels' rows
+        // B's columns are its panels' rows
+        Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};
         for (int k0 = 0; k0 < depth; k0 += kcb) {
             int kc = depth - k0 < kcb ? depth - k0 : kcb, accumulate = add || k0 > 0;
             if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
             if (!a_direct) pack_panels(ap, A, rows, k0, kc, GM_MR);
-            // tiles: blocks of A rows outermost, so a thread keeps its A block in L2 across all B panels
+            // tiles: blocks of A rows outermost, so a thread
+            // keeps its A block in L2 across all B panels
 #pragma omp parallel for schedule(static)
             for (int t = 0; t < nmc * np; t++) {
-                int mb = t / np, j = t % np, c0 = n0 + j * GM_NR, nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
-                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0 : bp + (j - inplace) * panel_stride(kc, GM_NR);
+                int mb = t / np, j = t % np, c0 = n0 + j * GM_NR,
+                    nr = n0 + nc - c0 < GM_NR ? n0 + nc - c0 : GM_NR;
+                const float *b = j < inplace ? B.p + (size_t)k0 * B.rs + c0
+                                             : bp + (j - inplace) * panel_stride(kc, GM_NR);
                 size_t bk = j < inplace ? B.rs : GM_NR;
                 int i1 = (mb + 1) * mcp < mp ? (mb + 1) * mcp : mp;
                 for (int i = mb * mcp; i < i1; i++) {
@@ -3485,22 +3615,26 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
                     const float *a[GM_MR];
                     float acc[GM_MR][GM_NR];
                     tile_prefetch(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, mr);
-                    // fetched ahead: the next panel, if read in place too, and the next tile's rows of
+                    // fetched ahead: the next panel, if read in
+                    // place too, and the next tile's rows of
                     // an A read in place, if they are shorter than a page (4 KiB). Both packed, the
                     // call has constants and its copy of the tile loop no checks.
                     size_t pb = j + 1 < inplace ? GM_NR : 0;
                     if (a_direct) {  // A's rows past the last repeat it; their sums are dropped
-                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
+                        for (int ii = 0; ii < GM_MR; ii++)
+                            a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
                         size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= rows ? GM_MR * A.rs : 0;
                         gemm_tile(acc, a, 1, b, bk, kc, pa, pb);
                     } else {
-                        for (int ii = 0; ii < GM_MR; ii++) a[ii] = ap + i * panel_stride(kc, GM_MR) + ii;
+                        for (int ii = 0; ii < GM_MR; ii++)
+                            a[ii] = ap + i * panel_stride(kc, GM_MR) + ii;
                         if (j < inplace)
                             gemm_tile(acc, a, GM_MR, b, bk, kc, 0, pb);
                         else
                             gemm_tile(acc, a, GM_MR, b, GM_NR, kc, 0, 0);
                     }
-                    tile_store(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, acc, mr, nr, accumulate);
+                    tile_store(out + (size_t)r0 * ors + (size_t)c0 * ocs, ors, ocs, acc, mr, nr,
+                               accumulate);
                 }
             }
         }
@@ -3511,15 +3645,20 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
    rows (decoding one token) are dot products straight off W. Up to
    GM_SMALL rows (an expert's share of a batch) run as out^T = W inp^T, so
    that W, the big operand, is read in place rather than packed. */
-KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows, int n_in, int n_out) {
+KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows,
+                                    int n_in, int n_out) {
     if (rows >= GM_SMALL) {
-        gemm(out, (size_t)n_out, 1, (Mat){inp, (size_t)n_in, 1}, (Mat){w, 1, (size_t)n_in}, rows, n_out, n_in, 0);
+        gemm(out, (size_t)n_out, 1, (Mat){inp, (size_t)n_in, 1}, (Mat){w, 1, (size_t)n_in}, rows,
+             n_out, n_in, 0);
     } else if (rows >= GM_MR) {
-        gemm(out, 1, (size_t)n_out, (Mat){w, (size_t)n_in, 1}, (Mat){inp, 1, (size_t)n_in}, n_out, rows, n_in, 0);
+        gemm(out, 1, (size_t)n_out, (Mat){w, (size_t)n_in, 1}, (Mat){inp, 1, (size_t)n_in}, n_out,
+             rows, n_in, 0);
     } else {
 #pragma omp parallel for schedule(static)
         for (int o = 0; o < n_out; o++)
-            for (int r = 0; r < rows; r++) out[(size_t)r * n_out + o] = dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
+            for (int r = 0; r < rows; r++)
+                out[(size_t)r * n_out + o] =
+                    dot(inp + (size_t)r * n_in, w + (size_t)o * n_in, n_in);
     }
 }
 
@@ -3527,13 +3666,17 @@ KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w
    With few input features (n_in < GM_SMALL) the weight gradient runs as
    dW^T = inp^T dout, so that dout, the big operand (the logits of a small
    model), is read in place rather than packed. */
-KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                            int rows, int n_in, int n_out) {
-    if (dinp) gemm(dinp, (size_t)n_in, 1, (Mat){dout, (size_t)n_out, 1}, (Mat){w, (size_t)n_in, 1}, rows, n_in, n_out, 1);
+KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp,
+                                     const float *w, int rows, int n_in, int n_out) {
+    if (dinp)
+        gemm(dinp, (size_t)n_in, 1, (Mat){dout, (size_t)n_out, 1}, (Mat){w, (size_t)n_in, 1}, rows,
+             n_in, n_out, 1);
     if (dw && n_in < GM_SMALL && n_out >= GM_SMALL)
-        gemm(dw, 1, (size_t)n_in, (Mat){inp, 1, (size_t)n_in}, (Mat){dout, (size_t)n_out, 1}, n_in, n_out, rows, 1);
+        gemm(dw, 1, (size_t)n_in, (Mat){inp, 1, (size_t)n_in}, (Mat){dout, (size_t)n_out, 1}, n_in,
+             n_out, rows, 1);
     else if (dw)
-        gemm(dw, (size_t)n_in, 1, (Mat){dout, 1, (size_t)n_out}, (Mat){inp, (size_t)n_in, 1}, n_out, n_in, rows, 1);
+        gemm(dw, (size_t)n_in, 1, (Mat){dout, 1, (size_t)n_out}, (Mat){inp, (size_t)n_in, 1}, n_out,
+             n_in, rows, 1);
 }
 
 /* Causal attention with grouped key/value heads; query head h reads kv head
@@ -3551,7 +3694,8 @@ KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, 
 /* c (m,n) [+]= a (m,k) b (k,n), one thread: row r of a at a + r a_rs with
    step a_ks along k, row k of b at b + k b_ks, row r of c at c + r c_rs.
    A ragged last column panel is copied into tail (k x GM_NR) first. */
-static void tile_gemm(float *c, size_t c_rs, Mat A, Mat Bk, int m, int n, int k, int add, float *tail) {
+static void tile_gemm(float *c, size_t c_rs, Mat A, Mat Bk, int m, int n, int k, int add,
+                      float *tail) {
     const float *a = A.p, *b = Bk.p;
     size_t a_rs = A.rs, a_ks = A.cs, b_ks = Bk.rs;
     for (int c0 = 0; c0 < n; c0 += GM_NR) {
@@ -3560,7 +3704,8 @@ static void tile_gemm(float *c, size_t c_rs, Mat A, Mat Bk, int m, int n, int k,
         size_t bk = b_ks;
         if (nr < GM_NR) {
             for (int kk = 0; kk < k; kk++)
-                for (int j = 0; j < GM_NR; j++) tail[(size_t)kk * GM_NR + j] = j < nr ? b[(size_t)kk * b_ks + c0 + j] : 0.0f;
+                for (int j = 0; j < GM_NR; j++)
+                    tail[(size_t)kk * GM_NR + j] = j < nr ? b[(size_t)kk * b_ks + c0 + j] : 0.0f;
             bp = tail, bk = GM_NR;
         }
         for (int r0 = 0; r0 < m; r0 += GM_MR) {
@@ -3598,11 +3743,14 @@ static size_t att_ld(int n) {
     return (panels | 1) * GM_NR;
 }
 
-static void att_copy(float *y, size_t ld, const float *x, size_t stride, int n, int hd) {  // y (n,ld) = x (n,hd)
-    for (int s = 0; s < n; s++) memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
+// y (n,ld) = x (n,hd)
+static void att_copy(float *y, size_t ld, const float *x, size_t stride, int n, int hd) {
+    for (int s = 0; s < n; s++)
+        memcpy(y + (size_t)s * ld, x + (size_t)s * stride, (size_t)hd * sizeof(float));
 }
 
-static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int n, int hd) {  // xt (hd,ld) = x (n,hd)^T
+// xt (hd,ld) = x (n,hd)^T
+static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, int n, int hd) {
     for (int s = 0; s < n; s++)
         for (int i = 0; i < hd; i++) xt[(size_t)i * ld + s] = x[(size_t)s * stride + i];
 }
@@ -3610,11 +3758,13 @@ static void att_transpose(float *xt, size_t ld, const float *x, size_t stride, i
 /* Scores of queries q0 .. q0+m-1 (absolute positions pos0 + q0 + r) against
    keys 0 .. n-1, scaled by 1/sqrt(hd); keys past a query's position are
    -inf. Q's rows are q.rs apart; K^T (hd, n) has rows ld apart, as s has. */
-static void att_block_scores(float *s, size_t ld, Mat q, const float *kt, int m, int n, int hd, int pos, float *tail) {
+static void att_block_scores(float *s, size_t ld, Mat q, const float *kt, int m, int n, int hd,
+                             int pos, float *tail) {
     float scale = 1.0f / sqrtf((float)hd);
     tile_gemm(s, ld, q, (Mat){kt, ld, 1}, m, n, hd, 0, tail);
     for (int r = 0; r < m; r++)
-        for (int j = 0; j < n; j++) s[(size_t)r * ld + j] = j <= pos + r ? s[(size_t)r * ld + j] * scale : -INFINITY;
+        for (int j = 0; j < n; j++)
+            s[(size_t)r * ld + j] = j <= pos + r ? s[(size_t)r * ld + j] * scale : -INFINITY;
 }
 
 KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at) {
@@ -3625,10 +3775,13 @@ KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *
     size_t ld = att_ld(nkeys), lv = att_ld(hd);
 #pragma omp parallel
     {
-        // transposed K (hd,ld) with zero padding, V (nkeys,hd) at row stride lv, a block of scores, the
+        // transposed K (hd,ld) with zero padding, V
+        // (nkeys,hd) at row stride lv, a block of scores, the
         // tail panel of tile_gemm
-        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)nkeys * lv + (size_t)hd * GM_NR);
-        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)nkeys * lv, *tail = sb + (size_t)ATT_QB * ld;
+        float *kt = thread_scratch(((size_t)hd + ATT_QB + GM_NR) * ld + (size_t)nkeys * lv +
+                                   (size_t)hd * GM_NR);
+        float *vb = kt + (size_t)hd * ld, *sb = vb + (size_t)nkeys * lv,
+              *tail = sb + (size_t)ATT_QB * ld;
         memset(kt, 0, (size_t)hd * ld * sizeof(float));
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
@@ -3637,7 +3790,8 @@ KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *
                 att_copy(vb, lv, v + (size_t)b * nkeys * ks + kh * hd, ks, nkeys, hd);
                 for (int h = kh * grp; h < (kh + 1) * grp; h++)
                     for (int q0 = 0; q0 < T; q0 += ATT_QB) {
-                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;  // keys the block's last query sees
+                        // keys the block's last query sees
+                        int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = t0 + q0 + m;
                         size_t qo = ((size_t)b * T + q0) * qs + h * hd;
                         att_block_scores(sb, ld, (Mat){q + qo, qs, 1}, kt, m, n, hd, t0 + q0, tail);
                         for (int r = 0; r < m; r++) {  // softmax of each row, in place
@@ -3647,14 +3801,15 @@ KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *
                             for (int j = 0; j < n; j++) p[j] *= inv;
                             lse[((size_t)b * T + q0 + r) * NH + h] = mx + (float)log(sum);
                         }
-                        tile_gemm(out + qo, qs, (Mat){sb, ld, 1}, (Mat){vb, lv, 1}, m, hd, n, 0, tail);
+                        tile_gemm(out + qo, qs, (Mat){sb, ld, 1}, (Mat){vb, lv, 1}, m, hd, n, 0,
+                                  tail);
                     }
             }
     }
 }
 
-KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                        const float *lse, const Attention *at) {
+KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout,
+                                        const float *out, const float *lse, const Attention *at) {
     // dq (B,T,NH*hd) +=, dk, dv (B,T,NKV*hd) +=, dout, out (B,T,NH*hd), lse (B,T,NH)
     int B = at->B, T = at->T, NH = at->NH, NKV = at->NKV, hd = at->hd;
     const float *q = at->q, *k = at->k, *v = at->v;
@@ -3663,10 +3818,13 @@ KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const f
     size_t ld = att_ld(T), hl = (size_t)hd * ld, lv = att_ld(hd);
 #pragma omp parallel
     {
-        // transposed K and V, the transposed gradients of K and V (hd,ld), a block of P and of dscores,
+        // transposed K and V, the transposed gradients of
+        // K and V (hd,ld), a block of P and of dscores,
         // K (T,hd) at row stride lv
-        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + (size_t)T * lv + ((size_t)ld + hd + ATT_QB) * GM_NR);
-        float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl, *db = pb + (size_t)ATT_QB * ld;
+        float *kt = thread_scratch(4 * hl + 2 * (size_t)ATT_QB * ld + (size_t)T * lv +
+                                   ((size_t)ld + hd + ATT_QB) * GM_NR);
+        float *vt = kt + hl, *dkt = vt + hl, *dvt = dkt + hl, *pb = dvt + hl,
+              *db = pb + (size_t)ATT_QB * ld;
         float *kb = db + (size_t)ATT_QB * ld, *tail = kb + (size_t)T * lv;
         memset(kt, 0, 2 * hl * sizeof(float));  // the zero padding of K^T and V^T
 #pragma omp for collapse(2) schedule(static)
@@ -3682,19 +3840,24 @@ KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const f
                         int m = T - q0 < ATT_QB ? T - q0 : ATT_QB, n = q0 + m;
                         size_t qo = ((size_t)b * T + q0) * qs + h * hd;
                         att_block_scores(pb, ld, (Mat){q + qo, qs, 1}, kt, m, n, hd, q0, tail);
-                        tile_gemm(db, ld, (Mat){dout + qo, qs, 1}, (Mat){vt, ld, 1}, m, n, hd, 0, tail);  // dP = dO V^T
+                        // dP = dO V^T
+                        tile_gemm(db, ld, (Mat){dout + qo, qs, 1}, (Mat){vt, ld, 1}, m, n, hd, 0,
+                                  tail);
                         for (int r = 0; r < m; r++) {
                             size_t row = (size_t)b * T + q0 + r;
-                            float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd), l = lse[row * NH + h];
+                            float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd);
+                            float l = lse[row * NH + h];
                             float *p = pb + (size_t)r * ld, *d = db + (size_t)r * ld;
                             for (int j = 0; j < n; j++) {
                                 p[j] = exp_fast(p[j] - l);       // masked: exp_fast(-inf) ~ 1.6e-38
                                 d[j] = p[j] * (d[j] - D) * scale;  // dscores
                             }
                         }
-                        tile_gemm(dq + qo, qs, (Mat){db, ld, 1}, (Mat){kb, lv, 1}, m, hd, n, 1, tail);               // dQ += dscores K
-                        tile_gemm(dkt, ld, (Mat){q + qo, 1, qs}, (Mat){db, ld, 1}, hd, n, m, 1, tail);               // dK^T += Q^T dscores
-                        tile_gemm(dvt, ld, (Mat){dout + qo, 1, qs}, (Mat){pb, ld, 1}, hd, n, m, 1, tail);            // dV^T += dO^T P
+                        // dQ += dscores K, dK^T += Q^T dscores, dV^T += dO^T P
+                        tile_gemm(dq + qo, qs, (Mat){db, ld, 1}, (Mat){kb, lv, 1}, m, hd, n, 1, tail);
+                        tile_gemm(dkt, ld, (Mat){q + qo, 1, qs}, (Mat){db, ld, 1}, hd, n, m, 1, tail);
+                        tile_gemm(dvt, ld, (Mat){dout + qo, 1, qs}, (Mat){pb, ld, 1}, hd, n, m, 1,
+                                  tail);
                     }
                 for (int s = 0; s < T; s++)
                     for (int i = 0; i < hd; i++) {
@@ -3750,7 +3913,8 @@ static void sharing_start(Sharing *s, int adapt) {
     s->most = cpu_times(&s->busy, &s->own) && adapt ? s->now : 0;
 }
 
-// The threads to use from the next step on, beside others (cores the other processes kept busy in the window).
+// The threads to use from the next step on, beside others
+// (cores the other processes kept busy in the window).
 static int sharing_threads(int most, double others) {
     int n = most - (int)lround(others);
     return n < 1 ? 1 : n > most ? most : n;
@@ -3778,12 +3942,13 @@ static int sharing_step(Sharing *s, double *others) {
    a layer) would wait at dozens of barriers for microseconds of work each. A
    product computes the same sums whichever threads run it, so the result
    does not depend on them. */
-KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, const int *offset, int E, int n_in,
-                                    int n_out, int backward) {
+KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, const int *offset,
+                                    int E, int n_in, int n_out, int backward) {
     int by_size[E];  // experts by rows, descending (insertion sort: E is at most a few hundred)
     for (int e = 0; e < E; e++) {
         int i = e, ne = offset[e + 1] - offset[e];
-        for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--) by_size[i] = by_size[i - 1];
+        for (; i > 0 && offset[by_size[i - 1] + 1] - offset[by_size[i - 1]] < ne; i--)
+            by_size[i] = by_size[i - 1];
         by_size[i] = e;
     }
     int share = (offset[E] + max_threads() - 1) / max_threads();  // rows per thread
@@ -3795,6 +3960,7 @@ KERNEL_DEF void experts_matmul_fast(float *y, const float *x, const float *w, co
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < E; i++) {
         int ne = offset[by_size[i] + 1] - offset[by_size[i]];
-        if (ne > 0 && ne <= share) expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
+        if (ne > 0 && ne <= share)
+            expert_matmul(y, x, w, offset, by_size[i], n_in, n_out, backward);
     }
 }
