@@ -275,6 +275,14 @@ static const char *config_error(const Config *c) {
 #endif
 #define KERNEL_DEF __attribute__((unused)) static  // a build leaves one definition of each unused
 
+/* The parts of a training step, for dev/bench's share of a step in each:
+   model_forward, model_backward and the update mark the part they enter.
+   The programs time nothing (STEP_PART is empty); dev/bench defines it. */
+enum { PART_HEAD, PART_ATTENTION, PART_ROUTERS, PART_EXPERTS, PART_ADAMW, NUM_PARTS };
+#ifndef STEP_PART
+#define STEP_PART(part) ((void)0)
+#endif
+
 /* One attention call: B sequences of T queries at positions [t0, t0 + T),
    NH query heads and NKV key/value heads of hd each. */
 typedef struct {
@@ -1384,6 +1392,7 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
     float eps = c->norm_eps;
     Acts *a = &m->acts;
     ParamTensors *p = &m->params;
+    STEP_PART(PART_HEAD);  // the embedding
     check_tokens(inputs, N, c->V, "input");
     memcpy(a->inputs + t0, inputs, N * sizeof(int));
     encoder_forward(a->resid + t0 * C, inputs, p->wte, N, C);
@@ -1410,6 +1419,7 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         float *l_eout = a->eout + row * K * C;          // (N*K,C)
         float *l_resid_out = a->resid + (row + block) * C;  // (N,C) the residual leaving it
         // attention sublayer
+        STEP_PART(PART_ATTENTION);
         rmsnorm_forward(l_ln1, l_rstd1, l_resid, w.attn_norm, N, C, eps);
         matmul_forward(l_q, l_ln1, w.wq, N, C, Q);
         matmul_forward(l_k + t0 * KV, l_ln1, w.wk, N, C, KV);
@@ -1421,17 +1431,20 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
         matmul_forward(a->y, l_atty, w.wo, N, Q, C);
         residual_forward(l_resmid, l_resid, a->y, N * C);
         // expert sublayer: route into this layer's pool, run the chosen experts
+        STEP_PART(PART_ROUTERS);
         rmsnorm_forward(l_ln2, l_rstd2, l_resmid, w.ffn_norm, N, C, eps);
         matmul_forward(l_z, l_ln2, w.router, N, C, E);
         router_forward(l_score, l_z, *w.router_scale, c, N);
         topk_forward(l_chosen, l_score, l_bias, N, E, K);
         if (c->router == ROUTER_SIGMOID && K > 1) router_gates(l_score, l_chosen, N, E, K);
         if (m->route_hook) m->route_hook(m->route_ctx, l, l_chosen, l_score, N);
+        STEP_PART(PART_EXPERTS);
         MoeLayer ml = moe_layer(m, l, row, N);
         moe_dispatch(&ml.d, l_chosen, N * K, E);
         moe_forward(a->y, l_h, l_eout, a->xs, a->act, &ml);
         residual_forward(l_resid_out, l_resmid, a->y, N * C);
     }
+    STEP_PART(PART_HEAD);
     rmsnorm_forward(a->lnf, a->rstdf, a->resid + (L * block + t0) * C, p->final_norm, N, C, eps);
     matmul_forward(a->logits, a->lnf, p->lm_head, N, C, Vp);
     if (!targets) return;
@@ -1439,6 +1452,7 @@ static void model_forward(Model *m, const int *inputs, const int *targets, int B
     memcpy(a->targets, targets, N * sizeof(int));
     m->N_all = N * world.size;
     m->ce = crossentropy_forward(a->losses, a->ce_lse, a->logits, targets, N, c->V, Vp) / m->N_all;
+    STEP_PART(PART_ROUTERS);
     m->aux = aux_forward(m, N, training);
 }
 
@@ -1455,6 +1469,7 @@ static void model_backward(Model *m, float scale) {
     Acts *a = &m->acts;
     ParamTensors *p = &m->params;
     ParamTensors *g = &m->grads;
+    STEP_PART(PART_HEAD);
     crossentropy_backward(a->logits, a->ce_lse, a->targets, scale / m->N_all, N, c->V, Vp);
     memset(a->dln, 0, N * C * sizeof(float));
     matmul_backward(a->dln, g->lm_head, a->logits, a->lnf, p->lm_head, N, C, Vp);
@@ -1484,6 +1499,7 @@ static void model_backward(Model *m, float scale) {
         float *l_eout = a->eout + row * K * C;          // (N*K,C) becomes d eout
         float *l_act = a->act_pool + (l % LP) * block * K * F;  // (N*K,F) its slot in act_pool
         // expert sublayer: d score = gate path + aux path, then router and norm
+        STEP_PART(PART_EXPERTS);
         aux_backward(a->dscore, m->aux_coef + l * E, scale, m->N_all, N, E);
         memset(a->dln, 0, N * C * sizeof(float));
         MoeLayer ml = moe_layer(m, l, row, N);
@@ -1491,11 +1507,13 @@ static void model_backward(Model *m, float scale) {
         // UniPool's step: at its first layer every layer sharing the pool is done; each of its
         // experts' weight gradients is one sum over its rows of all of them
         if (l % LP == 0) pool_backward(m, l, N);
+        STEP_PART(PART_ROUTERS);
         router_backward(a->dz, dw.router_scale, a->dscore, l_z, l_score, l_chosen, *w.router_scale,
                         c, N);
         matmul_backward(a->dln, dw.router, a->dz, l_ln2, w.router, N, C, E);
         rmsnorm_backward(a->dresid, dw.ffn_norm, a->dln, l_resmid, w.ffn_norm, l_rstd2, N, C);
         // attention sublayer; a->dresid holds d(residual after attention)
+        STEP_PART(PART_ATTENTION);
         memset(a->datty, 0, N * Q * sizeof(float));
         matmul_backward(a->datty, dw.wo, a->dresid, l_atty, w.wo, N, Q, C);
         memset(a->dq, 0, N * Q * sizeof(float));
@@ -1511,6 +1529,7 @@ static void model_backward(Model *m, float scale) {
         matmul_backward(a->dln, dw.wv, a->dv, l_ln1, w.wv, N, C, KV);
         rmsnorm_backward(a->dresid, dw.attn_norm, a->dln, l_resid, w.attn_norm, l_rstd1, N, C);
     }
+    STEP_PART(PART_HEAD);
     encoder_backward(g->wte, a->dresid, a->inputs, N, C);
 }
 
@@ -1610,6 +1629,7 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
         st.aux += m->aux / n_micro;
     }
     free(io);
+    STEP_PART(PART_ADAMW);  // the optimizer's share: the gradients' sum over ranks and norm, the update
     world_reduce_scatter(m->grads_memory, m->num_params);
     double sums[3] = {st.ce, st.aux,
                       sum_squares(m->grads_memory + m->opt_lo, m->opt_hi - m->opt_lo)};

@@ -7,7 +7,9 @@ dev/bench/bench.c: speed and memory figures for this machine (never a test).
                                backward products, experts as training runs them, the memory read bandwidth;
                                beside each, OpenBLAS's sgemm when built with it (-DBENCH_OPENBLAS -lopenblas)
   ./bench step [-vocab V] [train flags]
-                               training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory
+                               training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory,
+                               and the share of the step in each part (head, attention, routers, experts,
+                               AdamW)
                                e.g. ./bench step -p 182m -o layer -b 4 -t 1024 -n 3
 
 MFU counts training_flops (train_unipool.c) per token: 6 x the active matmul
@@ -18,7 +20,19 @@ and AV, each 2 T/2 C flops, times 3 for the backward), against the peak that
 */
 #define UNIPOOL_NO_MAIN
 #pragma GCC diagnostic ignored "-Wunused-function"
+/* The share of a step in each part (train_unipool.c's PART_ enum): the time from one STEP_PART
+   mark to the next goes to the part the first one names; bench_part(-1) ends a step. */
+static void bench_part(int part);
+#define STEP_PART(part) bench_part(part)
 #include "../../train_unipool.c"
+
+static double part_seconds[NUM_PARTS], part_t0;
+static int part_now = -1;
+static void bench_part(int part) {
+    double now = now_seconds();
+    if (part_now >= 0) part_seconds[part_now] += now - part_t0;
+    part_now = part, part_t0 = now;
+}
 
 #include <sys/resource.h>
 #ifdef BENCH_OPENBLAS
@@ -223,7 +237,9 @@ static void bench_step(int argc, char **argv) {
         StepStats st = step_gradients(&m, tokens, tc.n_micro, tc.B, tc.T);
         step_update(&m, &tc.opt, tc.opt.lr, st.grad_norm);
         double dt = now_seconds() - t0;
+        bench_part(-1);
         if (s > 0) best = fmin(best, dt), sum += dt;
+        if (s == 0) memset(part_seconds, 0, sizeof part_seconds);  // the warm-up step does not count
     }
     double med = sum / tc.steps, gflops = per_token * tokens_step / med / 1e9;
     struct rusage ru;
@@ -233,6 +249,14 @@ static void bench_step(int argc, char **argv) {
            c->G == c->L ? "vanilla" : c->G == 1 ? "UniPool" : "grouped", c->L, c->C, c->G, c->E, c->K, tc.B, tc.T,
            tc.n_micro, med * 1e3, tc.steps, best * 1e3, tokens_step / med, gflops, 100 * gflops / peak, peak,
            ru.ru_maxrss / 1048576.0, matmul_params / 1e6);
+    static const char *const part_names[NUM_PARTS] = {"head", "attention", "routers", "experts", "AdamW"};
+    double parts = 0.0;
+    for (int i = 0; i < NUM_PARTS; i++) parts += part_seconds[i];
+    printf("parts of the step:");
+    for (int i = 0; i < NUM_PARTS; i++)
+        printf(" %s %.0f%%%s", part_names[i], 100 * part_seconds[i] / parts, i + 1 < NUM_PARTS ? "," : "");
+    printf(" (head: embedding, final norm, LM head, CE; attention, routers: with their norms; "
+           "AdamW: with the gradient norm)\n");
     free(tokens);
     model_free(&m);
 }
