@@ -706,6 +706,7 @@ static void router_gates(float *score, const int *chosen, int N, int E, int K) {
 // from z (N,E); sigma is the layer's NormRouter scale.
 static void router_forward(float *score, const float *z, float sigma, const Config *c, int N) {
     int E = c->E;
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *zn = z + (size_t)n * E;
         float *s = score + (size_t)n * E;
@@ -739,6 +740,7 @@ static void router_backward(float *dz, float *dsigma, const float *dscore, const
    moves the choice, never the gate. */
 static void topk_forward(int *chosen, const float *score, const float *bias, int N, int E, int K) {
     // chosen (N,K), score (N,E), bias (E) or NULL
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *s = score + (size_t)n * E;
         int *ch = chosen + (size_t)n * K;
@@ -1287,19 +1289,24 @@ static double aux_forward(Model *m, int N, int training) {
     expert_loads(m);  // f (L,E) of this micro-batch: m->aux_f
     const float *f = c->aux == AUX_POOL_PREV ? m->aux_prev_f : m->aux_f;
     int active = c->aux != AUX_NONE && (c->aux != AUX_POOL_PREV || m->aux_prev_valid);
-    double aux = 0.0;
+    double aux = 0.0, *P = calloc_check((size_t)L * E, sizeof(double));  // (L,E) sum, then mean
+#pragma omp parallel for schedule(static)
+    for (int l = 0; l < L; l++)  // each P[l][j] summed over n in order, the rows read in turn
+        for (int n = 0; n < N; n++)
+            for (int j = 0; j < E; j++)
+                P[l * E + j] += m->acts.score[((size_t)l * m->maxN + n) * E + j];
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
-            double fbar = 0.0, P = 0.0;
+            double fbar = 0.0;
             int l0 = l / group * group;
             for (int ll = l0; ll < l0 + group; ll++) fbar += f[ll * E + j];
             fbar /= group;
-            for (int n = 0; n < N; n++) P += m->acts.score[((size_t)l * m->maxN + n) * E + j];
-            P /= m->N_all;
+            P[l * E + j] /= m->N_all;
             float coef = active ? (float)(c->alpha * E * fbar / group) : 0.0f;
             m->aux_coef[l * E + j] = coef;
-            aux += (double)coef * P;
+            aux += (double)coef * P[l * E + j];
         }
+    free(P);
     // evaluation passes leave it, and the step's counts, alone
     if (training) aux_keep_statistic(m);
     return aux;
@@ -1309,6 +1316,7 @@ static double aux_forward(Model *m, int N, int training) {
    where d score (N,E) of layer l starts; the gates' path adds to it. */
 static void aux_backward(float *dscore, const float *coef, float scale, int N_all, int N, int E) {
     // dscore (N,E) written, coef (E) layer l's row of aux_coef
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int j = 0; j < E; j++) dscore[(size_t)n * E + j] = coef[j] * scale / N_all;
 }
@@ -1629,7 +1637,8 @@ static StepStats step_gradients(Model *m, const int *tokens, int n_micro, int B,
         st.aux += m->aux / n_micro;
     }
     free(io);
-    STEP_PART(PART_ADAMW);  // the optimizer's share: the gradients' sum over ranks and norm, the update
+    // the optimizer's share: the gradients' sum over the ranks and their norm, then the update
+    STEP_PART(PART_ADAMW);
     world_reduce_scatter(m->grads_memory, m->num_params);
     double sums[3] = {st.ce, st.aux,
                       sum_squares(m->grads_memory + m->opt_lo, m->opt_hi - m->opt_lo)};
@@ -3268,14 +3277,17 @@ int main(int argc, char **argv) {
     if (cfg.router == ROUTER_NORM) snprintf(rdesc, sizeof rdesc, "norm (c %.4f)", cfg.router_c);
     if (cfg.router == ROUTER_SIGMOID) snprintf(rdesc, sizeof rdesc, "sigmoid (bias rate %g)", cfg.bias_rate);
     printf("model: %s | L %d C %d NH %d NKV %d F %d | G %d pools of E %d, K %d | router %s | aux %s alpha %g\n",
-           own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rdesc, aname[cfg.aux], cfg.alpha);
+           own, cfg.L, cfg.C, cfg.NH, cfg.NKV, cfg.F, cfg.G, cfg.E, cfg.K, rdesc, aname[cfg.aux],
+           cfg.alpha);
     printf("parameters: %.2fM stored, %.2fM active per token\n", m.num_params / 1e6, active_params(&m) / 1e6);
     Flops fl = training_flops(&cfg, tc.T);
     double ft = flops_total(fl);
     printf("training FLOPs per token: %.1fM; experts %.0f%%, head %.0f%%, attention %.0f%%, routers %.0f%%\n",
-           ft / 1e6, 100 * fl.experts / ft, 100 * fl.head / ft, 100 * fl.attention / ft, 100 * fl.routers / ft);
+           ft / 1e6, 100 * fl.experts / ft, 100 * fl.head / ft, 100 * fl.attention / ft,
+           100 * fl.routers / ft);
     printf("training: B %d T %d x %d micro-batches, %d steps, lr %g (warmup %d, floor %g), wd %g, clip %g, seed %llu",
-           tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd, tc.opt.clip,
+           tc.B, tc.T, tc.n_micro, tc.steps, tc.opt.lr, tc.warmup, tc.lr_floor, tc.opt.wd,
+           tc.opt.clip,
            (unsigned long long)tc.seed);
     if (!r.resume) printf(", init std %g", tc.init_std);
     printf("\n");
@@ -3332,7 +3344,8 @@ int main(int argc, char **argv) {
         double eta_s = step_times_mean(&times) * (tc.steps - step - 1);
         format_duration(eta, sizeof eta, eta_s);
         printf("step %5d/%d | loss %.4f | aux %.5f | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | eta %s\n",
-               step + 1, tc.steps, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt, eta);
+               step + 1, tc.steps, s.ce, s.aux, lr, s.grad_norm, dt * 1e3, tokens_per_step / dt,
+               eta);
         if (r.log) {
             fprintf(r.log, "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
                            "\"ms\": %.2f, \"tok_per_s\": %.1f, \"eta_s\": %.3f}\n", step + 1, s.ce, s.aux, lr,
@@ -3865,7 +3878,8 @@ KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const f
                                   tail);
                         for (int r = 0; r < m; r++) {
                             size_t row = (size_t)b * T + q0 + r;
-                            float D = dot(dout + qo + (size_t)r * qs, out + qo + (size_t)r * qs, hd);
+                            size_t ro = qo + (size_t)r * qs;
+                            float D = dot(dout + ro, out + ro, hd);
                             float l = lse[row * NH + h];
                             float *p = pb + (size_t)r * ld, *d = db + (size_t)r * ld;
                             for (int j = 0; j < n; j++) {
@@ -3874,8 +3888,10 @@ KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const f
                             }
                         }
                         // dQ += dscores K, dK^T += Q^T dscores, dV^T += dO^T P
-                        tile_gemm(dq + qo, qs, (Mat){db, ld, 1}, (Mat){kb, lv, 1}, m, hd, n, 1, tail);
-                        tile_gemm(dkt, ld, (Mat){q + qo, 1, qs}, (Mat){db, ld, 1}, hd, n, m, 1, tail);
+                        tile_gemm(dq + qo, qs, (Mat){db, ld, 1}, (Mat){kb, lv, 1}, m, hd, n, 1,
+                                  tail);
+                        tile_gemm(dkt, ld, (Mat){q + qo, 1, qs}, (Mat){db, ld, 1}, hd, n, m, 1,
+                                  tail);
                         tile_gemm(dvt, ld, (Mat){dout + qo, 1, qs}, (Mat){pb, ld, 1}, hd, n, m, 1,
                                   tail);
                     }
