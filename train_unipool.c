@@ -16,7 +16,8 @@ cites it):
 
 Reading order: helpers, configuration and the parameter table, the kernels'
 interface, the layers (each _forward next to its _backward, in plain loops),
-the routers, the model (ownership, the aux losses, the mixture of experts,
+the routers, the mixture of experts (sorted by expert, one product per
+expert, the pooled weight gradient), the model (ownership, the aux losses,
 forward and backward), AdamW, the training step, data parallelism over MPI
 (make MPI=1), data, checkpoints, main; last, the machinery: the fast kernels
 behind the interface.
