@@ -1664,11 +1664,19 @@ static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm
 // Prints "error: " fmt tail as one line and exits with code.
 __attribute__((noreturn))
 static void die(int code, const char *tail, const char *fmt, va_list ap) {
-    if (world.size > 1) fprintf(stderr, "error (rank %d of %d): ", world.rank, world.size);
-    else fputs("error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs(tail, stderr);
-    fputc('\n', stderr);
+    // the line goes out in one write: beside other ranks and mpirun's own messages it stays whole
+    char line[4096];
+    size_t n = 0, cap = sizeof line - 1;  // room kept for the newline
+    int w = world.size > 1 ? snprintf(line, cap, "error (rank %d of %d): ", world.rank, world.size)
+                           : snprintf(line, cap, "error: ");
+    n = w > 0 ? (size_t)w : 0;
+    w = vsnprintf(line + n, cap - n, fmt, ap);
+    n = w < 0 ? n : n + (size_t)w < cap ? n + (size_t)w : cap - 1;
+    w = snprintf(line + n, cap - n, "%s", tail);
+    n = w < 0 ? n : n + (size_t)w < cap ? n + (size_t)w : cap - 1;
+    line[n++] = '\n';
+    fflush(stderr);
+    if (write(STDERR_FILENO, line, n) < 0) fputs(line, stderr);
 #ifdef UNIPOOL_FUZZ
     longjmp(fuzz_escape, 1);
 #endif
