@@ -1507,9 +1507,10 @@ static void model_backward(Model *m, float scale) {
         float *l_h = a->h + row * K * 2 * F;            // (N*K,2F) becomes d h
         float *l_eout = a->eout + row * K * C;          // (N*K,C) becomes d eout
         float *l_act = a->act_pool + (l % LP) * block * K * F;  // (N*K,F) its slot in act_pool
-        // expert sublayer: d score = gate path + aux path, then router and norm
-        STEP_PART(PART_EXPERTS);
+        // expert sublayer: d score = aux path + gate path, then router and norm
+        STEP_PART(PART_ROUTERS);
         aux_backward(a->dscore, m->aux_coef + l * E, scale, m->N_all, N, E);
+        STEP_PART(PART_EXPERTS);
         memset(a->dln, 0, N * C * sizeof(float));
         MoeLayer ml = moe_layer(m, l, row, N);
         moe_backward(a->dln, a->dscore, l_eout, l_h, l_act, a->dxs, a->dresid, &ml);

@@ -3,9 +3,10 @@ dev/bench/bench.c: speed and memory figures for this machine (never a test).
 
   ./bench peak                 fp32 FMA peak: a register-only FMA loop, 1 thread and all threads
   ./bench bandwidth            memory read bandwidth, all threads (this VM's neighbours move it by half)
-  ./bench gemm                 GEMM GFLOP/s on the 182M model's and the exp preset's shapes, forward and both
+  ./bench gemm [WORD...]       GEMM GFLOP/s on the 182M model's and the exp preset's shapes, forward and both
                                backward products, experts as training runs them, the memory read bandwidth;
-                               beside each, OpenBLAS's sgemm when built with it (-DBENCH_OPENBLAS -lopenblas)
+                               beside each, OpenBLAS's sgemm when built with it (-DBENCH_OPENBLAS -lopenblas);
+                               with WORDs, only the shapes whose names hold one of them (e.g. 182M, lm_head)
   ./bench step [-vocab V] [train flags]
                                training steps on random tokens: ms/step, tokens/s, GFLOP/s, MFU, memory,
                                and the share of the step in each part (head, attention, routers, experts,
@@ -173,7 +174,7 @@ static void gemm_rates(const GemmShape *g, int blas, float *w, float *dw, float 
     }
 }
 
-static void bench_gemm(void) {
+static void bench_gemm(int nwords, char **words) {
 #ifdef BENCH_OPENBLAS
     int impls = 2;
 #else
@@ -186,6 +187,9 @@ static void bench_gemm(void) {
            "d input", "d weight", "memory bound");
     for (size_t s = 0; s < sizeof gemm_shapes / sizeof *gemm_shapes; s++) {
         const GemmShape *g = &gemm_shapes[s];
+        int hit = 0;
+        while (hit < nwords && !strstr(g->what, words[hit])) hit++;
+        if (nwords && hit == nwords) continue;
         size_t R = (size_t)g->M * g->layers, wn = (size_t)g->E * g->N * g->K, xn = (size_t)g->E * g->M * g->K,
                yn = (size_t)g->E * g->M * g->N, gxn = (size_t)g->E * R * g->K, gyn = (size_t)g->E * R * g->N;
         // as training allocates them: 2 MiB blocks, huge pages where the kernel gives them
@@ -263,7 +267,7 @@ static void bench_step(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    const char *usage = "usage: ./bench peak | bandwidth | gemm | step [-vocab V] [train_unipool model and batch flags, -n steps]\n";
+    const char *usage = "usage: ./bench peak | bandwidth | gemm [WORD...] | step [-vocab V] [train_unipool model and batch flags, -n steps]\n";
     if (argc < 2) {
         fputs(usage, stderr);
         return EXIT_USAGE;
@@ -275,7 +279,7 @@ int main(int argc, char **argv) {
     } else if (!strcmp(argv[1], "bandwidth")) {
         printf("memory read: %.1f GB/s on %d threads\n", read_bandwidth(), max_threads());
     } else if (!strcmp(argv[1], "gemm")) {
-        bench_gemm();
+        bench_gemm(argc - 2, argv + 2);
     } else if (!strcmp(argv[1], "step")) {
         bench_step(argc - 1, argv + 1);
     } else {
