@@ -2,6 +2,7 @@
 dev/bench/bench.c: speed and memory figures for this machine (never a test).
 
   ./bench peak                 fp32 FMA peak: a register-only FMA loop, 1 thread and all threads
+  ./bench tile                 the GEMM's register tile alone, panels in L1, one thread: its share of the peak
   ./bench bandwidth            memory read bandwidth, all threads (this VM's neighbours move it by half)
   ./bench gemm [WORD...]       GEMM GFLOP/s on the 182M model's and the exp preset's shapes, forward and both
                                backward products, experts as training runs them, the memory read bandwidth;
@@ -105,6 +106,31 @@ static double read_bandwidth(void) {
 static void fill(float *p, size_t n, uint64_t seed) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) p[i] = (float)(((i + seed) * 0x9e3779b97f4a7c15ULL) >> 40) / 8388608.0f - 1.0f;
+}
+
+/* The register tile alone (gemm_tile, as gemm calls it on packed panels), one
+   thread, its panels in L1: a 6 x GM_KC A panel and a GM_KC x 16 B panel, the
+   best of five runs of 200,000 tiles. What it reaches against the one-thread
+   peak is the ceiling of every product; what a product loses below it is in
+   feeding the tile from L2 and memory. */
+static double tile_rate(void) {
+    static float ap[GM_MR * GM_KC], bp[GM_KC * GM_NR];
+    fill(ap, GM_MR * GM_KC, 5), fill(bp, GM_KC * GM_NR, 6);
+    const float *a[GM_MR];
+    for (int i = 0; i < GM_MR; i++) a[i] = ap + i;
+    float acc[GM_MR][GM_NR], keep = 0.0f;
+    double best = 0.0;
+    long n = 200000;
+    for (int r = 0; r < 5; r++) {
+        double t0 = now_seconds();
+        for (long t = 0; t < n; t++) {
+            gemm_tile(acc, a, GM_MR, bp, GM_NR, GM_KC, 0, 0);
+            keep += acc[t % GM_MR][t % GM_NR];
+        }
+        best = fmax(best, 2.0 * GM_MR * GM_NR * GM_KC * n / (now_seconds() - t0) / 1e9);
+    }
+    if (keep == 1.0f) printf("%g", keep);  // keep the tiles alive
+    return best;
 }
 
 /* The products of the 182M model (B*T = 4096 and 1024) and of the exp preset
@@ -267,7 +293,7 @@ static void bench_step(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    const char *usage = "usage: ./bench peak | bandwidth | gemm [WORD...] | step [-vocab V] [train_unipool model and batch flags, -n steps]\n";
+    const char *usage = "usage: ./bench peak | tile | bandwidth | gemm [WORD...] | step [-vocab V] [train_unipool model and batch flags, -n steps]\n";
     if (argc < 2) {
         fputs(usage, stderr);
         return EXIT_USAGE;
@@ -276,6 +302,10 @@ int main(int argc, char **argv) {
         fputs(usage, stdout);
     } else if (!strcmp(argv[1], "peak")) {
         printf("fp32 FMA peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", fmax(fma_peak(1), fma_peak(1)), peak_all(), max_threads());
+    } else if (!strcmp(argv[1], "tile")) {
+        double tile = tile_rate(), one = fmax(fma_peak(1), fma_peak(1));
+        printf("register tile (%dx%d, %d deep), panels in L1: %.1f GFLOP/s on 1 thread, %.0f%% of its peak %.1f\n",
+               GM_MR, GM_NR, GM_KC, tile, 100 * tile / one, one);
     } else if (!strcmp(argv[1], "bandwidth")) {
         printf("memory read: %.1f GB/s on %d threads\n", read_bandwidth(), max_threads());
     } else if (!strcmp(argv[1], "gemm")) {

@@ -25,6 +25,7 @@ for i in 1 2 3 4 5; do ./dev/bench/bench peak; sleep 2; done | tee /tmp/unipool_
 PEAK=$(sed -n 's/.*, \([0-9.]*\) GFLOP\/s on [0-9]* threads/\1/p' /tmp/unipool_peak.txt | sort -g | tail -1)
 echo "peak used for every MFU below: $PEAK GFLOP/s"
 export BENCH_PEAK=$PEAK
+./dev/bench/bench tile
 ./dev/bench/bench gemm
 pair() {  # C and PyTorch at the same settings, then the ratio of tokens/s; $ENV: environment for both
     c=$(env $ENV ./dev/bench/bench step "$@" -n "$N")
