@@ -206,6 +206,10 @@ static void bench_gemm(int nwords, char **words) {
 #else
     int impls = 1;
 #endif
+    int shown = 0;
+    for (size_t s = 0; s < sizeof gemm_shapes / sizeof *gemm_shapes; s++)
+        for (int w = 0; w < nwords; w++) shown += strstr(gemm_shapes[s].what, words[w]) != NULL;
+    if (nwords && !shown) usage_error("no shape's name holds any of the words given to gemm; see the list in dev/bench/bench.c");
     double peak = peak_for_mfu(), bw = read_bandwidth();
     printf("peak %.1f GFLOP/s, memory read %.1f GB/s (%d threads)%s\n", peak, bw, max_threads(),
            impls == 2 ? "; each shape on this program's kernels, then OpenBLAS's cblas_sgemm" : "");
