@@ -3469,6 +3469,9 @@ static inline float exp_fast(float x) {
 #ifndef GM_SMALL
 #define GM_SMALL 192     // an operand meeting fewer rows or columns than this is read in place
 #endif
+#ifndef GM_TBUF
+#define GM_TBUF 65536    // floats of a transposed output computed in a scratch (256 KiB, in L2)
+#endif
 
 typedef struct { const float *p; size_t rs, cs; } Mat;  // element (r, c) at p[r rs + c cs]
 
@@ -3614,9 +3617,25 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
 static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth,
                  int add) {
     // per thread: experts run one per thread (experts_matmul_fast)
-    static _Thread_local float *apack, *bpack;
-    static _Thread_local size_t acap, bcap;
+    static _Thread_local float *apack, *bpack, *tbuf;
+    static _Thread_local size_t acap, bcap, tcap;
     if (rows <= 0 || cols <= 0) return;  // an empty product: nothing to write
+    // An output stored transposed (ors 1: out's rows are C's columns), as an expert's forward
+    // writes out^T = W inp^T, puts a tile's 16 columns on 16 lines ocs floats apart; 4 KiB apart
+    // (ocs 1024) they share one set of the L1 cache and evict each other. A small one is computed
+    // into a row-major scratch and transposed once: the same sums in the same order.
+    if (ors == 1 && ocs != 1 && (size_t)rows * cols <= GM_TBUF) {
+        float *t = gemm_buffer(&tbuf, &tcap, (size_t)rows * cols);  // (rows,cols)
+        if (add)
+            for (int c = 0; c < cols; c++)
+                for (int r = 0; r < rows; r++) t[(size_t)r * cols + c] = out[r + (size_t)c * ocs];
+        gemm(t, (size_t)cols, 1, A, B, rows, cols, depth, add);
+        for (int r0 = 0; r0 < rows; r0 += 16)  // 16 rows of t (in L1) onto whole lines of out
+            for (int c = 0; c < cols; c++)
+                for (int r = r0; r < rows && r < r0 + 16; r++)
+                    out[r + (size_t)c * ocs] = t[(size_t)r * cols + c];
+        return;
+    }
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
     // would evict itself before the next rows of A come to use it, so it is packed
     int few = rows < GM_SMALL;  // few rows of A
