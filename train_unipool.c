@@ -3620,7 +3620,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
     static _Thread_local float *apack, *bpack, *tbuf;
     static _Thread_local size_t acap, bcap, tcap;
     if (rows <= 0 || cols <= 0) return;  // an empty product: nothing to write
-    // An output stored transposed (ors 1: out's rows are C's columns), as an expert's forward
+    // An output stored transposed (ors 1: each of its columns is contiguous), as an expert's forward
     // writes out^T = W inp^T, puts a tile's 16 columns on 16 lines ocs floats apart; 4 KiB apart
     // (ocs 1024) they share one set of the L1 cache and evict each other. A small one is computed
     // into a row-major scratch and transposed once: the same sums in the same order.
