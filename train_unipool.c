@@ -610,18 +610,33 @@ static void norm_router_forward(float *s, const float *z, float sigma, float c, 
     for (int j = 0; j < E; j++) s[j] = sigma * c * fmaxf(z[j] * inv, 0.0f);
 }
 
-static void norm_router_backward(float *d, double *dsig, const float *ds, const float *z,
-                                 float sigma, float c, float eps, int E) {
-    // d (E) written, dsig += this token's part of dsigma (in double, token after token)
+static void norm_router_backward(float *d, const float *ds, const float *z, float sigma, float c,
+                                 float eps, int E) {
+    // d (E) written: one token's dz; du . z summed with fused multiply-adds
     float r = sqrtf(dot(z, z, E)), re = r + eps, duz = 0.0f;
     for (int j = 0; j < E; j++) {
-        float u = z[j] / re;
-        d[j] = u > 0.0f ? sigma * c * ds[j] : 0.0f;  // du; dz below
-        *dsig += (double)c * (u > 0.0f ? u : 0.0f) * ds[j];
-        duz += d[j] * z[j];
+        d[j] = z[j] / re > 0.0f ? sigma * c * ds[j] : 0.0f;  // du; dz below
+        duz = fmaf(d[j], z[j], duz);
     }
     float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;
     for (int j = 0; j < E; j++) d[j] = d[j] / re - z[j] * corr;
+}
+
+/* One token's part of dsigma, sum_j c relu(u_j) ds_j, added to dsig in
+   double, j in order. The layer's dsigma sums its tokens in order on one
+   thread, so its bits do not depend on the thread count; c relu(u) comes
+   first, so that the sum's dependency chain holds only its multiply-adds,
+   each fused (one rounding a term) whatever the compiler would contract. */
+static double norm_router_dsigma(double dsig, const float *ds, const float *z, float c, float eps,
+                                 int E) {
+    double cu[E];  // c relu(u) (E)
+    float re = sqrtf(dot(z, z, E)) + eps;
+    for (int j = 0; j < E; j++) {
+        float u = z[j] / re;
+        cu[j] = (double)c * (u > 0.0f ? u : 0.0f);
+    }
+    for (int j = 0; j < E; j++) dsig = fma(cu[j], ds[j], dsig);
+    return dsig;
 }
 
 /* NormRouter's c: the mean of 1 / ||topK(relu(x / ||x||))|| over x ~ N(0, I_E)
@@ -723,16 +738,21 @@ static void router_backward(float *dz, float *dsigma, const float *dscore, const
                             int N) {
     // dz (N,E) written, dsigma (1) +=, dscore, z, score (N,E), chosen (N,K)
     int E = c->E, K = c->K;
-    double dsig = 0.0;
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *zn = z + (size_t)n * E, *s = score + (size_t)n * E,
                     *ds = dscore + (size_t)n * E;
         float *d = dz + (size_t)n * E;
         if (c->router == ROUTER_SOFTMAX) softmax_router_backward(d, ds, s, E);
         else if (c->router == ROUTER_NORM)
-            norm_router_backward(d, &dsig, ds, zn, sigma, c->router_c, c->router_eps, E);
+            norm_router_backward(d, ds, zn, sigma, c->router_c, c->router_eps, E);
         else sigmoid_router_backward(d, ds, s, zn, chosen + (size_t)n * K, E, K);
     }
+    if (c->router != ROUTER_NORM) return;
+    double dsig = 0.0;
+    for (int n = 0; n < N; n++)
+        dsig = norm_router_dsigma(dsig, dscore + (size_t)n * E, z + (size_t)n * E, c->router_c,
+                                  c->router_eps, E);
     *dsigma += (float)dsig;
 }
 

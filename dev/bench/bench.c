@@ -288,7 +288,8 @@ static void bench_step(int argc, char **argv) {
     for (int i = 0; i < NUM_PARTS; i++) parts += part_seconds[i];
     printf("parts of the step:");
     for (int i = 0; i < NUM_PARTS; i++)
-        printf(" %s %.0f%%%s", part_names[i], 100 * part_seconds[i] / parts, i + 1 < NUM_PARTS ? "," : "");
+        printf(" %s %.0f%% (%.0f ms)%s", part_names[i], 100 * part_seconds[i] / parts,
+               1e3 * part_seconds[i] / tc.steps, i + 1 < NUM_PARTS ? "," : "");
     printf(" (head: embedding, final norm, LM head, CE; attention, routers: with their norms; "
            "AdamW: with the gradient norm)\n");
     free(tokens);
