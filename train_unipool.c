@@ -607,17 +607,18 @@ static void softmax_router_backward(float *d, const float *ds, const float *s, i
      dz = du / (r + eps) - z (du . z) / (r (r + eps)^2),  dsigma = sum c relu(u) ds. */
 static void norm_router_forward(float *s, const float *z, float sigma, float c, float eps, int E) {
     float inv = 1.0f / (sqrtf(dot(z, z, E)) + eps);
-    for (int j = 0; j < E; j++) s[j] = sigma * c * fmaxf(z[j] * inv, 0.0f);
+    for (int j = 0; j < E; j++) {
+        float u = z[j] * inv;
+        s[j] = sigma * c * (u > 0.0f ? u : 0.0f);
+    }
 }
 
 static void norm_router_backward(float *d, const float *ds, const float *z, float sigma, float c,
                                  float eps, int E) {
-    // d (E) written: one token's dz; du . z summed with fused multiply-adds
+    // d (E) written: one token's dz; du . z summed apart, with fused multiply-adds
     float r = sqrtf(dot(z, z, E)), re = r + eps, duz = 0.0f;
-    for (int j = 0; j < E; j++) {
-        d[j] = z[j] / re > 0.0f ? sigma * c * ds[j] : 0.0f;  // du; dz below
-        duz = fmaf(d[j], z[j], duz);
-    }
+    for (int j = 0; j < E; j++) d[j] = z[j] / re > 0.0f ? sigma * c * ds[j] : 0.0f;  // du
+    for (int j = 0; j < E; j++) duz = fmaf(d[j], z[j], duz);
     float corr = r > 0.0f ? duz / (r * re * re) : 0.0f;
     for (int j = 0; j < E; j++) d[j] = d[j] / re - z[j] * corr;
 }
