@@ -360,15 +360,23 @@ static const Tol TOL_TWIN = {0.0, 1e-5, 1e-5};
 typedef void MatmulForward(float *out, const float *inp, const float *w, int rows, int n_in, int n_out);
 typedef void MatmulBackward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int rows,
                             int n_in, int n_out);
-static const struct { const char *name; MatmulForward *forward; MatmulBackward *backward; } MATMULS[2] = {
-    {"fast", matmul_forward_fast, matmul_backward_fast}, {"plain", matmul_forward_ref, matmul_backward_ref}};
+typedef void WeightGrad(float *dw, const float *dout, const int *drows, const float *inp, const int *irows, int rows,
+                        int n_in, int n_out);
+static const struct {
+    const char *name;
+    MatmulForward *forward;
+    MatmulBackward *backward;
+    WeightGrad *weight_grad;
+} MATMULS[2] = {{"fast", matmul_forward_fast, matmul_backward_fast, weight_grad_fast},
+                {"plain", matmul_forward_ref, matmul_backward_ref, weight_grad_ref}};
 
 static void test_matmul(void) {
     // (M, K, N): edges of every tile size, K over one packed block (GM_KC) and over one row read in
     // place (GM_KROW), N over one column block (GM_NC, and GM_NC / 4 for few rows), B rows 4 KiB apart
     // (packed; with few rows, blocks GM_KC / 2 deep and GM_NC wide: the d input of {10, GM_NC + 1024, 150}
     // has two of each), M on both sides of GM_SMALL (both operands packed from there) and of the plain
-    // kernels' PLAIN_ROWS
+    // kernels' PLAIN_ROWS. The weight gradient over rows read through indices (a pooled expert's) gives
+    // the bits of the same rows gathered, the rows of dout and inp scattered apart in 2M-row buffers.
     static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130},
                                     {9, 200, 131}, {7, 600, 37}, {3, 40, 3200}, {150, 70, 45}, {300, 300, 100},
                                     {43, 96, 600}, {200, 150, 500}, {20, GM_KROW + 104, 40}, {50, 64, 1700},
@@ -394,6 +402,19 @@ static void test_matmul(void) {
             check(what, dinp, dinp_ref, (Shape){2, {M, K, 1}}, TOL_TWIN);
             snprintf(what, sizeof what, "matmul %s %dx%dx%d backward dweight", MATMULS[kn].name, M, K, N);
             check(what, dw, dw_ref, (Shape){2, {N, K, 1}}, TOL_TWIN);
+            int *drows = malloc_check((size_t)M * sizeof(int)), *irows = malloc_check((size_t)M * sizeof(int));
+            float *dout_s = randn((size_t)2 * M * N, 1, &rng), *inp_s = randn((size_t)2 * M * K, 1, &rng);
+            for (int r = 0; r < M; r++) {  // row r at 2(M-1-r) in dout_s, at 2r+1 in inp_s
+                drows[r] = 2 * (M - 1 - r), irows[r] = 2 * r + 1;
+                memcpy(dout_s + (size_t)drows[r] * N, dout + (size_t)r * N, (size_t)N * 4);
+                memcpy(inp_s + (size_t)irows[r] * K, inp + (size_t)r * K, (size_t)K * 4);
+            }
+            float *dw_rows = copy(dw0, (size_t)N * K);
+            MATMULS[kn].weight_grad(dw_rows, dout_s, drows, inp_s, irows, M, K, N);
+            snprintf(what, sizeof what, "matmul %s %dx%dx%d dweight over indexed rows = gathered, bit for bit",
+                     MATMULS[kn].name, M, K, N);
+            check_true(what, !memcmp(dw_rows, dw, (size_t)N * K * 4), "");
+            free(drows), free(irows), free(dout_s), free(inp_s), free(dw_rows);
             free(out), free(dinp), free(dw);
         }
         free(inp), free(w), free(dout), free(out_ref), free(dinp_ref), free(dw_ref), free(dinp0), free(dw0);
@@ -576,7 +597,6 @@ static void test_moe(void) {
         float *h = malloc_check((size_t)NK * 2 * F * 4), *eout = malloc_check((size_t)NK * C * 4);
         float *xs = malloc_check((size_t)NK * C * 4), *dxs = malloc_check((size_t)NK * C * 4);
         float *act = malloc_check((size_t)NK * F * 4), *act_kept = malloc_check((size_t)NK * F * 4);
-        float *hs = malloc_check((size_t)NK * 2 * F * 4);
         float *dx = calloc_check((size_t)N * C, 4), *dscore = calloc_check((size_t)N * E, 4);
         float *dfc1 = calloc_check((size_t)E * 2 * F * C, 4), *dfc2 = calloc_check((size_t)E * C * F, 4);
         float *dx_ref = calloc_check((size_t)N * C, 4), *dscore_ref = calloc_check((size_t)N * E, 4);
@@ -591,8 +611,8 @@ static void test_moe(void) {
         moe_backward(dx, dscore, eout, h, act_kept, dxs, dy, &ml);
         snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: backward's SwiGLU output = forward's, bit for bit", N, C, F, E, K);
         check_true(what, !memcmp(act_kept, act, (size_t)NK * F * 4), "");
-        int *rows = malloc_check((size_t)NK * sizeof(int));
-        GradScratch sc = {hs, act, dxs, xs, rows};
+        int *rows = malloc_check((size_t)NK * sizeof(int)), *xrows = malloc_check((size_t)NK * sizeof(int));
+        GradScratch sc = {rows, xrows};
         pool_weight_grads(dfc1, dfc2, &sc, &(PoolRows){h, eout, act_kept, x, d.order, d.offset, 1, N}, N, C, F, E, K);
         oracle_moe_backward(dx_ref, dscore_ref, dfc1_ref, dfc2_ref, dy, &ml);
         const char *names[5] = {"y", "dx", "dscore", "dfc1", "dfc2"};
@@ -623,9 +643,9 @@ static void test_moe(void) {
             snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d %s, pool of 2 layers", N, C, F, E, K, names[i]);
             check(what, got[i], ref[i], flat(sizes[i]), TOL_TWIN);
         }
-        free(h2), free(eo2), free(ak2), free(x2), free(ord2), free(off2), free(rows);
+        free(h2), free(eo2), free(ak2), free(x2), free(ord2), free(off2), free(rows), free(xrows);
         free(x), free(dy), free(fc1), free(fc2), free(score), free(chosen), free(ints), free(y), free(y_ref);
-        free(h), free(eout), free(xs), free(dxs), free(act), free(act_kept), free(hs), free(dx), free(dscore);
+        free(h), free(eout), free(xs), free(dxs), free(act), free(act_kept), free(dx), free(dscore);
         free(dfc1), free(dfc2), free(dx_ref), free(dscore_ref), free(dfc1_ref), free(dfc2_ref);
     }
 }

@@ -297,6 +297,8 @@ KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w
                                     int n_in, int n_out);
 KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp,
                                      const float *w, int rows, int n_in, int n_out);
+KERNEL_DEF void weight_grad_fast(float *dw, const float *dout, const int *drows, const float *inp,
+                                 const int *irows, int rows, int n_in, int n_out);
 KERNEL_DEF void attention_forward_fast(float *out, float *lse, const Attention *at);
 KERNEL_DEF void attention_backward_fast(float *dq, float *dk, float *dv, const float *dout,
                                         const float *out, const float *lse, const Attention *at);
@@ -445,6 +447,27 @@ static void matmul_forward(float *out, const float *inp, const float *w, int row
     KERNEL(matmul_forward)(out, inp, w, rows, n_in, n_out);
 }
 
+/* The weight gradient over rows taken from anywhere: dW (n_out,n_in) +=
+   sum over r of dout[dr]^T inp[ir], dr = drows[r] and ir = irows[r] (r
+   where NULL). A pooled expert's rows of every layer are read where they
+   are, never gathered. */
+KERNEL_DEF void weight_grad_ref(float *dw, const float *dout, const int *drows, const float *inp,
+                                const int *irows, int rows, int n_in, int n_out) {
+#pragma omp parallel for schedule(static)
+    for (int o0 = 0; o0 < n_out; o0 += PLAIN_ROWS)
+        for (int r = 0; r < rows; r++) {
+            const float *dy = dout + (size_t)(drows ? drows[r] : r) * n_out,
+                        *x = inp + (size_t)(irows ? irows[r] : r) * n_in;
+            for (int o = o0; o < n_out && o < o0 + PLAIN_ROWS; o++)
+                axpy(dw + (size_t)o * n_in, dy[o], x, n_in);
+        }
+}
+
+static void weight_grad(float *dw, const float *dout, const int *drows, const float *inp,
+                        const int *irows, int rows, int n_in, int n_out) {
+    KERNEL(weight_grad)(dw, dout, drows, inp, irows, rows, n_in, n_out);
+}
+
 KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, const float *inp,
                                     const float *w, int rows, int n_in, int n_out) {
     // either of dinp, dw may be NULL
@@ -456,14 +479,7 @@ KERNEL_DEF void matmul_backward_ref(float *dinp, float *dw, const float *dout, c
                     axpy(dinp + (size_t)r * n_in, dout[(size_t)r * n_out + o], w + (size_t)o * n_in,
                          n_in);
     }
-    if (dw) {
-#pragma omp parallel for schedule(static)
-        for (int o0 = 0; o0 < n_out; o0 += PLAIN_ROWS)
-            for (int r = 0; r < rows; r++)
-                for (int o = o0; o < n_out && o < o0 + PLAIN_ROWS; o++)
-                    axpy(dw + (size_t)o * n_in, dout[(size_t)r * n_out + o], inp + (size_t)r * n_in,
-                         n_in);
-    }
+    if (dw) weight_grad_ref(dw, dout, NULL, inp, NULL, rows, n_in, n_out);
 }
 
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
@@ -1015,37 +1031,30 @@ typedef struct {
     size_t block;
 } PoolRows;
 
-// Scratch for a chunk of up to N*K rows of one expert:
-// hs (N*K,2F), as (N*K,F), ds, xs (N*K,C), rows (N*K).
-typedef struct { float *hs, *as, *ds, *xs; int *rows; } GradScratch;
+// Scratch for a chunk of up to N*K rows of one expert, their indices:
+// rows (N*K) in the pool's blocks, xrows (N*K) in its inputs'.
+typedef struct { int *rows, *xrows; } GradScratch;
 
 /* One expert's weight gradients from R of its rows (rows[r] = layer j of the
-   pool times block*K plus the dispatch position). Rows that are one run
-   (vanilla: an expert's rows of its one layer) are read in place; rows of
-   several layers are gathered into the scratch first, and the inputs x
-   always are. */
+   pool times block*K plus the dispatch position), each read where it is:
+   row rows[r] of d h, do and the SwiGLU output, and its token's input, row
+   j block + order / K of x. Rows that are one run (vanilla: an expert's rows
+   of its one layer) go as a plain block. */
 static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, int R,
                                 const PoolRows *pr, int C, int F, int K) {
     // dfc1 (2F,C) +=, dfc2 (C,F) +=
-    float *hs = sc->hs, *as = sc->as, *ds = sc->ds, *xs = sc->xs;
-    const float *dh = pr->dh, *deout = pr->deout, *act = pr->act, *x = pr->x;
     const int *rows = sc->rows, *order = pr->order;
-    size_t block = pr->block;
-    size_t blockK = block * K, q0 = (size_t)rows[0];
+    int *xrows = sc->xrows;
+    size_t blockK = pr->block * K, q0 = (size_t)rows[0];
     int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) {
-        size_t q = (size_t)rows[r], j = q / blockK;  // row q of the pool's (layer, position) blocks
-        if (!run) {
-            memcpy(hs + (size_t)r * 2 * F, dh + q * 2 * F, 2 * (size_t)F * sizeof(float));
-            memcpy(as + (size_t)r * F, act + q * F, (size_t)F * sizeof(float));
-            memcpy(ds + (size_t)r * C, deout + q * C, (size_t)C * sizeof(float));
-        }
-        memcpy(xs + (size_t)r * C, x + (j * block + (size_t)order[q] / K) * C,
-               (size_t)C * sizeof(float));
+    for (int r = 0; r < R; r++) {  // row q of the pool's (layer, position) blocks
+        int q = rows[r], j = (int)(q / blockK);
+        xrows[r] = (int)(j * pr->block) + order[q] / K;
     }
-    matmul_backward(NULL, dfc2, run ? deout + q0 * C : ds, run ? act + q0 * F : as, NULL, R, F, C);
-    matmul_backward(NULL, dfc1, run ? dh + q0 * 2 * F : hs, xs, NULL, R, C, 2 * F);
+    const int *rr = run ? NULL : rows;  // a run: its rows from q0 on
+    size_t r0 = run ? q0 : 0;
+    weight_grad(dfc2, pr->deout + r0 * C, rr, pr->act + r0 * F, rr, R, F, C);
+    weight_grad(dfc1, pr->dh + r0 * 2 * F, rr, pr->x, xrows, R, C, 2 * F);
 }
 
 /* The weight gradients of a pool's E experts: each expert's rows of every
@@ -1120,8 +1129,7 @@ static size_t layer_first_expert(const Config *c, int l) {
     X(xs,     NK * C)           /* (N*K,C) expert inputs gathered in dispatch order */ \
     X(dxs,    NK * C)           /* (N*K,C) */                                       \
     X(act,    NK * F)           /* (N*K,F) SwiGLU output */                         \
-    X(act_pool, LP * NK * F)    /* (L/G,N*K,F) SwiGLU outputs of the pool in the backward */ \
-    X(hs,     NK * 2 * F)       /* (N*K,2F) an expert's d h rows of several layers, gathered */
+    X(act_pool, LP * NK * F)    /* (L/G,N*K,F) SwiGLU outputs of the pool in the backward */
 
 #define ACT_INT_TABLE(X)                                                           \
     X(inputs,  N)               /* (N) token ids */                                 \
@@ -1130,7 +1138,8 @@ static size_t layer_first_expert(const Config *c, int l) {
     X(order,   L * NK)          /* (L,N*K) dispatch: assignment at each position */  \
     X(slot,    L * NK)          /* (L,N*K) dispatch: position of each assignment */ \
     X(offset,  L * (E + 1))     /* (L,E+1) dispatch: first position of each expert */ \
-    X(rows,    NK)              /* (N*K) a chunk of one expert's rows across its pool's layers */
+    X(rows,    NK)              /* (N*K) a chunk of one expert's rows across its pool's layers */ \
+    X(xrows,   NK)              /* (N*K) the rows of their inputs */
 
 typedef struct {
 #define X_FIELD(name, size) float *name;
@@ -1384,7 +1393,7 @@ static void pool_backward(Model *m, int l0, int N) {
     size_t block = (size_t)m->maxN, f0 = (size_t)l0 * block, e0 = layer_first_expert(c, l0);
     PoolRows pr = {a->h + f0 * K * 2 * F, a->eout + f0 * K * C, a->act_pool, a->ln2 + f0 * C,
                    a->order + f0 * K, a->offset + (size_t)l0 * (E + 1), LP, block};
-    GradScratch sc = {a->hs, a->act, a->dxs, a->xs, a->rows};
+    GradScratch sc = {a->rows, a->xrows};
     pool_weight_grads(m->grads.expert_fc1 + e0 * 2 * F * C, m->grads.expert_fc2 + e0 * C * F, &sc,
                       &pr, N, C, F, E, K);
 }
@@ -3592,15 +3601,16 @@ static float *gemm_buffer(float **buf, size_t *cap, size_t n) {
 static size_t panel_stride(int kc, int width) { return (size_t)kc * width + GM_NR; }
 
 /* Packs rows [0, rows) and depth [k0, k0+kc) of X into panels of `width`
-   rows, each k-major and zero-padded: panel i holds X(i*width + w, k0 + k) at
-   dst[i panel_stride + k width + w]. The loop runs along whichever index of X
-   is contiguous, so a transposed operand packs as fast as a plain one. */
-static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) {
+   rows, each k-major and zero-padded: panel i holds X(i*width + w, dk[k0 + k])
+   at dst[i panel_stride + k width + w], X's column d read at dk[d] (at d if
+   dk is NULL). The loop runs along whichever index of X is contiguous, so a
+   transposed operand packs as fast as a plain one. */
+static void pack_panels(float *dst, Mat X, const int *dk, int rows, int k0, int kc, int width) {
     int np = (rows + width - 1) / width;
     if (X.rs == 1) {  // columns of X are contiguous: each is cut into the panels' rows at depth k
 #pragma omp parallel for schedule(static)
         for (int k = 0; k < kc; k++) {
-            const float *col = X.p + (size_t)(k0 + k) * X.cs;
+            const float *col = X.p + (size_t)(dk ? dk[k0 + k] : k0 + k) * X.cs;
             for (int i = 0; i < np; i++) {
                 float *d = dst + i * panel_stride(kc, width) + (size_t)k * width;
                 int r0 = i * width, n = rows - r0 < width ? rows - r0 : width;
@@ -3615,7 +3625,8 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
                 for (int w = 0; w < width; w++) {
                     int r = i * width + w;
                     dst[i * panel_stride(kc, width) + (size_t)k * width + w] =
-                        r < rows ? X.p[(size_t)r * X.rs + (size_t)(k0 + k) * X.cs] : 0.0f;
+                        r < rows ? X.p[(size_t)r * X.rs + (size_t)(dk ? dk[k0 + k] : k0 + k) * X.cs]
+                                 : 0.0f;
                 }
     }
 }
@@ -3634,9 +3645,14 @@ static void pack_panels(float *dst, Mat X, int rows, int k0, int kc, int width) 
    few FMAs and the loads must not wait. This is the case of UniPool's
    experts, a few dozen rows each per layer; for them fc2's weights, whose
    rows are F floats apart, are packed in blocks of whole rows, which the
-   hardware prefetcher follows. */
-static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int cols, int depth,
-                 int add) {
+   hardware prefetcher follows.
+   The depth index d may go through an index, A's column at adk[d] and B's
+   row at bdk[d] (NULL: at d), so that rows can lie anywhere (a pooled
+   expert's, across its layers). Such an operand is always packed, in blocks
+   of the sizes it would have otherwise: the sums are those of its rows
+   gathered. */
+static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *adk, const int *bdk,
+                 int rows, int cols, int depth, int add) {
     // per thread: experts run one per thread (experts_matmul_fast)
     static _Thread_local float *apack, *bpack, *tbuf;
     static _Thread_local size_t acap, bcap, tcap;
@@ -3650,7 +3666,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
         if (add)
             for (int c = 0; c < cols; c++)
                 for (int r = 0; r < rows; r++) t[(size_t)r * cols + c] = out[r + (size_t)c * ocs];
-        gemm(t, (size_t)cols, 1, A, B, rows, cols, depth, add);
+        gemm(t, (size_t)cols, 1, A, B, adk, bdk, rows, cols, depth, add);
         for (int r0 = 0; r0 < rows; r0 += 16)  // 16 rows of t (in L1) onto whole lines of out
             for (int c = 0; c < cols; c++)
                 for (int r = r0; r < rows && r < r0 + 16; r++)
@@ -3660,7 +3676,8 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
     // would evict itself before the next rows of A come to use it, so it is packed
     int few = rows < GM_SMALL;  // few rows of A
-    int a_direct = A.cs == 1 && cols < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
+    int a_direct = A.cs == 1 && cols < GM_SMALL && !adk,
+        b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
     // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
     // threads' shares of the tiles are even; a few rows are one block and the threads split B
     int mp = (rows + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
@@ -3676,13 +3693,14 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
     float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb / GM_NR + 1) * panel_stride(kcb, GM_NR));
     for (int n0 = 0; n0 < cols; n0 += ncb) {
         int nc = cols - n0 < ncb ? cols - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
-        int inplace = b_direct ? nc / GM_NR : 0;  // B panels read in place; the rest are packed
+        // B panels read in place; the rest are packed
+        int inplace = b_direct && !bdk ? nc / GM_NR : 0;
         // B's columns are its panels' rows
         Mat Bt = {B.p + (size_t)(n0 + inplace * GM_NR) * B.cs, B.cs, B.rs};
         for (int k0 = 0; k0 < depth; k0 += kcb) {
             int kc = depth - k0 < kcb ? depth - k0 : kcb, accumulate = add || k0 > 0;
-            if (inplace < np) pack_panels(bp, Bt, nc - inplace * GM_NR, k0, kc, GM_NR);
-            if (!a_direct) pack_panels(ap, A, rows, k0, kc, GM_MR);
+            if (inplace < np) pack_panels(bp, Bt, bdk, nc - inplace * GM_NR, k0, kc, GM_NR);
+            if (!a_direct) pack_panels(ap, A, adk, rows, k0, kc, GM_MR);
             // tiles: blocks of A rows outermost, so a thread
             // keeps its A block in L2 across all B panels
 #pragma omp parallel for schedule(static)
@@ -3731,11 +3749,11 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, int rows, int
 KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w, int rows,
                                     int n_in, int n_out) {
     if (rows >= GM_SMALL) {
-        gemm(out, (size_t)n_out, 1, (Mat){inp, (size_t)n_in, 1}, (Mat){w, 1, (size_t)n_in}, rows,
-             n_out, n_in, 0);
+        gemm(out, (size_t)n_out, 1, (Mat){inp, (size_t)n_in, 1}, (Mat){w, 1, (size_t)n_in}, NULL,
+             NULL, rows, n_out, n_in, 0);
     } else if (rows >= GM_MR) {
-        gemm(out, 1, (size_t)n_out, (Mat){w, (size_t)n_in, 1}, (Mat){inp, 1, (size_t)n_in}, n_out,
-             rows, n_in, 0);
+        gemm(out, 1, (size_t)n_out, (Mat){w, (size_t)n_in, 1}, (Mat){inp, 1, (size_t)n_in}, NULL,
+             NULL, n_out, rows, n_in, 0);
     } else {
 #pragma omp parallel for schedule(static)
         for (int o = 0; o < n_out; o++)
@@ -3745,21 +3763,28 @@ KERNEL_DEF void matmul_forward_fast(float *out, const float *inp, const float *w
     }
 }
 
-/* dinp (rows,n_in) += dout (rows,n_out) W; dW (n_out,n_in) += dout^T inp; either may be NULL.
-   With few input features (n_in < GM_SMALL) the weight gradient runs as
-   dW^T = inp^T dout, so that dout, the big operand (the logits of a small
-   model), is read in place rather than packed. */
+/* dW (n_out,n_in) += sum over r of dout[dr]^T inp[ir] (weight_grad_ref's
+   math), the rows' depth index through drows and irows. With few input
+   features (n_in < GM_SMALL) it runs as dW^T = inp^T dout, so that dout, the
+   big operand (the logits of a small model), is read in place rather than
+   packed. */
+KERNEL_DEF void weight_grad_fast(float *dw, const float *dout, const int *drows, const float *inp,
+                                 const int *irows, int rows, int n_in, int n_out) {
+    if (n_in < GM_SMALL && n_out >= GM_SMALL)
+        gemm(dw, 1, (size_t)n_in, (Mat){inp, 1, (size_t)n_in}, (Mat){dout, (size_t)n_out, 1}, irows,
+             drows, n_in, n_out, rows, 1);
+    else
+        gemm(dw, (size_t)n_in, 1, (Mat){dout, 1, (size_t)n_out}, (Mat){inp, (size_t)n_in, 1}, drows,
+             irows, n_out, n_in, rows, 1);
+}
+
+// dinp (rows,n_in) += dout (rows,n_out) W; dW (n_out,n_in) += dout^T inp; either may be NULL.
 KERNEL_DEF void matmul_backward_fast(float *dinp, float *dw, const float *dout, const float *inp,
                                      const float *w, int rows, int n_in, int n_out) {
     if (dinp)
-        gemm(dinp, (size_t)n_in, 1, (Mat){dout, (size_t)n_out, 1}, (Mat){w, (size_t)n_in, 1}, rows,
-             n_in, n_out, 1);
-    if (dw && n_in < GM_SMALL && n_out >= GM_SMALL)
-        gemm(dw, 1, (size_t)n_in, (Mat){inp, 1, (size_t)n_in}, (Mat){dout, (size_t)n_out, 1}, n_in,
-             n_out, rows, 1);
-    else if (dw)
-        gemm(dw, (size_t)n_in, 1, (Mat){dout, 1, (size_t)n_out}, (Mat){inp, (size_t)n_in, 1}, n_out,
-             n_in, rows, 1);
+        gemm(dinp, (size_t)n_in, 1, (Mat){dout, (size_t)n_out, 1}, (Mat){w, (size_t)n_in, 1}, NULL,
+             NULL, rows, n_in, n_out, 1);
+    if (dw) weight_grad_fast(dw, dout, NULL, inp, NULL, rows, n_in, n_out);
 }
 
 /* Causal attention with grouped key/value heads; query head h reads kv head
