@@ -1047,7 +1047,7 @@ static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc,
     int *xrows = sc->xrows;
     size_t blockK = pr->block * K, q0 = (size_t)rows[0];
     int run = rows[R - 1] - rows[0] == R - 1;  // rows increase, so this means consecutive
-    for (int r = 0; r < R; r++) {  // row q of the pool's (layer, position) blocks
+    for (int r = 0; r < R; r++) {  // row q: position q % blockK of layer j = q / blockK
         int q = rows[r], j = (int)(q / blockK);
         xrows[r] = (int)(j * pr->block) + order[q] / K;
     }
@@ -1059,7 +1059,7 @@ static void expert_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc,
 
 /* The weight gradients of a pool's E experts: each expert's rows of every
    layer, in layer then dispatch order, in chunks of at most N*K rows (the
-   scratch). */
+   scratch of indices). */
 static void pool_weight_grads(float *dfc1, float *dfc2, const GradScratch *sc, const PoolRows *pr,
                               int N, int C, int F, int E, int K) {
     // dfc1 (E,2F,C) +=, dfc2 (E,C,F) +=
