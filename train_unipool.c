@@ -1165,6 +1165,7 @@ typedef struct {
     // load balance (section 4): f (L,E) of this and of the previous training
     // micro-batch (model state: it survives steps), and d aux / d P (L,E)
     float *aux_f, *aux_prev_f, *aux_coef;
+    double *aux_P;  // (L,E) scratch of aux_forward: the scores' sum, then mean
     int aux_prev_valid;
     // (L,E) tokens per expert in the last forward, over all ranks
     int64_t *counts;
@@ -1206,6 +1207,7 @@ static void model_build(Model *m, const Config *cfg) {
     m->aux_f = calloc_check(le, sizeof(float));
     m->aux_prev_f = calloc_check(le, sizeof(float));
     m->aux_coef = calloc_check(le, sizeof(float));
+    m->aux_P = calloc_check(le, sizeof(double));
     m->expert_bias = calloc_check(le, sizeof(float));
     m->step_counts = calloc_check(le, sizeof(int64_t));
     m->counts = calloc_check(le, sizeof(int64_t));
@@ -1222,6 +1224,7 @@ static void model_free(Model *m) {
     free(m->aux_f);
     free(m->aux_prev_f);
     free(m->aux_coef);
+    free(m->aux_P);
     free(m->expert_bias);
     free(m->step_counts);
     free(m->counts);
@@ -1320,7 +1323,8 @@ static double aux_forward(Model *m, int N, int training) {
     expert_loads(m);  // f (L,E) of this micro-batch: m->aux_f
     const float *f = c->aux == AUX_POOL_PREV ? m->aux_prev_f : m->aux_f;
     int active = c->aux != AUX_NONE && (c->aux != AUX_POOL_PREV || m->aux_prev_valid);
-    double aux = 0.0, *P = calloc_check((size_t)L * E, sizeof(double));  // (L,E) sum, then mean
+    double aux = 0.0, *P = m->aux_P;  // (L,E) sum, then mean
+    memset(P, 0, (size_t)L * E * sizeof(double));
 #pragma omp parallel for schedule(static)
     for (int l = 0; l < L; l++)  // each P[l][j] summed over n in order, the rows read in turn
         for (int n = 0; n < N; n++)
@@ -1337,7 +1341,6 @@ static double aux_forward(Model *m, int N, int training) {
             m->aux_coef[l * E + j] = coef;
             aux += (double)coef * P[l * E + j];
         }
-    free(P);
     // evaluation passes leave it, and the step's counts, alone
     if (training) aux_keep_statistic(m);
     return aux;
@@ -1692,19 +1695,24 @@ static void step_update(Model *m, const OptConfig *o, float lr, double grad_norm
 // ----------------------------------------------------------------------------
 // Errors and checked I/O: the definitions of the helpers declared at the top.
 
+// The end of a line of cap bytes after n of it and a print that reports w: a
+// print that failed adds nothing, one that was cut ends at the last byte.
+static size_t line_end(size_t n, int w, size_t cap) {
+    return w < 0 ? n : n + (size_t)w < cap ? n + (size_t)w : cap - 1;
+}
+
 // Prints "error: " fmt tail as one line and exits with code.
 __attribute__((noreturn))
 static void die(int code, const char *tail, const char *fmt, va_list ap) {
     // the line goes out in one write: beside other ranks and mpirun's own messages it stays whole
     char line[4096];
-    size_t n = 0, cap = sizeof line - 1;  // room kept for the newline
-    int w = world.size > 1 ? snprintf(line, cap, "error (rank %d of %d): ", world.rank, world.size)
-                           : snprintf(line, cap, "error: ");
-    n = w > 0 ? (size_t)w : 0;
-    w = vsnprintf(line + n, cap - n, fmt, ap);
-    n = w < 0 ? n : n + (size_t)w < cap ? n + (size_t)w : cap - 1;
-    w = snprintf(line + n, cap - n, "%s", tail);
-    n = w < 0 ? n : n + (size_t)w < cap ? n + (size_t)w : cap - 1;
+    size_t n, cap = sizeof line - 1;  // room kept for the newline
+    n = line_end(0, world.size > 1 ? snprintf(line, cap, "error (rank %d of %d): ", world.rank,
+                                              world.size)
+                                   : snprintf(line, cap, "error: "),
+                 cap);
+    n = line_end(n, vsnprintf(line + n, cap - n, fmt, ap), cap);
+    n = line_end(n, snprintf(line + n, cap - n, "%s", tail), cap);
     line[n++] = '\n';
     fflush(stderr);
     if (write(STDERR_FILENO, line, n) < 0) fputs(line, stderr);
