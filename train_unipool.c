@@ -448,9 +448,10 @@ static void matmul_forward(float *out, const float *inp, const float *w, int row
 }
 
 /* The weight gradient over rows taken from anywhere: dW (n_out,n_in) +=
-   sum over r of dout[dr]^T inp[ir], dr = drows[r] and ir = irows[r] (r
-   where NULL). A pooled expert's rows of every layer are read where they
-   are, never gathered. */
+   sum over r < rows of dout[dr]^T inp[ir], with row dr = drows[r] of dout
+   (.,n_out) and row ir = irows[r] of inp (.,n_in), or row r where the index
+   is NULL. A pooled expert's rows of every layer are read where they are,
+   never gathered. */
 KERNEL_DEF void weight_grad_ref(float *dw, const float *dout, const int *drows, const float *inp,
                                 const int *irows, int rows, int n_in, int n_out) {
 #pragma omp parallel for schedule(static)
