@@ -3685,8 +3685,10 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
     // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
     // would evict itself before the next rows of A come to use it, so it is packed
     int few = rows < GM_SMALL;  // few rows of A
-    int a_direct = A.cs == 1 && cols < GM_SMALL && !adk,
-        b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
+    // whether each operand's shape reads it in place, which sizes the blocks; an indexed one is
+    // packed all the same (a_read, and inplace below)
+    int a_direct = A.cs == 1 && cols < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
+    int a_read = a_direct && !adk;
     // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
     // threads' shares of the tiles are even; a few rows are one block and the threads split B
     int mp = (rows + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
@@ -3698,7 +3700,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
     int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
     int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
     ncb = cols < ncb ? (cols + GM_NR - 1) / GM_NR * GM_NR : ncb;
-    float *ap = a_direct ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
+    float *ap = a_read ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
     float *bp = gemm_buffer(&bpack, &bcap, (size_t)(ncb / GM_NR + 1) * panel_stride(kcb, GM_NR));
     for (int n0 = 0; n0 < cols; n0 += ncb) {
         int nc = cols - n0 < ncb ? cols - n0 : ncb, np = (nc + GM_NR - 1) / GM_NR;
@@ -3709,7 +3711,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
         for (int k0 = 0; k0 < depth; k0 += kcb) {
             int kc = depth - k0 < kcb ? depth - k0 : kcb, accumulate = add || k0 > 0;
             if (inplace < np) pack_panels(bp, Bt, bdk, nc - inplace * GM_NR, k0, kc, GM_NR);
-            if (!a_direct) pack_panels(ap, A, adk, rows, k0, kc, GM_MR);
+            if (!a_read) pack_panels(ap, A, adk, rows, k0, kc, GM_MR);
             // tiles: blocks of A rows outermost, so a thread
             // keeps its A block in L2 across all B panels
 #pragma omp parallel for schedule(static)
@@ -3730,7 +3732,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
                     // an A read in place, if they are shorter than a page (4 KiB). Both packed, the
                     // call has constants and its copy of the tile loop no checks.
                     size_t pb = j + 1 < inplace ? GM_NR : 0;
-                    if (a_direct) {  // A's rows past the last repeat it; their sums are dropped
+                    if (a_read) {  // A's rows past the last repeat it; their sums are dropped
                         for (int ii = 0; ii < GM_MR; ii++)
                             a[ii] = A.p + (size_t)(r0 + (ii < mr ? ii : mr - 1)) * A.rs + k0;
                         size_t pa = A.rs <= 1024 && r0 + 2 * GM_MR <= rows ? GM_MR * A.rs : 0;
