@@ -9,9 +9,10 @@ summaries, report and run folders live in.
         summaries in dev/ablation/runs/, report in dev/ablation/, run folders in out/ablation/
     mix: 9 arms on data/mix (`make data-mix`) at L 8 (two at L 4), seeds 101, 102, 103 ...; summaries in
         dev/ablation/mix/runs/, report in dev/ablation/mix/, run folders in out/ablation/mix/; every run's
-        final checkpoint also gets routing diagnostics (./infer_unipool util), the report says which
-        claims are resolved, how many seeds the unresolved ones need, and the course of the two central
-        gaps over training
+        final checkpoint also gets routing diagnostics (./infer_unipool util), the first seed of the three
+        central arms util's counts source by source (data/mix/sources/), the report says which claims
+        are resolved, how many seeds the unresolved ones need, the course of the two central gaps over
+        training, and how much a layer's choice of expert tells about a token's source
 
 Every arm trains for the experiment's first N seeds, each run on one thread (the same seed gives the same
 bits), --jobs runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a
@@ -20,7 +21,8 @@ flags and corpus (a fingerprint of the corpus's shards) means the run is done, s
 trains only what no committed summary covers. A run stopped part-way resumes from its last checkpoint in
 its run folder (-r latest) if that folder is still there.
 After a run of the first seed of a probed arm, infer_unipool's routing-randomisation probe runs on its
-final checkpoint. Last, the report: results.md, results.json, val_curves.svg.
+final checkpoint, and after one of an arm the experiment counts by source, util once per source. Last,
+the report: results.md, results.json, val_curves.svg.
 
     python3 dev/ablation/run.py                   train what is missing (3 seeds, 2 jobs), probe, report
     python3 dev/ablation/run.py --seeds 5 --only unipool,vanilla_softmax
@@ -31,8 +33,8 @@ final checkpoint. Last, the report: results.md, results.json, val_curves.svg.
                                                   output in DIR
 
 It builds the programs and the experiment's corpus with make (--report only the corpus, when it is
-missing; --dry-run nothing), commits nothing and prints what to commit. Exit status 1 if a run, the probe
-or the diagnostics failed. Standard library only.
+missing; --dry-run nothing), commits nothing and prints what to commit. Exit status 1 if a run, the probe,
+the diagnostics or the counts by source failed. Standard library only.
 """
 import argparse
 import collections
@@ -62,25 +64,28 @@ HERE = os.path.join(ROOT, "dev", "ablation")
 # arm's own (the recipe's, or the arm's -L).
 Arm = collections.namedtuple("Arm", "key label paper flags")
 # a corpus: its name, the make target that builds it, the data flags train_unipool takes for it, the
-# glob of the token shards its fingerprint covers, the glob of its val shards (the probe's, util's)
-Corpus = collections.namedtuple("Corpus", "name make flags shards val")
+# glob of the token shards its fingerprint covers, the glob of its val shards (the probe's, util's), the
+# glob of its per-source shards (None: one source; a source's shards share a name up to their number) and
+# the util batches of one sequence each counted per source (0: all of its tokens)
+Corpus = collections.namedtuple("Corpus", "name make flags shards val sources source_batches")
 # an experiment: name; the report's title; recipe; corpus; the first of its seeds (--seeds N takes N from
 # there); arms; pools ({name: fraction} for the flags); claims ((what the paper finds, a linear
 # combination of arm keys)); the claims section's title; the probed arms (their first seed); course (the
 # claims whose paired gap the report follows over training); diagnostics (util on every final
-# checkpoint); resolve (the report says which claims are resolved and what the others need); the folders
+# checkpoint); by_source (the arms whose first seed's final checkpoint util counts source by source);
+# resolve (the report says which claims are resolved and what the others need); the folders
 # of its summaries, run folders and report; the losses table's words for an arm the paper gives no
 # number ({key: text}, else "not given"); the baseline (drawn dashed beside the pools) and the
 # highlighted arm of the plot
 Experiment = collections.namedtuple(
     "Experiment", "name title recipe corpus first_seed arms pools claims claims_title probed course diagnostics "
-                  "resolve runs out report paper_none baseline highlight")
+                  "by_source resolve runs out report paper_none baseline highlight")
 
 PAPER_NONE = "not given (\"matches or beats vanilla\")"
-SOTU_CORPUS = Corpus("data/sotu", "data", "", "data/sotu/sotu_*.bin", "data/sotu/sotu_val_*.bin")
+SOTU_CORPUS = Corpus("data/sotu", "data", "", "data/sotu/sotu_*.bin", "data/sotu/sotu_val_*.bin", None, 0)
 MIX_CORPUS = Corpus("data/mix", "data-mix",
                     "-i data/mix/mix_train_*.bin -j data/mix/mix_val_*.bin -z data/mix/gpt2_tokenizer.bin",
-                    "data/mix/mix_*.bin", "data/mix/mix_val_*.bin")
+                    "data/mix/mix_*.bin", "data/mix/mix_val_*.bin", "data/mix/sources/*_val_*.bin", 0)
 
 # The SOTU ablation: the paper's 182M table, seven arms on data/sotu.
 ARMS = [
@@ -139,14 +144,15 @@ EXPERIMENTS = {e.name: e for e in (
         name="sotu", title="Router and ownership ablation (arXiv 2605.06665, the 182M table) at CPU scale",
         recipe=RECIPE, corpus=SOTU_CORPUS, first_seed=1, arms=[Arm._make(a) for a in ARMS],
         pools={"reduced": 2 / 3}, claims=CLAIMS, claims_title="The paper's claims, pair by pair",
-        probed=("vanilla_softmax", "unipool"), course=(), diagnostics=False, resolve=False,
+        probed=("vanilla_softmax", "unipool"), course=(), diagnostics=False, by_source=(), resolve=False,
         runs=os.path.join(HERE, "runs"), out=os.path.join(ROOT, "out", "ablation"), report=HERE,
         paper_none={"unipool_reduced": PAPER_NONE}, baseline="vanilla_softmax", highlight="unipool"),
     Experiment(
         name="mix", title="UniPool's claims (arXiv 2605.06665) on data/mix at CPU scale: 9 arms, L 8 and L 4",
         recipe=MIX_RECIPE, corpus=MIX_CORPUS, first_seed=101, arms=[Arm._make(a) for a in MIX_ARMS],
         pools={"r67": 2 / 3, "r42": 0.416}, claims=MIX_CLAIMS, claims_title="The paper's claims",
-        probed=("vanilla_softmax", "unipool"), course=(HEADLINE, POOL_EFFECT), diagnostics=True, resolve=True,
+        probed=("vanilla_softmax", "unipool"), course=(HEADLINE, POOL_EFFECT), diagnostics=True,
+        by_source=("vanilla_softmax", "vanilla_norm", "unipool"), resolve=True,
         runs=os.path.join(HERE, "mix", "runs"), out=os.path.join(ROOT, "out", "ablation", "mix"),
         report=os.path.join(HERE, "mix"),
         paper_none={"unipool_r67": PAPER_NONE, "unipool_r42": PAPER_NONE},
@@ -155,7 +161,9 @@ EXPERIMENTS = {e.name: e for e in (
 DEFAULT = "sotu"
 
 SMOKE_RECIPE = "-p tiny -L 2 -C 32 -NH 2 -NKV 1 -F 32 -b 2 -t 16 -n 6 -v 3 -V 2 -S 0 -K 3 -N 2"
-SMOKE_CORPUS = SOTU_CORPUS  # every experiment's smoke trains on data/sotu: it tests the machinery, not the corpus
+# every experiment's smoke trains on data/sotu: it tests the machinery, not the corpus; its two sources are
+# a train shard and the val shard, 32 sequences of each
+SMOKE_CORPUS = SOTU_CORPUS._replace(sources="data/sotu/sotu_*_00000[01].bin", source_batches=32)
 PRESET_LAYERS = {"tiny": 4, "exp": 8, "182m": 12, "469m": 24, "650m": 36, "830m": 48, "978m": 24}
 HEALTH = ("unused", "max_share", "entropy", "dead", "used", "top_share", "load_entropy")
 META = "ablation.json"  # in a run's folder: recipe, flags, commands so far, wall seconds so far
@@ -430,6 +438,18 @@ def util_command(s, arm, seed, ckpt):
             "-o", rel(os.path.join(run_dir(s, arm, seed), "util"))]
 
 
+def read_util_csv(text):
+    """util's CSV (layer,expert,tokens) as {layer: [(expert, tokens), ...]}, in the file's order."""
+    rows = collections.defaultdict(list)
+    lines = text.strip().splitlines()
+    if not lines or lines[0].strip() != "layer,expert,tokens":
+        raise ValueError("util's CSV lacks its header 'layer,expert,tokens'")
+    for line in lines[1:]:
+        layer, expert, tokens = (int(x) for x in line.split(","))
+        rows[layer].append((expert, tokens))
+    return rows
+
+
 def diagnose_csv(text):
     """Routing diagnostics from util's CSV (layer,expert,tokens; a layer's rows are the experts it can
     reach): per layer the load entropy over its reachable experts normalised by the log of their number
@@ -438,13 +458,7 @@ def diagnose_csv(text):
     first, ties to the lower index, only experts with tokens); across layers the mean Jaccard overlap
     |A & B| / |A | B| of the top sets over every pair of layers (0 where layers own disjoint experts,
     vanilla MoE; None below 2 layers)."""
-    rows = collections.defaultdict(list)
-    lines = text.strip().splitlines()
-    if not lines or lines[0].strip() != "layer,expert,tokens":
-        raise ValueError("util's CSV lacks its header 'layer,expert,tokens'")
-    for line in lines[1:]:
-        layer, expert, tokens = (int(x) for x in line.split(","))
-        rows[layer].append((expert, tokens))
+    rows = read_util_csv(text)
     out = {"reachable": [], "load_entropy": [], "top_coverage": [], "dead": [], "top": []}
     for layer in sorted(rows):
         counts = rows[layer]
@@ -463,14 +477,20 @@ def diagnose_csv(text):
     return dict(layers=len(sets), **out, jaccard=mean(overlaps) if overlaps else None)
 
 
+def finished(s, arm, seed):
+    """A run with a current summary: (its summary's path, the summary, its final checkpoint); else None."""
+    path = summary_path(s, arm, seed)
+    summary = read_json(path)
+    return (path, summary, final_checkpoint(s, arm, seed, summary)) if matches(summary, arm, s) else None
+
+
 def diagnose(s, arm, seed):
     """util on the run's final checkpoint, its diagnostics into the run's summary, unless the summary has
     them for this command; returns (status, detail)."""
-    path = summary_path(s, arm, seed)
-    summary = read_json(path)
-    if not matches(summary, arm, s):
+    run = finished(s, arm, seed)
+    if run is None:
         return "failed", "no current summary"
-    ckpt = final_checkpoint(s, arm, seed, summary)
+    path, summary, ckpt = run
     command = util_command(s, arm, seed, ckpt)
     if (summary.get("diagnostics") or {}).get("command") == shlex.join(command):
         return "skipped", ""
@@ -492,15 +512,86 @@ def diagnose(s, arm, seed):
     return "diagnosed", ""
 
 
+# ---- routing by source on a final checkpoint ----
+
+def sources(s):
+    """The corpus's sources as {name: util's -i pattern}: the shards its sources glob finds, grouped by their
+    name up to the shard number; a source's name drops a trailing _val ({} for a corpus of one source)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, s.source.sources or ""))) if s.source.sources else []:
+        prefix = re.sub(r"_\d+\.bin$", "", os.path.basename(path))
+        found[re.sub(r"_val$", "", prefix)] = rel(os.path.join(os.path.dirname(path), prefix + "_*.bin"))
+    return found
+
+
+def source_commands(s, arm, seed, ckpt):
+    """util on a checkpoint, one command per source: every sequence of the source's shards (or the corpus's
+    source_batches of them), one at a time (-b 1: a small source fills no batch of the training B), into
+    the run folder's sources/NAME.csv."""
+    return {name: ["./infer_unipool", "util", "-c", rel(ckpt), "-i", pattern, "-b", "1",
+                   "-n", str(s.source.source_batches), "-T", "1",
+                   "-o", rel(os.path.join(run_dir(s, arm, seed), "sources", name))]
+            for name, pattern in sources(s).items()}
+
+
+def current_by_source(s, arm, summary):
+    """The summary's counts by source when util ran them on this run's final checkpoint, for every source
+    of the corpus, as it runs now; else None."""
+    found = summary.get("by_source")
+    commands = source_commands(s, arm, summary["seed"], final_checkpoint(s, arm, summary["seed"], summary))
+    if not found or not commands or set(found["sources"]) != set(commands):
+        return None
+    return found if all(found["sources"][k]["command"] == shlex.join(c) for k, c in commands.items()) else None
+
+
+def count_by_source(s, arm, seed):
+    """util on the run's final checkpoint, source by source, its counts into the run's summary (by_source:
+    the experts of each layer, and per source and layer the tokens of each), unless the summary has them for
+    these commands; returns (status, detail)."""
+    run = finished(s, arm, seed)
+    if run is None:
+        return "failed", "no current summary"
+    path, summary, ckpt = run
+    commands = source_commands(s, arm, seed, ckpt)
+    if not commands:
+        return "failed", f"no shards match {s.source.sources} (`make {s.source.make}` builds them)"
+    if current_by_source(s, arm, summary):
+        return "skipped", ""
+    if not os.path.exists(ckpt):
+        return "failed", "no final checkpoint (out/ is not kept across clones): delete the run's summary to retrain"
+    found, experts = {}, None
+    for source, command in commands.items():
+        say(f"sources {name(arm, seed)}: {shlex.join(command)}")
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        csv = os.path.join(ROOT, command[-1] + ".csv")
+        if done.returncode != 0 or not os.path.exists(csv):
+            return "failed", f"{source}: exit {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        try:
+            rows = read_util_csv(open(csv).read())
+        except ValueError as e:
+            return "failed", f"{rel(csv)}: {e}"
+        ids = [[e for e, _ in rows[layer]] for layer in sorted(rows)]
+        if experts is not None and ids != experts:
+            return "failed", f"{rel(csv)}: other experts than the first source's CSV"
+        experts = ids
+        found[source] = {"command": shlex.join(command),
+                         "counts": [[t for _, t in rows[layer]] for layer in sorted(rows)]}
+    summary["by_source"] = {"experts": experts, "sources": found}
+    write_json(path, summary)
+    return "counted", ""
+
+
 def job(s, arm, seed):
-    """One run, then its diagnostics (when the experiment has them) and its probe (when it is a probed
-    one); a list of (what, status, detail)."""
+    """One run, then its diagnostics (when the experiment has them), its probe (when it is a probed one)
+    and its counts by source (when its arm has them); a list of (what, status, detail)."""
     status, detail = train(s, arm, seed)
     results = [(name(arm, seed), status, detail)]
     if s.exp.diagnostics and status != "failed":
         results.append(("util " + name(arm, seed), *diagnose(s, arm, seed)))
     if arm.key in s.exp.probed and seed == s.seeds[0] and status != "failed":
         results.append(("probe " + name(arm, seed), *probe(s, arm, seed)))
+    if arm.key in s.exp.by_source and seed == s.seeds[0] and status != "failed":
+        results.append(("sources " + name(arm, seed), *count_by_source(s, arm, seed)))
     for what, status, detail in results:
         say(f"{status} {what}" + (f": {detail.splitlines()[0]}" if detail else ""))
     return results
@@ -513,15 +604,17 @@ def run_all(s):
         results = [r for rs in pool.map(lambda w: job(s, *w), work) for r in rs]
     kind = lambda what: what.split()[0] if " " in what else "run"  # noqa: E731
     count = lambda k: collections.Counter(status for what, status, _ in results if kind(what) == k)  # noqa: E731
-    runs, probes, utils = count("run"), count("probe"), count("util")
+    runs, probes, utils, by = count("run"), count("probe"), count("util"), count("sources")
     say(f"runs: trained {runs['trained']}, resumed {runs['resumed']}, skipped {runs['skipped']}, "
         f"failed {runs['failed']}; probes: written {probes['probed']}, skipped {probes['skipped']}, "
         f"failed {probes['failed']}" + (f"; diagnostics: written {utils['diagnosed']}, skipped {utils['skipped']}, "
-                                         f"failed {utils['failed']}" if s.exp.diagnostics else ""))
+                                         f"failed {utils['failed']}" if s.exp.diagnostics else "") +
+        (f"; by source: counted {by['counted']}, skipped {by['skipped']}, failed {by['failed']}"
+         if s.exp.by_source else ""))
     for what, status, detail in results:
         if status == "failed":
             say(f"FAILED {what}: {detail}")
-    return runs["failed"] + probes["failed"] + utils["failed"] == 0
+    return runs["failed"] + probes["failed"] + utils["failed"] + by["failed"] == 0
 
 
 def dry_run(s):
@@ -540,6 +633,10 @@ def dry_run(s):
                 base = probe_base(s)
                 say(f"probe {name(arm, seed)}: {shlex.join(base[:2])} -c {ckpt} {shlex.join(base[2:])} "
                     f"> {rel(probe_path(s, arm, seed))}")
+            if arm.key in s.exp.by_source and seed == s.seeds[0]:
+                for command in source_commands(s, arm, seed, os.path.join(run_dir(s, arm, seed), "X")).values():
+                    say(f"sources {name(arm, seed)}: {shlex.join(command[:3])} {ckpt} {shlex.join(command[4:])} "
+                        f"> the summary's by_source")
     return 0
 
 
@@ -736,6 +833,40 @@ def arm_diagnostics(s, arm, ours):
             "dead": per_layer("dead"), "jaccard": avg([d["jaccard"] for d in found])}
 
 
+def source_information(layer):
+    """One layer's counts by source, {source: [tokens of each expert]}: (I(S; E), H(S)) in bits, the
+    information the expert a token goes to carries about its source and the source's entropy, as the
+    counts n(s, e) estimate them (N the total, n_s and n_e the margins):
+      I(S; E) = sum over s, e of n/N log2(n N / (n_s n_e)),   H(S) = -sum over s of n_s/N log2(n_s / N)."""
+    rows = list(layer.values())
+    total = sum(map(sum, rows))
+    n_s = [sum(r) for r in rows]
+    n_e = [sum(column) for column in zip(*rows)]
+    information = sum(n / total * math.log2(n * total / (n_s[i] * n_e[j]))
+                      for i, r in enumerate(rows) for j, n in enumerate(r) if n)
+    entropy = -sum(n / total * math.log2(n / total) for n in n_s if n)
+    return information, entropy
+
+
+def by_source_result(s, arm, runs):
+    """An arm's routing by source on its first seed: the tokens of each source and per layer I(S; E), H(S)
+    and the plug-in estimate's bias, about (sources - 1)(experts - 1) / (2 N ln 2) bits; None without
+    current counts."""
+    summary = next((r for r in runs.get(arm.key, []) if r["seed"] == s.seeds[0]), None)
+    found = summary and current_by_source(s, arm, summary)
+    if not found:
+        return None
+    counts = found["sources"]
+    layers_ = []
+    for layer, experts in enumerate(found["experts"]):
+        information, entropy = source_information({k: v["counts"][layer] for k, v in counts.items()})
+        total = sum(sum(v["counts"][layer]) for v in counts.values())
+        layers_.append({"information": information, "entropy": entropy,
+                        "bias": (len(counts) - 1) * (len(experts) - 1) / (2 * total * math.log(2))})
+    return {"arm": arm.key, "seed": s.seeds[0], "tokens": {k: sum(v["counts"][0]) for k, v in counts.items()},
+            "layers": layers_}
+
+
 def course(s, runs, claim, text):
     """A claim's paired combination at every validation step the runs share: per step the mean over the
     seeds every arm of the claim has, and its 95% interval (Student t at n - 1; None below 2 seeds)."""
@@ -790,6 +921,9 @@ def results(s):
                commits=commits, arms=arms, claims=claims, missing=missing, stale=stale, probes=probes(s))
     if s.exp.course:
         res["course"] = [course(s, runs, next(c for c, t in s.exp.claims if t == text), text) for text in s.exp.course]
+    if s.exp.by_source:
+        res["by_source"] = [by_source_result(s, arm, runs) or {"arm": arm.key, "seed": s.seeds[0], "missing": True}
+                            for arm in s.exp.arms if arm.key in s.exp.by_source]
     if s.exp.diagnostics:
         res["missing_diagnostics"] = [f"{arm.key}_s{r['seed']}" for arm in s.exp.arms
                                       for r in sorted(runs.get(arm.key, []), key=lambda r: r["seed"])
@@ -858,6 +992,33 @@ def md_diagnostics(res, s):
         rows.append(f"| {a['key']} | {', '.join(map(str, d['seeds']))} | {reach} | "
                     f"{listed(d['load_entropy'], '{:.3f}'.format)} | {listed(d['top_coverage'], '{:.1%}'.format)} | "
                     f"{listed(d['dead'], lambda v: f'{round(v, 1):g}')} | {jaccard} |")
+    return rows
+
+
+def md_by_source(res, s):
+    found = [b for b in res["by_source"] if not b.get("missing")]
+    tokens = found[0]["tokens"] if found else {}
+    total = sum(tokens.values())
+    mix = ", ".join(f"{k} {n / total:.1%}" for k, n in sorted(tokens.items(), key=lambda kv: -kv[1]))
+    rows = [f"Does the expert a token goes to depend on where the token comes from? On the first seed's final "
+            f"checkpoint, util counts each source's val shards apart (`{s.source.sources}`, every sequence of "
+            "each, one at a time) and so gives, per layer, the tokens n(s, e) of each source s that go to each "
+            "expert e. From them, I(S; E) = sum n/N log2(n N / (n_s n_e)): the bits the expert choice carries about "
+            "the source, shown as a share of the source's entropy H(S) (0: the choice is the same for every "
+            "source; 1: it names the source). A layer of a shared pool has more experts to choose from than a "
+            "vanilla layer, so it can carry more; the bias of the estimate (counts, not probabilities) is about "
+            "(sources - 1)(experts - 1) / (2 N ln 2) bits, its largest over layers printed." +
+            (f" The sources' shares of the {total:,} tokens: {mix}." if found else ""), "",
+            "| arm | seed | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | I(S; E) bits: max over layers "
+            "| bias bits (max) |", "|---|---|---|---|---|---|"]
+    for b in res["by_source"]:
+        if b.get("missing"):
+            rows.append(f"| {b['arm']} | {b['seed']} | missing | | | |")
+            continue
+        shares = [x["information"] / x["entropy"] for x in b["layers"]]
+        rows.append(f"| {b['arm']} | {b['seed']} | {b['layers'][0]['entropy']:.3f} | {mean(shares):.3f} "
+                    f"({'/'.join(f'{v:.3f}' for v in shares)}) | {max(x['information'] for x in b['layers']):.3f} | "
+                    f"{max(x['bias'] for x in b['layers']):.4f} |")
     return rows
 
 
@@ -971,6 +1132,8 @@ def markdown(res, s):
              "", "## Routing health at the last validation (mean over seeds)", "", *md_health(res)]
     if exp.diagnostics:
         lines += ["", "## Routing diagnostics on the final checkpoint (mean over seeds)", "", *md_diagnostics(res, s)]
+    if exp.by_source:
+        lines += ["", "## Routing by source (first seed)", "", *md_by_source(res, s)]
     lines += ["", f"## {exp.claims_title}", "", *(md_claims_resolved(res) if exp.resolve else md_claims(res))]
     if exp.course:
         lines += ["", "## The central gaps over training", "", *md_course(res)]
@@ -1133,6 +1296,8 @@ def problems(exp):
             out.append(f"claim '{claim}' names arms it lacks: {', '.join(unknown)}")
     out += [f"course '{text}' is none of its claims" for text in exp.course if text not in {t for _, t in exp.claims}]
     out += [f"probed arm {key} is none of its arms" for key in exp.probed if key not in keys]
+    out += [f"arm {key} counted by source is none of its arms" for key in exp.by_source if key not in keys]
+    out += ["arms counted by source, but the corpus has one source"] if exp.by_source and not exp.corpus.sources else []
     return out
 
 

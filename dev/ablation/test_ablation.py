@@ -5,9 +5,9 @@
                  of a linear combination (the depth claim's (a - b) - (c - d)), Student t's quantile, the
                  resolved rule and the seeds a claim needs; the combination parser; the reduced pools' sizes
     diagnostics  the routing diagnostics of a hand-made util CSV: entropy, top-16 coverage, dead experts,
-                 Jaccard overlap
+                 Jaccard overlap; I(S; E) and H(S) of hand-made counts by source
     report       the mix experiment's report from hand-made summaries: claims, resolved, seeds needed, the
-                 gaps' course, diagnostics averaged over seeds
+                 gaps' course, diagnostics averaged over seeds, routing by source on the first seed
     select       --experiment: the mix experiment's dry run prints its recipe, data flags and seeds 101...,
                  the default the SOTU one's; unknown experiments and arms exit 2
     sotu         the SOTU report regenerated from the committed summaries is byte-identical to the committed one
@@ -18,9 +18,10 @@
                  resumes with -r latest and ends with the val loss of the uninterrupted run; a run that fails
                  is reported and the command exits 1
     mix          the mix experiment's --smoke (on data/sotu): every run's summary gets diagnostics from util
-                 on its final checkpoint, seeds 101, the report's diagnostics and course sections; a second
-                 invocation runs neither training nor util; diagnostics deleted from a summary come back
-                 from util alone
+                 on its final checkpoint, seeds 101, and the by-source arms' summaries util's counts for
+                 each of two sources (a train shard, the val shard); the report's diagnostics, by-source
+                 and course sections; a second invocation runs neither training nor util; diagnostics
+                 deleted from a summary come back from util alone
 
     python3 dev/ablation/test_ablation.py              every group (from anywhere; it builds nothing that
                                                        run.py does not)
@@ -241,6 +242,19 @@ def test_diagnostics():
         check("diagnostics: a CSV without util's header is an error", False)
     except ValueError:
         check("diagnostics: a CSV without util's header is an error", True)
+    # By source, hand-worked. Two sources of 4 tokens, 3:1 and 1:3 over two experts: H(S) = 1 bit and
+    # H(S | E) = H(3/4) = 0.811278, so I = 0.188722. Sources that split the same way over the experts (2:4:6
+    # and 1:2:3) carry none: I = 0, H(S) = H(2/3) = 0.918296. Each source to its own expert: I = H(S) = H(1/4).
+    info = ablation.source_information
+    check("by source: I(S; E) and H(S) of a 2 x 2 table (0.188722 and 1 bit)",
+          all(near(x, y, 1e-6) for x, y in zip(info({"a": [3, 1], "b": [1, 3]}), (0.188722, 1.0))),
+          str(info({"a": [3, 1], "b": [1, 3]})))
+    check("by source: sources that split alike over the experts carry no information",
+          all(near(x, y, 1e-6) for x, y in zip(info({"a": [2, 4, 6], "b": [1, 2, 3]}), (0.0, 0.918296))),
+          str(info({"a": [2, 4, 6], "b": [1, 2, 3]})))
+    check("by source: an expert per source carries all of H(S), unused experts nothing",
+          all(near(x, y, 1e-6) for x, y in zip(info({"a": [5, 0, 0], "b": [0, 15, 0]}), (0.811278, 0.811278))),
+          str(info({"a": [5, 0, 0], "b": [0, 15, 0]})))
 
 
 # ---- report, from hand-made summaries ----
@@ -270,8 +284,13 @@ def row(md, first):
 
 def test_mix_report(folder):
     _, s = ablation.setup(["--experiment", "mix"])
+    # two sources, a and b, whose shards util would read (their names are all the report looks at)
+    os.makedirs(os.path.join(folder, "sources"))
+    for source in ("a", "b"):
+        open(os.path.join(folder, "sources", f"{source}_val_000000.bin"), "w").close()
     s = s._replace(runs=os.path.join(folder, "runs"), out=os.path.join(folder, "out"), report=folder,
-                   corpus="handmade00000000")
+                   corpus="handmade00000000",
+                   source=s.source._replace(sources=os.path.join(folder, "sources", "*_val_*.bin")))
     pool, vanilla = ablation.diagnose_csv(POOL_CSV), ablation.diagnose_csv(VANILLA_CSV)
     other = dict(pool, jaccard=0.2, dead=[0, 0, 0])
     # At step 250, unipool 6.5 6.6 6.4 against vanilla softmax's 6.6 6.6 6.6: -0.1, 0, -0.2, mean -0.1, sd 0.1,
@@ -285,6 +304,19 @@ def test_mix_report(folder):
             # vanilla_norm's seed 101 has diagnostics from util over other batches (-n 8): not current, left out
             stale = "./infer_unipool util -c CKPT -n 8" if (key, i) == ("vanilla_norm", 0) else None
             handmade(s, key, seed, final, at250[key][i], vanilla if stale else diag, stale)
+    # Counts by source on the first seed. unipool: layer 0 splits a 3:1 and b 1:3 over experts 0 and 1 (I
+    # 0.188722 of H(S) 1 bit), layer 1 sends a to 0 and b to 1 (1 of 1): mean share 0.594361; the bias is
+    # (2 - 1)(2 - 1) / (2 x 8 ln 2) = 0.090168. vanilla_norm's counts come from another util command: not current.
+    for key, layer0, command in (("unipool", {"a": [3, 1], "b": [1, 3]}, None),
+                                 ("vanilla_norm", {"a": [4, 0], "b": [0, 4]}, "./infer_unipool util -n 8")):
+        arm = next(a for a in s.exp.arms if a.key == key)
+        path = ablation.summary_path(s, arm, 101)
+        summary = json.load(open(path))
+        commands = ablation.source_commands(s, arm, 101, ablation.final_checkpoint(s, arm, 101, summary))
+        summary["by_source"] = {"experts": [[0, 1], [0, 1]], "sources": {
+            k: {"command": command or shlex.join(commands[k]), "counts": [layer0[k], [4, 0] if k == "a" else [0, 4]]}
+            for k in ("a", "b")}}
+        ablation.write_json(path, summary)
     ablation.report(s)
     res = json.load(open(os.path.join(folder, "results.json")))
     md = open(os.path.join(folder, "results.md")).read()
@@ -353,6 +385,20 @@ def test_mix_report(folder):
           "Runs without diagnostics: vanilla_norm_s101, vanilla_norm_s102, vanilla_norm_s103, unipool_s103, "
           "vanilla_softmax_L4_s101, " in md,
           table)
+    by = {b["arm"]: b for b in res.get("by_source", [])}
+    u = by.get("unipool", {})
+    check("by source: the first seed's counts, per layer I(S; E), H(S) and the bias (hand-worked)",
+          u.get("tokens") == {"a": 4, "b": 4} and len(u.get("layers", [])) == 2 and
+          near(u["layers"][0]["information"], 0.188722, 1e-6) and near(u["layers"][1]["information"], 1, 1e-9) and
+          all(near(x["entropy"], 1, 1e-9) and near(x["bias"], 0.090168, 1e-6) for x in u["layers"]), json.dumps(u))
+    check("by source: counts from another command, or none, are missing",
+          sorted(by) == ["unipool", "vanilla_norm", "vanilla_softmax"] and by["vanilla_norm"].get("missing") and
+          by["vanilla_softmax"].get("missing"), json.dumps(res.get("by_source")))
+    table = section(md, "Routing by source (first seed)")
+    check("results.md: the by-source table and the sources' shares",
+          row(table, "unipool") == "| unipool | 101 | 1.000 | 0.594 (0.189/1.000) | 1.000 | 0.0902 |" and
+          row(table, "vanilla_norm") == "| vanilla_norm | 101 | missing | | | |" and
+          "The sources' shares of the 8 tokens: a 50.0%, b 50.0%." in table, table)
 
 
 # ---- selection ----
@@ -544,6 +590,23 @@ def test_mix_smoke(folder):
         check(f"{arm.key}: diagnostics of L = {L} layers in the summary, from util's CSV of its final checkpoint",
               ok and len(d.get("load_entropy", [])) == L and "ckpt_00000006.bin" in d.get("command", "") and
               (d.get("jaccard") == 0) == arm.flags.startswith("-o layer"), json.dumps(d))
+        b = s.get("by_source")
+        if arm.key not in MIX.by_source:
+            check(f"{arm.key}: no counts by source", b is None, json.dumps(b))
+            continue
+        # the smoke's two sources, 32 sequences of 16 tokens each: every layer counts each token's K slots
+        csvs = {k: os.path.join(folder, "out", f"{arm.key}_s101", "sources", f"{k}.csv")
+                for k in ("sotu", "sotu_train")}
+        csvs = {k: ablation.read_util_csv(open(p).read()) if os.path.exists(p) else {} for k, p in csvs.items()}
+        sums = {k: {sum(layer) for layer in v["counts"]} for k, v in (b or {}).get("sources", {}).items()}
+        check(f"{arm.key}: counts by source, L = {L} layers of each source, from util's CSVs on its final checkpoint",
+              b is not None and sorted(b["sources"]) == ["sotu", "sotu_train"] and
+              all(v["counts"] == [[t for _, t in csvs[k][layer]] for layer in sorted(csvs[k])] and
+                  len(v["counts"]) == L and "ckpt_00000006.bin" in v["command"] for k, v in b["sources"].items()) and
+              all(len(x) == 1 and next(iter(x)) % 512 == 0 and next(iter(x)) > 0 for x in sums.values()) and
+              b["sources"]["sotu"]["counts"] != b["sources"]["sotu_train"]["counts"] and
+              b["experts"] == [[e for e, _ in csvs["sotu"][layer]] for layer in sorted(csvs["sotu"])],
+              json.dumps(b)[:3000])
     md = open(os.path.join(folder, "results.md")).read()
     check("the mix report has diagnostics for every arm, the course, the resolved column and the probes",
           all(re.search(rf"^\| {a.key} \| 101 \| \d", section(md, "Routing diagnostics on the final checkpoint "
@@ -551,12 +614,16 @@ def test_mix_smoke(folder):
           re.search(r"^\| 6 \| [-+]\d\.\d{4} \| - \| [-+]\d\.\d{4} \| - \|$",
                     section(md, "The central gaps over training"), re.M) is not None and
           "Resolved: 0 of 10 claims." in md and
-          all(re.search(rf"^\| {k} \| 101 \| ", section(md, "Routing-randomisation probe"), re.M) for k in MIX.probed),
+          all(re.search(rf"^\| {k} \| 101 \| ", section(md, "Routing-randomisation probe"), re.M)
+              for k in MIX.probed) and
+          all(re.search(rf"^\| {k} \| 101 \| \d\.\d{{3}} \| \d\.\d{{3}} \(",
+                        section(md, "Routing by source (first seed)"), re.M) for k in MIX.by_source),
           md[-6000:])
     done, seconds = smoke(folder, "--experiment", "mix")
     check("a second mix --smoke trains nothing and runs no util", done.returncode == 0 and not started(done) and
-          "skipped 9, failed 0; probes: written 0, skipped 2, failed 0; diagnostics: written 0, skipped 9, failed 0"
-          in done.stdout and not re.search(r"^util \w+: ", done.stdout, re.M), output(done))
+          "skipped 9, failed 0; probes: written 0, skipped 2, failed 0; diagnostics: written 0, skipped 9, failed 0; "
+          "by source: counted 0, skipped 3, failed 0" in done.stdout and
+          not re.search(r"^(util|sources) \w+: ", done.stdout, re.M), output(done))
     path = os.path.join(folder, "runs", "unipool_r42_s101.json")
     s = json.load(open(path))
     before = s.pop("diagnostics")
