@@ -518,7 +518,9 @@ def sources(s):
     """The corpus's sources as {name: util's -i pattern}: the shards its sources glob finds, grouped by their
     name up to the shard number; a source's name drops a trailing _val ({} for a corpus of one source)."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(ROOT, s.source.sources or ""))) if s.source.sources else []:
+    if not s.source.sources:
+        return found
+    for path in sorted(glob.glob(os.path.join(ROOT, s.source.sources))):
         prefix = re.sub(r"_\d+\.bin$", "", os.path.basename(path))
         found[re.sub(r"_val$", "", prefix)] = rel(os.path.join(os.path.dirname(path), prefix + "_*.bin"))
     return found
