@@ -95,6 +95,8 @@ MUTANTS = [
     ("by source: counts from another util command count",
      'return found if all(found["sources"][k]["command"] == shlex.join(c) for k, c in commands.items()) else None',
      "return found", "report"),
+    ("by source: counts on other source shards count",
+     'if found.get("fingerprint") != shards_fingerprint(sources(s).values()):', "if False:", "report"),
     ("by source: every source counted from the first source's CSV",
      'csv = os.path.join(ROOT, command[-1] + ".csv")',
      'csv = os.path.join(ROOT, next(iter(commands.values()))[-1] + ".csv")', "mix"),

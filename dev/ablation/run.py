@@ -265,7 +265,12 @@ def pair(terms):
 def fingerprint(corpus):
     """The corpus's fingerprint: sha256 of its token shards (16 hex digits), None when it has none; a
     run on other tokens is another run."""
-    paths = sorted(glob.glob(os.path.join(ROOT, corpus.shards)))
+    return shards_fingerprint([corpus.shards])
+
+
+def shards_fingerprint(patterns):
+    """sha256 of the files the globs match, in path order (16 hex digits); None when they match none."""
+    paths = sorted({path for pattern in patterns for path in glob.glob(os.path.join(ROOT, pattern))})
     if not paths:
         return None
     h = hashlib.sha256()
@@ -538,18 +543,20 @@ def source_commands(s, arm, seed, ckpt):
 
 def current_by_source(s, arm, summary):
     """The summary's counts by source when util ran them on this run's final checkpoint, for every source
-    of the corpus, as it runs now; else None."""
+    of the corpus, as it runs now, on the source shards there are now; else None."""
     found = summary.get("by_source")
     commands = source_commands(s, arm, summary["seed"], final_checkpoint(s, arm, summary["seed"], summary))
     if not found or not commands or set(found["sources"]) != set(commands):
+        return None
+    if found.get("fingerprint") != shards_fingerprint(sources(s).values()):
         return None
     return found if all(found["sources"][k]["command"] == shlex.join(c) for k, c in commands.items()) else None
 
 
 def count_by_source(s, arm, seed):
     """util on the run's final checkpoint, source by source, its counts into the run's summary (by_source:
-    the experts of each layer, and per source and layer the tokens of each), unless the summary has them for
-    these commands; returns (status, detail)."""
+    the source shards' fingerprint, the experts of each layer, and per source and layer the tokens of each),
+    unless the summary has them for these commands and shards; returns (status, detail)."""
     run = finished(s, arm, seed)
     if run is None:
         return "failed", "no current summary"
@@ -578,7 +585,8 @@ def count_by_source(s, arm, seed):
         experts = ids
         found[source] = {"command": shlex.join(command),
                          "counts": [[t for _, t in rows[layer]] for layer in sorted(rows)]}
-    summary["by_source"] = {"experts": experts, "sources": found}
+    summary["by_source"] = {"fingerprint": shards_fingerprint(sources(s).values()), "experts": experts,
+                            "sources": found}
     write_json(path, summary)
     return "counted", ""
 
@@ -1003,19 +1011,25 @@ def md_by_source(res, s):
     total = sum(tokens.values())
     mix = ", ".join(f"{k} {n / total:.1%}" for k, n in sorted(tokens.items(), key=lambda kv: -kv[1]))
     rows = [f"Does the expert a token goes to depend on where the token comes from? On the first seed's final "
-            f"checkpoint, util counts each source's val shards apart (`{s.source.sources}`, every sequence of "
-            "each, one at a time) and so gives, per layer, the tokens n(s, e) of each source s that go to each "
-            "expert e. From them, I(S; E) = sum n/N log2(n N / (n_s n_e)): the bits the expert choice carries about "
-            "the source, shown as a share of the source's entropy H(S) (0: the choice is the same for every "
-            "source; 1: it names the source). A layer of a shared pool has more experts to choose from than a "
-            "vanilla layer, so it can carry more; the bias of the estimate (counts, not probabilities) is about "
-            "(sources - 1)(experts - 1) / (2 N ln 2) bits, its largest over layers printed." +
+            f"checkpoint, util counts each source's val shards apart (`{s.source.sources}`, every whole sequence "
+            "of each, one at a time, so a sequence holds one source's text only) and so gives, per layer, the "
+            "tokens n(s, e) of each source s that go to each expert e. From them, I(S; E) = sum n/N log2(n N / "
+            "(n_s n_e)): the bits the expert choice carries about the source, shown as a share of the source's "
+            "entropy H(S) (0: the choice is the same for every source; 1: it names the source). The estimate is "
+            "biased up: by about (sources - 1)(experts - 1) / (2 N ln 2) bits if the tokens were independent (its "
+            "largest over layers printed), and by more, as yet unmeasured, because tokens come in documents, "
+            "whose tokens can route alike, and a source may hold only a few of them; the bias grows with the "
+            "experts a layer has, so one seed's difference between a pool of 64 and layers of 8 is not yet a "
+            "result." +
             (f" The sources' shares of the {total:,} tokens: {mix}." if found else ""), "",
             "| arm | seed | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | I(S; E) bits: max over layers "
-            "| bias bits (max) |", "|---|---|---|---|---|---|"]
+            "| bias bits if independent (max) |", "|---|---|---|---|---|---|"]
     for b in res["by_source"]:
         if b.get("missing"):
             rows.append(f"| {b['arm']} | {b['seed']} | missing | | | |")
+            continue
+        if b["layers"][0]["entropy"] == 0:  # one source with tokens: nothing to tell apart
+            rows.append(f"| {b['arm']} | {b['seed']} | 0.000 | - | 0.000 | - |")
             continue
         shares = [x["information"] / x["entropy"] for x in b["layers"]]
         rows.append(f"| {b['arm']} | {b['seed']} | {b['layers'][0]['entropy']:.3f} | {mean(shares):.3f} "

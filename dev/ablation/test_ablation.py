@@ -313,7 +313,8 @@ def test_mix_report(folder):
         path = ablation.summary_path(s, arm, 101)
         summary = json.load(open(path))
         commands = ablation.source_commands(s, arm, 101, ablation.final_checkpoint(s, arm, 101, summary))
-        summary["by_source"] = {"experts": [[0, 1], [0, 1]], "sources": {
+        summary["by_source"] = {"fingerprint": ablation.shards_fingerprint(ablation.sources(s).values()),
+                                "experts": [[0, 1], [0, 1]], "sources": {
             k: {"command": command or shlex.join(commands[k]), "counts": [layer0[k], [4, 0] if k == "a" else [0, 4]]}
             for k in ("a", "b")}}
         ablation.write_json(path, summary)
@@ -399,6 +400,11 @@ def test_mix_report(folder):
           row(table, "unipool") == "| unipool | 101 | 1.000 | 0.594 (0.189/1.000) | 1.000 | 0.0902 |" and
           row(table, "vanilla_norm") == "| vanilla_norm | 101 | missing | | | |" and
           "The sources' shares of the 8 tokens: a 50.0%, b 50.0%." in table, table)
+    with open(os.path.join(folder, "sources", "b_val_000000.bin"), "w") as f:
+        f.write("other tokens")
+    res, _ = ablation.results(s)
+    check("by source: counts made on other source shards are missing",
+          all(b.get("missing") for b in res["by_source"]), json.dumps(res["by_source"])[:2000])
 
 
 # ---- selection ----
