@@ -5,7 +5,7 @@ program's, line for line.
 
   ./infer_unipool gen   -c CKPT [-p TEXT] [-n 128] [-temp 1.0] [-topp 0.9] [-s 1337]
   ./infer_unipool eval  -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES]
-  ./infer_unipool util  -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-o PREFIX]
+  ./infer_unipool util  -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-o PREFIX] [-w ROWS.csv]
   ./infer_unipool probe -c CKPT -i SHARDS [-b B] [-t T] [-n BATCHES] [-s 1337]
 
 gen    samples text after a prompt with a KV cache, streaming tokens as they
@@ -23,6 +23,10 @@ util   the paper's utilisation analysis: tokens per expert per layer (CSV),
        health (busiest expert, load entropy, dead tokens: see RouteHealth),
        cross-layer reuse (distinct experts a token visits over the L layers,
        divided by L), and an SVG: a layers x experts heatmap over a bar chart of pool load.
+       -w also writes the counts of every row (sequence) apart, with the
+       document its first token is in (the end-of-text tokens before it in
+       the shards, read in file order): what a test that needs independent
+       units, documents rather than tokens, resamples.
 probe  the routing-randomisation probe: for each layer of the deep half, one
        at a time, each token's experts are replaced by uniformly random ones
        (from the layer's whole pool, then from its 8 most-used experts), each
@@ -42,12 +46,13 @@ static void infer_usage(void) {
            "                       this program's folder\n"
            "  eval   loss over shards:            -i SHARDS [-b B] [-t T] [-n BATCHES, 0 = all]\n"
            "  util   expert utilisation:          -i SHARDS [-b -t -n] [-o PREFIX out/util] -> .csv, .svg\n"
+           "                                      [-w ROWS.csv: the counts of each row and its document]\n"
            "  probe  routing randomisation probe: -i SHARDS [-b -t -n] [-s SEED]\n"
            "  -T     threads (all); -b and -t default to the checkpoint's training B and T\n");
 }
 
 typedef struct {
-    const char *ckpt, *shards, *prompt, *tokenizer, *prepro, *out;
+    const char *ckpt, *shards, *prompt, *tokenizer, *prepro, *out, *rows;
     int B, T, batches, n_new;
     float temperature, top_p;
     uint64_t seed;
@@ -166,14 +171,40 @@ static int batch_count(const DataLoader *d, int B, int want) {
     return want && want < all ? want : (int)(all < INT32_MAX ? all : INT32_MAX);
 }
 
+/* One row's counts as CSV lines row,doc,layer,expert,tokens (those above 0):
+   the (token, slot) assignments of its T tokens, tokens n0 .. n0+T-1 of the
+   batch, per layer and expert of the buffer. */
+static void write_row_counts(FILE *f, const Model *m, int64_t row, int64_t doc, int n0, int T,
+                             uint32_t *scratch) {
+    // scratch (L, G*E), zero on entry and on return
+    const Config *c = &m->cfg;
+    int L = c->L, K = c->K, GE = c->G * c->E;
+    for (int l = 0; l < L; l++)
+        for (int n = n0; n < n0 + T; n++)
+            for (int k = 0; k < K; k++)
+                scratch[(size_t)l * GE + layer_first_expert(c, l) +
+                        m->acts.chosen[((size_t)l * m->maxN + n) * K + k]]++;
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < GE; e++) {
+            uint32_t *x = scratch + (size_t)l * GE + e;
+            if (*x) fprintf(f, "%lld,%lld,%d,%d,%u\n", (long long)row, (long long)doc, l, e, *x);
+            *x = 0;
+        }
+}
+
 /* Utilisation over the data: counts (L, G*E) of (token, slot) assignments
    per layer and expert of the buffer, the router health (if health is not
-   NULL) and the cross-layer reuse figure. */
-static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t *counts, RouteHealth *health) {
+   NULL) and the cross-layer reuse figure; with rows_out, each row's counts
+   (write_row_counts), its document the number of end-of-text tokens (id
+   V - 1) among the inputs of the rows before it. */
+static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t *counts, RouteHealth *health,
+                          FILE *rows_out) {
     const Config *c = &m->cfg;
     int T = d->T, N = B * T, L = c->L, K = c->K, GE = c->G * c->E;
     int *rows = malloc_check((size_t)B * (T + 1) * sizeof(int)), *io = malloc_check(2 * (size_t)N * sizeof(int));
     int *seen = malloc_check((size_t)L * K * sizeof(int));
+    uint32_t *row_counts = rows_out ? calloc_check((size_t)L * GE, sizeof(uint32_t)) : NULL;
+    int64_t doc = 0;
     double reuse = 0.0;
     loader_seek(d, 0, 0, 0);
     for (int i = 0; i < batches; i++) {
@@ -181,6 +212,10 @@ static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t 
         split_rows(io, io + N, rows, B, T);
         model_forward(m, io, NULL, B, T, 0, 0);
         if (health) health_add(health, m, N);
+        for (int b = 0; rows_out && b < B; b++) {
+            write_row_counts(rows_out, m, (int64_t)i * B + b, doc, b * T, T, row_counts);
+            for (int t = 0; t < T; t++) doc += rows[(size_t)b * (T + 1) + t] == c->V - 1;
+        }
         for (int n = 0; n < N; n++) {
             int distinct = 0;
             for (int l = 0; l < L; l++)
@@ -196,6 +231,7 @@ static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t 
     free(rows);
     free(io);
     free(seen);
+    free(row_counts);
     return reuse / ((double)batches * N);
 }
 
@@ -305,13 +341,15 @@ static void write_svg(const char *path, const uint64_t *counts, int L, int GE, c
     if (fclose(f) != 0) fail("cannot write '%s': %s", path, strerror(errno));
 }
 
-static void cmd_util(Model *m, DataLoader *d, const InferArgs *a, int n) {
+static void cmd_util(Model *m, DataLoader *d, const InferArgs *a, int n, FILE *rows_out) {
     const Config *c = &m->cfg;
     int L = c->L, GE = c->G * c->E, E = c->E;
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
     RouteHealth health;
     health_init(&health, c);
-    double reuse = utilisation(m, d, a->B, n, counts, &health);
+    if (rows_out) fprintf(rows_out, "row,doc,layer,expert,tokens\n");
+    double reuse = utilisation(m, d, a->B, n, counts, &health, rows_out);
+    if (rows_out && fclose(rows_out) != 0) fail("cannot write '%s': %s", a->rows, strerror(errno));
     char path[4096];
     snprintf(path, sizeof path, "%s.csv", a->out);
     FILE *f = fopen_check(path, "w");
@@ -389,7 +427,7 @@ static void cmd_probe(Model *m, DataLoader *d, const InferArgs *a, int n) {
     int L = c->L, E = c->E, GE = c->G * E, top = E < 8 ? E : 8;
     if (top < c->K) fail("the probe needs at least K = %d experts per pool", c->K);
     uint64_t *counts = calloc_check((size_t)L * GE, sizeof(uint64_t));
-    utilisation(m, d, a->B, n, counts, NULL);
+    utilisation(m, d, a->B, n, counts, NULL, NULL);
     double base = evaluate(m, d, a->B, n, NULL, 0), sum[2] = {0, 0};
     int *all = malloc_check(E * sizeof(int)), *busiest = malloc_check(E * sizeof(int));
     printf("probe: %d batches of %d x %d tokens; baseline loss %.5f\n", n, a->B, d->T, base);
@@ -443,6 +481,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(f, "-z")) a.tokenizer = v;
         else if (!strcmp(f, "-P")) a.prepro = v;
         else if (!strcmp(f, "-o")) a.out = v;
+        else if (!strcmp(f, "-w")) a.rows = v;
         else if (!strcmp(f, "-b")) a.B = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "-t")) a.T = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "-n")) a.batches = a.n_new = (int)parse_int(f, v, 0, INT32_MAX);
@@ -455,12 +494,14 @@ int main(int argc, char **argv) {
         else usage_error("unknown flag %s", f);
     }
     if (!a.ckpt) usage_error("%s needs -c CKPT", cmd);
+    if (a.rows && strcmp(cmd, "util")) usage_error("-w is util's flag, not %s's", cmd);
     // everything but the model first: a typo costs a moment at any model size
     CheckpointHeader ck;
     checkpoint_header(a.ckpt, &ck);
     Tokenizer tok;
     DataLoader d;
     int gen = !strcmp(cmd, "gen"), batches = 0;
+    FILE *rows_out = NULL;
     if (gen) {
         gen_files(&a, &ck, &tok);
     } else {
@@ -480,6 +521,7 @@ int main(int argc, char **argv) {
             char *slash = strrchr(dir, '/');
             if (slash) slash[slash == dir] = '\0';
             check_writable_dir(slash ? dir : ".", "-o");
+            if (a.rows) rows_out = fopen_check(a.rows, "w");
         }
     }
     Model m;
@@ -493,7 +535,7 @@ int main(int argc, char **argv) {
             printf("eval %s on %s: %d batches of %d x %d tokens, loss %.6f, perplexity %.4f\n", a.ckpt, a.shards,
                    batches, a.B, a.T, loss, exp(loss));
         } else if (!strcmp(cmd, "util")) {
-            cmd_util(&m, &d, &a, batches);
+            cmd_util(&m, &d, &a, batches, rows_out);
         } else {
             cmd_probe(&m, &d, &a, batches);
         }

@@ -428,6 +428,36 @@ def done_line(stdout):
         last_val, stdout.splitlines()[-1]))
 
 
+def util_rows(tmp, infer, ck):
+    """util -w: each row's counts with its document, the end-of-text tokens (50256) before its first one."""
+    toks = tokens(300, 9)
+    for i in (20, 21, 100, 250):
+        toks[i] = 50256
+    shard = os.path.join(tmp, "eot_val_000000.bin")
+    write_shard(shard, toks)
+    prefix, rows_csv = os.path.join(tmp, "util", "w"), os.path.join(tmp, "util", "w.rows.csv")
+    u = subprocess.run([infer, "util", "-c", ck, "-i", shard, "-b", "2", "-t", "16", "-n", "0", "-o", prefix,
+                        "-w", rows_csv], capture_output=True, text=True)
+    lines = [l.split(",") for l in open(rows_csv).read().splitlines()] if u.returncode == 0 else [[]]
+    body = [list(map(int, l)) for l in lines[1:]]
+    n_rows = (300 - 1) // 16 // 2 * 2  # whole batches of 2 rows of 16 inputs (17 tokens, one shared)
+    docs = {r: d for r, d, _, _, _ in body}
+    want = {r: sum(t == 50256 for t in toks[:r * 16]) for r in range(n_rows)}
+    check("util -w: a header, every row with the end-of-text tokens before it as its document",
+          lines[0] == ["row", "doc", "layer", "expert", "tokens"] and docs == want, "%s %s" % (docs, u.stderr))
+    per_row, per_expert = {}, {}
+    for r, _, l, e, n in body:
+        per_row[(r, l)] = per_row.get((r, l), 0) + n
+        per_expert[(l, e)] = per_expert.get((l, e), 0) + n
+    totals = {(int(l), int(e)): int(n) for l, e, n in (x.split(",") for x in open(prefix + ".csv").read().splitlines()[1:])
+              if int(n)} if u.returncode == 0 else None
+    check("util -w: each row's counts sum to its 16 tokens in every layer, and the rows' to util's CSV",
+          set(per_row.values()) == {16} and len(per_row) == 2 * n_rows and per_expert == totals,
+          "%s %s" % (per_row, totals))
+    e = subprocess.run([infer, "eval", "-c", ck, "-i", shard, "-w", rows_csv], capture_output=True, text=True)
+    check("util -w: another command refuses it (exit 2)", e.returncode == 2 and "-w" in e.stderr, e.stderr)
+
+
 def main():
     if not os.path.exists(TRAIN):
         sys.exit("error: %s not built; run make first" % TRAIN)
@@ -488,6 +518,7 @@ def main():
               and "<svg" in open(prefix + ".svg").read(), "%s %s %s" % (per_layer, u.stdout, u.stderr))
         if u.returncode == 0:
             svg_checks(prefix)
+        util_rows(tmp, infer, ck8)
         p = subprocess.run([infer, "probe", "-c", ck8, "-i", d[3], "-n", "2"], capture_output=True, text=True)
         check("probe reports the deep layer and the mean", p.returncode == 0 and re.search(r"^\s+1 \|", p.stdout, re.M)
               and "mean" in p.stdout, p.stdout + p.stderr)

@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -169,6 +170,8 @@ HEALTH = ("unused", "max_share", "entropy", "dead", "used", "top_share", "load_e
 META = "ablation.json"  # in a run's folder: recipe, flags, commands so far, wall seconds so far
 UTIL_BATCHES = 64  # val batches the diagnostics count tokens over
 TOP_N = 16  # the diagnostics' most-used experts of a layer
+NULL_PERMUTATIONS = 200  # source labels shuffled over documents: the by-source baseline's draws
+NULL_SEED = 2605  # and their seed
 RESOLVED_WIDTH = 0.03  # a claim whose paired 95% interval is at most this wide is resolved even if it holds 0
 
 Setup = collections.namedtuple("Setup", "exp recipe data source runs out report seeds jobs arms command corpus")
@@ -534,11 +537,47 @@ def sources(s):
 def source_commands(s, arm, seed, ckpt):
     """util on a checkpoint, one command per source: every sequence of the source's shards (or the corpus's
     source_batches of them), one at a time (-b 1: a small source fills no batch of the training B), into
-    the run folder's sources/NAME.csv."""
+    the run folder's sources/NAME.csv, and each sequence's counts with its document into NAME.rows.csv."""
+    folder = os.path.join(run_dir(s, arm, seed), "sources")
     return {name: ["./infer_unipool", "util", "-c", rel(ckpt), "-i", pattern, "-b", "1",
-                   "-n", str(s.source.source_batches), "-T", "1",
-                   "-o", rel(os.path.join(run_dir(s, arm, seed), "sources", name))]
+                   "-n", str(s.source.source_batches), "-T", "1", "-w", rel(os.path.join(folder, name + ".rows.csv")),
+                   "-o", rel(os.path.join(folder, name))]
             for name, pattern in sources(s).items()}
+
+
+def read_rows_csv(text, experts):
+    """util -w's CSV (row,doc,layer,expert,tokens) as each document's counts, {doc: [[tokens of each of the
+    layer's experts] for each layer]}, experts[l] the experts of layer l in the CSV's order."""
+    lines = text.strip().splitlines()
+    if not lines or lines[0].strip() != "row,doc,layer,expert,tokens":
+        raise ValueError("util -w's CSV lacks its header 'row,doc,layer,expert,tokens'")
+    where = [{e: i for i, e in enumerate(layer)} for layer in experts]
+    docs = {}
+    for line in lines[1:]:
+        _, doc, layer, expert, tokens = (int(x) for x in line.split(","))
+        counts = docs.setdefault(doc, [[0] * len(layer) for layer in experts])
+        counts[layer][where[layer][expert]] += tokens
+    return docs
+
+
+def permutation_null(documents, permutations, seed):
+    """The by-source baseline: I(S; E) of every layer when the documents' source labels are shuffled
+    (each source keeps its number of documents), so that the source says nothing about the experts but
+    the tokens keep their documents. documents: [(source, [[tokens of each expert] for each layer])].
+    Per layer the mean, standard deviation and 95th percentile of the draws' I(S; E), in bits."""
+    rng = random.Random(seed)
+    labels = [source for source, _ in documents]
+    draws = [[] for _ in documents[0][1]]
+    for _ in range(permutations):
+        rng.shuffle(labels)
+        for layer, out in enumerate(draws):
+            table = {}
+            for label, (_, counts) in zip(labels, documents):
+                row = table.get(label)
+                table[label] = list(counts[layer]) if row is None else [a + b for a, b in zip(row, counts[layer])]
+            out.append(source_information(table)[0])
+    return [{"mean": mean(d), "sd": stats(d)["std"], "q95": sorted(d)[math.ceil(0.95 * len(d)) - 1]}
+            for d in draws]
 
 
 def current_by_source(s, arm, summary):
@@ -568,7 +607,7 @@ def count_by_source(s, arm, seed):
         return "skipped", ""
     if not os.path.exists(ckpt):
         return "failed", "no final checkpoint (out/ is not kept across clones): delete the run's summary to retrain"
-    found, experts = {}, None
+    found, experts, documents = {}, None, []
     for source, command in commands.items():
         say(f"sources {name(arm, seed)}: {shlex.join(command)}")
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -583,10 +622,19 @@ def count_by_source(s, arm, seed):
         if experts is not None and ids != experts:
             return "failed", f"{rel(csv)}: other experts than the first source's CSV"
         experts = ids
-        found[source] = {"command": shlex.join(command),
-                         "counts": [[t for _, t in rows[layer]] for layer in sorted(rows)]}
+        counts = [[t for _, t in rows[layer]] for layer in sorted(rows)]
+        try:
+            docs = read_rows_csv(open(os.path.join(ROOT, command[command.index("-w") + 1])).read(), experts)
+        except (OSError, ValueError) as e:
+            return "failed", f"{source}: {e}"
+        if [[sum(col) for col in zip(*layer)] for layer in zip(*docs.values())] != counts:
+            return "failed", f"{source}: its rows' counts do not add up to its counts"
+        documents += [(source, docs[doc]) for doc in sorted(docs)]
+        found[source] = {"command": shlex.join(command), "documents": len(docs), "counts": counts}
+    null = permutation_null(documents, NULL_PERMUTATIONS, NULL_SEED)
     summary["by_source"] = {"fingerprint": shards_fingerprint(sources(s).values()), "experts": experts,
-                            "sources": found}
+                            "sources": found, "null": {"permutations": NULL_PERMUTATIONS, "seed": NULL_SEED,
+                                                       "layers": null}}
     write_json(path, summary)
     return "counted", ""
 
@@ -859,9 +907,10 @@ def source_information(layer):
 
 
 def by_source_result(s, arm, runs):
-    """An arm's routing by source on its first seed: the tokens of each source and per layer I(S; E), H(S)
-    and the plug-in estimate's bias, about (sources - 1)(experts - 1) / (2 N ln 2) bits; None without
-    current counts."""
+    """An arm's routing by source on its first seed: the tokens and documents of each source and per layer
+    I(S; E), H(S), the plug-in estimate's bias were the tokens independent, about (sources - 1)(experts - 1)
+    / (2 N ln 2) bits, and the baseline of the sources shuffled over documents (permutation_null); None
+    without current counts."""
     summary = next((r for r in runs.get(arm.key, []) if r["seed"] == s.seeds[0]), None)
     found = summary and current_by_source(s, arm, summary)
     if not found:
@@ -872,9 +921,11 @@ def by_source_result(s, arm, runs):
         information, entropy = source_information({k: v["counts"][layer] for k, v in counts.items()})
         total = sum(sum(v["counts"][layer]) for v in counts.values())
         layers_.append({"information": information, "entropy": entropy,
-                        "bias": (len(counts) - 1) * (len(experts) - 1) / (2 * total * math.log(2))})
+                        "bias": (len(counts) - 1) * (len(experts) - 1) / (2 * total * math.log(2)),
+                        "null": found["null"]["layers"][layer]})
     return {"arm": arm.key, "seed": s.seeds[0], "tokens": {k: sum(v["counts"][0]) for k, v in counts.items()},
-            "layers": layers_}
+            "documents": {k: v["documents"] for k, v in counts.items()},
+            "permutations": found["null"]["permutations"], "layers": layers_}
 
 
 def course(s, runs, claim, text):
@@ -1007,34 +1058,40 @@ def md_diagnostics(res, s):
 
 def md_by_source(res, s):
     found = [b for b in res["by_source"] if not b.get("missing")]
-    tokens = found[0]["tokens"] if found else {}
+    tokens, docs = (found[0]["tokens"], found[0]["documents"]) if found else ({}, {})
     total = sum(tokens.values())
-    mix = ", ".join(f"{k} {n / total:.1%}" for k, n in sorted(tokens.items(), key=lambda kv: -kv[1]))
+    mix = ", ".join(f"{k} {n / total:.1%} ({docs[k]})" for k, n in sorted(tokens.items(), key=lambda kv: -kv[1]))
+    draws = found[0]["permutations"] if found else NULL_PERMUTATIONS
     rows = [f"Does the expert a token goes to depend on where the token comes from? On the first seed's final "
             f"checkpoint, util counts each source's val shards apart (`{s.source.sources}`, every whole sequence "
             "of each, one at a time, so a sequence holds one source's text only) and so gives, per layer, the "
             "tokens n(s, e) of each source s that go to each expert e. From them, I(S; E) = sum n/N log2(n N / "
             "(n_s n_e)): the bits the expert choice carries about the source, shown as a share of the source's "
             "entropy H(S) (0: the choice is the same for every source; 1: it names the source). The estimate is "
-            "biased up: by about (sources - 1)(experts - 1) / (2 N ln 2) bits if the tokens were independent (its "
-            "largest over layers printed), and by more, as yet unmeasured, because tokens come in documents, "
-            "whose tokens can route alike, and a source may hold only a few of them; the bias grows with the "
-            "experts a layer has, so one seed's difference between a pool of 64 and layers of 8 is not yet a "
-            "result." +
-            (f" The sources' shares of the {total:,} tokens: {mix}." if found else ""), "",
-            "| arm | seed | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | I(S; E) bits: max over layers "
-            "| bias bits if independent (max) |", "|---|---|---|---|---|---|"]
+            "biased up, the more the more experts a layer has, and more than independent tokens would make it "
+            "(about (sources - 1)(experts - 1) / (2 N ln 2) bits), because tokens come in documents whose tokens "
+            "can route alike. So the baseline: the same I(S; E) with the documents' source labels shuffled "
+            f"({draws} draws, each source keeping its number of documents; a sequence belongs to the document of "
+            "its first token), what the routing would show if it did not depend on the source at all. Excess: "
+            "I(S; E) minus the baseline's mean, as a share of H(S)." +
+            (f" The sources' shares of the {total:,} tokens (and their documents): {mix}." if found else ""), "",
+            "| arm | seed | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | baseline, shuffled over "
+            "documents: mean (per layer) | excess: mean (per layer) | layers above the baseline's 95th "
+            "percentile |", "|---|---|---|---|---|---|---|"]
+    per_layer = lambda values: f"{mean(values):.3f} ({'/'.join(f'{v:.3f}' for v in values)})"  # noqa: E731
     for b in res["by_source"]:
         if b.get("missing"):
-            rows.append(f"| {b['arm']} | {b['seed']} | missing | | | |")
+            rows.append(f"| {b['arm']} | {b['seed']} | missing | | | | |")
             continue
-        if b["layers"][0]["entropy"] == 0:  # one source with tokens: nothing to tell apart
-            rows.append(f"| {b['arm']} | {b['seed']} | 0.000 | - | 0.000 | - |")
+        H = b["layers"][0]["entropy"]
+        if H == 0:  # one source with tokens: nothing to tell apart
+            rows.append(f"| {b['arm']} | {b['seed']} | 0.000 | - | - | - | - |")
             continue
-        shares = [x["information"] / x["entropy"] for x in b["layers"]]
-        rows.append(f"| {b['arm']} | {b['seed']} | {b['layers'][0]['entropy']:.3f} | {mean(shares):.3f} "
-                    f"({'/'.join(f'{v:.3f}' for v in shares)}) | {max(x['information'] for x in b['layers']):.3f} | "
-                    f"{max(x['bias'] for x in b['layers']):.4f} |")
+        shares = [x["information"] / H for x in b["layers"]]
+        base = [x["null"]["mean"] / H for x in b["layers"]]
+        above = sum(x["information"] > x["null"]["q95"] for x in b["layers"])
+        rows.append(f"| {b['arm']} | {b['seed']} | {H:.3f} | {per_layer(shares)} | {per_layer(base)} | "
+                    f"{per_layer([a - n for a, n in zip(shares, base)])} | {above} of {len(shares)} |")
     return rows
 
 

@@ -255,6 +255,21 @@ def test_diagnostics():
     check("by source: an expert per source carries all of H(S), unused experts nothing",
           all(near(x, y, 1e-6) for x, y in zip(info({"a": [5, 0, 0], "b": [0, 15, 0]}), (0.811278, 0.811278))),
           str(info({"a": [5, 0, 0], "b": [0, 15, 0]})))
+    # util -w's rows: document 0 has rows 0 and 1, document 3 row 2; layer 1's experts are 8 and 9.
+    rows = "row,doc,layer,expert,tokens\n0,0,0,1,5\n0,0,1,9,5\n1,0,0,0,2\n1,0,0,1,3\n1,0,1,8,5\n2,3,0,0,5\n2,3,1,9,5\n"
+    check("by source: util -w's rows summed per document, in each layer's expert order",
+          ablation.read_rows_csv(rows, [[0, 1], [8, 9]]) == {0: [[2, 8], [5, 5]], 3: [[5, 0], [0, 5]]},
+          str(ablation.read_rows_csv(rows, [[0, 1], [8, 9]])))
+    # The baseline, hand-worked: four documents of 100 tokens, two of source a on expert 0 and two of b on
+    # expert 1 (I = 1 bit). Shuffled, 2 of the 6 equally likely labellings keep the split (I = 1), the
+    # other 4 give each source one document on each expert (I = 0): mean 1/3, sd sqrt(2/9) = 0.4714, 95th
+    # percentile 1. 3000 draws estimate the mean to about 0.009 (sd / sqrt(3000)); shuffling tokens
+    # instead of documents would give about 0.
+    docs = [("a", [[100, 0]]), ("a", [[100, 0]]), ("b", [[0, 100]]), ("b", [[0, 100]])]
+    null = ablation.permutation_null(docs, 3000, 7)
+    check("by source: the baseline of labels shuffled over documents (mean 1/3, 95th percentile 1)",
+          len(null) == 1 and abs(null[0]["mean"] - 1 / 3) < 0.035 and abs(null[0]["sd"] - 0.4714) < 0.02 and
+          null[0]["q95"] == 1.0 and null == ablation.permutation_null(docs, 3000, 7), str(null))
 
 
 # ---- report, from hand-made summaries ----
@@ -306,7 +321,9 @@ def test_mix_report(folder):
             handmade(s, key, seed, final, at250[key][i], vanilla if stale else diag, stale)
     # Counts by source on the first seed. unipool: layer 0 splits a 3:1 and b 1:3 over experts 0 and 1 (I
     # 0.188722 of H(S) 1 bit), layer 1 sends a to 0 and b to 1 (1 of 1): mean share 0.594361; the bias is
-    # (2 - 1)(2 - 1) / (2 x 8 ln 2) = 0.090168. vanilla_norm's counts come from another util command: not current.
+    # (2 - 1)(2 - 1) / (2 x 8 ln 2) = 0.090168. Against a baseline of 0.1 and 0.2 bits (95th percentiles
+    # 0.5 and 0.9): excess 0.088722 and 0.8, mean 0.444361; layer 1 alone is above its 95th percentile.
+    # vanilla_norm's counts come from another util command: not current.
     for key, layer0, command in (("unipool", {"a": [3, 1], "b": [1, 3]}, None),
                                  ("vanilla_norm", {"a": [4, 0], "b": [0, 4]}, "./infer_unipool util -n 8")):
         arm = next(a for a in s.exp.arms if a.key == key)
@@ -315,8 +332,10 @@ def test_mix_report(folder):
         commands = ablation.source_commands(s, arm, 101, ablation.final_checkpoint(s, arm, 101, summary))
         summary["by_source"] = {"fingerprint": ablation.shards_fingerprint(ablation.sources(s).values()),
                                 "experts": [[0, 1], [0, 1]], "sources": {
-            k: {"command": command or shlex.join(commands[k]), "counts": [layer0[k], [4, 0] if k == "a" else [0, 4]]}
-            for k in ("a", "b")}}
+            k: {"command": command or shlex.join(commands[k]), "documents": 1,
+                "counts": [layer0[k], [4, 0] if k == "a" else [0, 4]]} for k in ("a", "b")},
+            "null": {"permutations": 200, "seed": 1, "layers": [{"mean": 0.1, "sd": 0.05, "q95": 0.5},
+                                                                 {"mean": 0.2, "sd": 0.1, "q95": 0.9}]}}
         ablation.write_json(path, summary)
     ablation.report(s)
     res = json.load(open(os.path.join(folder, "results.json")))
@@ -397,9 +416,10 @@ def test_mix_report(folder):
           by["vanilla_softmax"].get("missing"), json.dumps(res.get("by_source")))
     table = section(md, "Routing by source (first seed)")
     check("results.md: the by-source table and the sources' shares",
-          row(table, "unipool") == "| unipool | 101 | 1.000 | 0.594 (0.189/1.000) | 1.000 | 0.0902 |" and
-          row(table, "vanilla_norm") == "| vanilla_norm | 101 | missing | | | |" and
-          "The sources' shares of the 8 tokens: a 50.0%, b 50.0%." in table, table)
+          row(table, "unipool") == "| unipool | 101 | 1.000 | 0.594 (0.189/1.000) | 0.150 (0.100/0.200) | "
+                                   "0.444 (0.089/0.800) | 1 of 2 |" and
+          row(table, "vanilla_norm") == "| vanilla_norm | 101 | missing | | | | |" and
+          "The sources' shares of the 8 tokens (and their documents): a 50.0% (1), b 50.0% (1)." in table, table)
     with open(os.path.join(folder, "sources", "b_val_000000.bin"), "w") as f:
         f.write("other tokens")
     res, _ = ablation.results(s)
@@ -611,7 +631,10 @@ def test_mix_smoke(folder):
                   len(v["counts"]) == L and "ckpt_00000006.bin" in v["command"] for k, v in b["sources"].items()) and
               all(len(x) == 1 and next(iter(x)) % 512 == 0 and next(iter(x)) > 0 for x in sums.values()) and
               b["sources"]["sotu"]["counts"] != b["sources"]["sotu_train"]["counts"] and
-              b["experts"] == [[e for e, _ in csvs["sotu"][layer]] for layer in sorted(csvs["sotu"])],
+              b["experts"] == [[e for e, _ in csvs["sotu"][layer]] for layer in sorted(csvs["sotu"])] and
+              all(v["documents"] >= 1 for v in b["sources"].values()) and
+              b["null"]["permutations"] == ablation.NULL_PERMUTATIONS and len(b["null"]["layers"]) == L and
+              all(0 <= x["mean"] <= x["q95"] for x in b["null"]["layers"]),
               json.dumps(b)[:3000])
     md = open(os.path.join(folder, "results.md")).read()
     check("the mix report has diagnostics for every arm, the course, the resolved column and the probes",
@@ -622,7 +645,7 @@ def test_mix_smoke(folder):
           "Resolved: 0 of 10 claims." in md and
           all(re.search(rf"^\| {k} \| 101 \| ", section(md, "Routing-randomisation probe"), re.M)
               for k in MIX.probed) and
-          all(re.search(rf"^\| {k} \| 101 \| \d\.\d{{3}} \| \d\.\d{{3}} \(",
+          all(re.search(rf"^\| {k} \| 101 \| \d\.\d{{3}} \| \d\.\d{{3}} \(.*\| \d of 2 \|$",
                         section(md, "Routing by source (first seed)"), re.M) for k in MIX.by_source),
           md[-6000:])
     done, seconds = smoke(folder, "--experiment", "mix")
