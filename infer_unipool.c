@@ -24,8 +24,8 @@ util   the paper's utilisation analysis: tokens per expert per layer (CSV),
        cross-layer reuse (distinct experts a token visits over the L layers,
        divided by L), and an SVG: a layers x experts heatmap over a bar chart of pool load.
        -w also writes the counts of every row (sequence) apart, with the
-       document its first token is in (the end-of-text tokens before it in
-       the shards, read in file order): what a test that needs independent
+       document its first token is in (the end-of-text tokens in the shards
+       up to it, read in file order): what a test that needs independent
        units, documents rather than tokens, resamples.
 probe  the routing-randomisation probe: for each layer of the deep half, one
        at a time, each token's experts are replaced by uniformly random ones
@@ -196,7 +196,8 @@ static void write_row_counts(FILE *f, const Model *m, int64_t row, int64_t doc, 
    per layer and expert of the buffer, the router health (if health is not
    NULL) and the cross-layer reuse figure; with rows_out, each row's counts
    (write_row_counts), its document the number of end-of-text tokens (id
-   V - 1) among the inputs of the rows before it. */
+   V - 1) in the shards up to its first token: a document's rows share it
+   whether its end-of-text token opens it (prepro_pile.py) or closes it. */
 static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t *counts, RouteHealth *health,
                           FILE *rows_out) {
     const Config *c = &m->cfg;
@@ -213,8 +214,10 @@ static double utilisation(Model *m, DataLoader *d, int B, int batches, uint64_t 
         model_forward(m, io, NULL, B, T, 0, 0);
         if (health) health_add(health, m, N);
         for (int b = 0; rows_out && b < B; b++) {
+            const int *row = rows + (size_t)b * (T + 1);
+            doc += row[0] == c->V - 1;
             write_row_counts(rows_out, m, (int64_t)i * B + b, doc, b * T, T, row_counts);
-            for (int t = 0; t < T; t++) doc += rows[(size_t)b * (T + 1) + t] == c->V - 1;
+            for (int t = 1; t < T; t++) doc += row[t] == c->V - 1;
         }
         for (int n = 0; n < N; n++) {
             int distinct = 0;

@@ -429,9 +429,9 @@ def done_line(stdout):
 
 
 def util_rows(tmp, infer, ck):
-    """util -w: each row's counts with its document, the end-of-text tokens (50256) before its first one."""
+    """util -w: each row's counts with its document, the end-of-text tokens (50256) up to its first token."""
     toks = tokens(300, 9)
-    for i in (20, 21, 100, 250):
+    for i in (20, 21, 96, 250):  # 96: a row's first token
         toks[i] = 50256
     shard = os.path.join(tmp, "eot_val_000000.bin")
     write_shard(shard, toks)
@@ -442,8 +442,8 @@ def util_rows(tmp, infer, ck):
     body = [list(map(int, l)) for l in lines[1:]]
     n_rows = (300 - 1) // 16 // 2 * 2  # whole batches of 2 rows of 16 inputs (17 tokens, one shared)
     docs = {r: d for r, d, _, _, _ in body}
-    want = {r: sum(t == 50256 for t in toks[:r * 16]) for r in range(n_rows)}
-    check("util -w: a header, every row with the end-of-text tokens before it as its document",
+    want = {r: sum(t == 50256 for t in toks[:r * 16 + 1]) for r in range(n_rows)}
+    check("util -w: a header, every row with the end-of-text tokens up to its first token as its document",
           lines[0] == ["row", "doc", "layer", "expert", "tokens"] and docs == want, "%s %s" % (docs, u.stderr))
     per_row, per_expert = {}, {}
     for r, _, l, e, n in body:
