@@ -1074,7 +1074,8 @@ def md_by_source(res, s):
             f"({draws} draws, each source keeping its number of documents; a sequence belongs to the document of "
             "its first token), what the routing would show if it did not depend on the source at all. Excess: "
             "I(S; E) minus the baseline's mean, as a share of H(S)." +
-            (f" The sources' shares of the {total:,} tokens (and their documents): {mix}." if found else ""), "",
+            (f" The sources' shares of the {total:,} tokens (and the documents their sequences start in): {mix}."
+             if found else ""), "",
             "| arm | seed | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | baseline, shuffled over "
             "documents: mean (per layer) | excess: mean (per layer) | layers above the baseline's 95th "
             "percentile |", "|---|---|---|---|---|---|---|"]

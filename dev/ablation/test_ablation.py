@@ -419,7 +419,8 @@ def test_mix_report(folder):
           row(table, "unipool") == "| unipool | 101 | 1.000 | 0.594 (0.189/1.000) | 0.150 (0.100/0.200) | "
                                    "0.444 (0.089/0.800) | 1 of 2 |" and
           row(table, "vanilla_norm") == "| vanilla_norm | 101 | missing | | | | |" and
-          "The sources' shares of the 8 tokens (and their documents): a 50.0% (1), b 50.0% (1)." in table, table)
+          "The sources' shares of the 8 tokens (and the documents their sequences start in): a 50.0% (1), "
+          "b 50.0% (1)." in table, table)
     with open(os.path.join(folder, "sources", "b_val_000000.bin"), "w") as f:
         f.write("other tokens")
     res, _ = ablation.results(s)
@@ -634,7 +635,7 @@ def test_mix_smoke(folder):
               b["experts"] == [[e for e, _ in csvs["sotu"][layer]] for layer in sorted(csvs["sotu"])] and
               all(v["documents"] >= 1 for v in b["sources"].values()) and
               b["null"]["permutations"] == ablation.NULL_PERMUTATIONS and len(b["null"]["layers"]) == L and
-              all(0 <= x["mean"] <= x["q95"] for x in b["null"]["layers"]),
+              all(0 <= x["mean"] <= x["q95"] + 1e-12 for x in b["null"]["layers"]),
               json.dumps(b)[:3000])
     md = open(os.path.join(folder, "results.md")).read()
     check("the mix report has diagnostics for every arm, the course, the resolved column and the probes",
