@@ -9,7 +9,7 @@ summaries, report and run folders live in.
         summaries in dev/ablation/runs/, report in dev/ablation/, run folders in out/ablation/
     mix: 9 arms on data/mix (`make data-mix`) at L 8 (two at L 4), seeds 101, 102, 103 ...; summaries in
         dev/ablation/mix/runs/, report in dev/ablation/mix/, run folders in out/ablation/mix/; every run's
-        final checkpoint also gets routing diagnostics (./infer_unipool util), the first seed of the three
+        final checkpoint also gets routing diagnostics (./infer_unipool util), every run of the three
         central arms util's counts source by source (data/mix/sources/), the report says which claims
         are resolved, how many seeds the unresolved ones need, the course of the two central gaps over
         training, and how much a layer's choice of expert tells about a token's source
@@ -21,7 +21,7 @@ flags and corpus (a fingerprint of the corpus's shards) means the run is done, s
 trains only what no committed summary covers. A run stopped part-way resumes from its last checkpoint in
 its run folder (-r latest) if that folder is still there.
 After a run of the first seed of a probed arm, infer_unipool's routing-randomisation probe runs on its
-final checkpoint, and after one of an arm the experiment counts by source, util once per source. Last,
+final checkpoint, and after any run of an arm the experiment counts by source, util once per source. Last,
 the report: results.md, results.json, val_curves.svg.
 
     python3 dev/ablation/run.py                   train what is missing (3 seeds, 2 jobs), probe, report
@@ -73,7 +73,7 @@ Corpus = collections.namedtuple("Corpus", "name make flags shards val sources so
 # there); arms; pools ({name: fraction} for the flags); claims ((what the paper finds, a linear
 # combination of arm keys)); the claims section's title; the probed arms (their first seed); course (the
 # claims whose paired gap the report follows over training); diagnostics (util on every final
-# checkpoint); by_source (the arms whose first seed's final checkpoint util counts source by source);
+# checkpoint); by_source (the arms whose final checkpoints util counts source by source, every seed);
 # resolve (the report says which claims are resolved and what the others need); the folders
 # of its summaries, run folders and report; the losses table's words for an arm the paper gives no
 # number ({key: text}, else "not given"); the baseline (drawn dashed beside the pools) and the
@@ -648,7 +648,7 @@ def job(s, arm, seed):
         results.append(("util " + name(arm, seed), *diagnose(s, arm, seed)))
     if arm.key in s.exp.probed and seed == s.seeds[0] and status != "failed":
         results.append(("probe " + name(arm, seed), *probe(s, arm, seed)))
-    if arm.key in s.exp.by_source and seed == s.seeds[0] and status != "failed":
+    if arm.key in s.exp.by_source and status != "failed":
         results.append(("sources " + name(arm, seed), *count_by_source(s, arm, seed)))
     for what, status, detail in results:
         say(f"{status} {what}" + (f": {detail.splitlines()[0]}" if detail else ""))
@@ -691,7 +691,7 @@ def dry_run(s):
                 base = probe_base(s)
                 say(f"probe {name(arm, seed)}: {shlex.join(base[:2])} -c {ckpt} {shlex.join(base[2:])} "
                     f"> {rel(probe_path(s, arm, seed))}")
-            if arm.key in s.exp.by_source and seed == s.seeds[0]:
+            if arm.key in s.exp.by_source:
                 for command in source_commands(s, arm, seed, os.path.join(run_dir(s, arm, seed), "X")).values():
                     say(f"sources {name(arm, seed)}: {shlex.join(command[:3])} {ckpt} {shlex.join(command[4:])} "
                         f"> the summary's by_source")
@@ -906,26 +906,36 @@ def source_information(layer):
     return information, entropy
 
 
-def by_source_result(s, arm, runs):
-    """An arm's routing by source on its first seed: the tokens and documents of each source and per layer
-    I(S; E), H(S), the plug-in estimate's bias were the tokens independent, about (sources - 1)(experts - 1)
-    / (2 N ln 2) bits, and the baseline of the sources shuffled over documents (permutation_null); None
-    without current counts."""
-    summary = next((r for r in runs.get(arm.key, []) if r["seed"] == s.seeds[0]), None)
-    found = summary and current_by_source(s, arm, summary)
-    if not found:
-        return None
-    counts = found["sources"]
-    layers_ = []
+def by_source_seed(found):
+    """One run's routing by source from its current counts: per layer I(S; E), H(S), the plug-in
+    estimate's bias were the tokens independent, about (sources - 1)(experts - 1) / (2 N ln 2) bits, and
+    the baseline of the sources shuffled over documents (permutation_null); the excess, I(S; E) less the
+    baseline's mean over H(S), averaged over layers; the layers above the baseline's 95th percentile."""
+    counts, layers_ = found["sources"], []
     for layer, experts in enumerate(found["experts"]):
         information, entropy = source_information({k: v["counts"][layer] for k, v in counts.items()})
         total = sum(sum(v["counts"][layer]) for v in counts.values())
         layers_.append({"information": information, "entropy": entropy,
                         "bias": (len(counts) - 1) * (len(experts) - 1) / (2 * total * math.log(2)),
                         "null": found["null"]["layers"][layer]})
-    return {"arm": arm.key, "seed": s.seeds[0], "tokens": {k: sum(v["counts"][0]) for k, v in counts.items()},
+    entropy = layers_[0]["entropy"]
+    excess = (mean([(x["information"] - x["null"]["mean"]) / entropy for x in layers_]) if entropy > 0
+              else None)
+    return {"layers": layers_, "excess": excess, "above": sum(x["information"] > x["null"]["q95"] for x in layers_)}
+
+
+def by_source_result(s, arm, runs):
+    """An arm's routing by source over its runs with current counts: the tokens and documents of each
+    source (its first such run's), and by_source_seed of each run ({seed: ...}); None without any."""
+    have = [(r, current_by_source(s, arm, r)) for r in sorted(runs.get(arm.key, []), key=lambda r: r["seed"])]
+    have = [(r, found) for r, found in have if found]
+    if not have:
+        return None
+    counts, found = have[0][1]["sources"], have[0][1]
+    return {"arm": arm.key, "seeds": {r["seed"]: by_source_seed(f) for r, f in have},
+            "tokens": {k: sum(v["counts"][0]) for k, v in counts.items()},
             "documents": {k: v["documents"] for k, v in counts.items()},
-            "permutations": found["null"]["permutations"], "layers": layers_}
+            "permutations": found["null"]["permutations"]}
 
 
 def course(s, runs, claim, text):
@@ -983,8 +993,13 @@ def results(s):
     if s.exp.course:
         res["course"] = [course(s, runs, next(c for c, t in s.exp.claims if t == text), text) for text in s.exp.course]
     if s.exp.by_source:
-        res["by_source"] = [by_source_result(s, arm, runs) or {"arm": arm.key, "seed": s.seeds[0], "missing": True}
+        res["by_source"] = [by_source_result(s, arm, runs) or {"arm": arm.key, "missing": True}
                             for arm in s.exp.arms if arm.key in s.exp.by_source]
+        excess = {b["arm"]: {seed: x["excess"] for seed, x in b.get("seeds", {}).items() if x["excess"] is not None}
+                  for b in res["by_source"]}
+        res["by_source_pairs"] = [dict(a=a.key, b=b.key, **versus(excess[a.key], excess[b.key]))
+                                  for a in s.exp.arms if a.key in s.exp.by_source and a.flags.startswith("-o pool")
+                                  for b in s.exp.arms if b.key in s.exp.by_source and b.flags.startswith("-o layer")]
     if s.exp.diagnostics:
         res["missing_diagnostics"] = [f"{arm.key}_s{r['seed']}" for arm in s.exp.arms
                                       for r in sorted(runs.get(arm.key, []), key=lambda r: r["seed"])
@@ -1062,7 +1077,7 @@ def md_by_source(res, s):
     total = sum(tokens.values())
     mix = ", ".join(f"{k} {n / total:.1%} ({docs[k]})" for k, n in sorted(tokens.items(), key=lambda kv: -kv[1]))
     draws = found[0]["permutations"] if found else NULL_PERMUTATIONS
-    rows = [f"Does the expert a token goes to depend on where the token comes from? On the first seed's final "
+    rows = [f"Does the expert a token goes to depend on where the token comes from? On each run's final "
             f"checkpoint, util counts each source's val shards apart (`{s.source.sources}`, every whole sequence "
             "of each, one at a time, so a sequence holds one source's text only) and so gives, per layer, the "
             "tokens n(s, e) of each source s that go to each expert e. From them, I(S; E) = sum n/N log2(n N / "
@@ -1073,26 +1088,34 @@ def md_by_source(res, s):
             "can route alike. So the baseline: the same I(S; E) with the documents' source labels shuffled "
             f"({draws} draws, each source keeping its number of documents; a sequence belongs to the document of "
             "its first token), what the routing would show if it did not depend on the source at all. Excess: "
-            "I(S; E) minus the baseline's mean, as a share of H(S)." +
+            "I(S; E) minus the baseline's mean, as a share of H(S). Per layer figures are means over the seeds." +
             (f" The sources' shares of the {total:,} tokens (and the documents their sequences start in): {mix}."
              if found else ""), "",
-            "| arm | seed | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | baseline, shuffled over "
-            "documents: mean (per layer) | excess: mean (per layer) | layers above the baseline's 95th "
-            "percentile |", "|---|---|---|---|---|---|---|"]
+            "| arm | seeds | H(S) bits | I(S; E) / H(S): mean over layers (per layer) | baseline, shuffled over "
+            "documents: mean (per layer) | excess: mean (per layer) | excess per seed | layers above the "
+            "baseline's 95th percentile, per seed |", "|---|---|---|---|---|---|---|---|"]
     per_layer = lambda values: f"{mean(values):.3f} ({'/'.join(f'{v:.3f}' for v in values)})"  # noqa: E731
     for b in res["by_source"]:
-        if b.get("missing"):
-            rows.append(f"| {b['arm']} | {b['seed']} | missing | | | | |")
+        runs = [x for x in b.get("seeds", {}).values() if x["excess"] is not None]
+        if not runs:
+            rows.append(f"| {b['arm']} | missing | | | | | | |")
             continue
-        H = b["layers"][0]["entropy"]
-        if H == 0:  # one source with tokens: nothing to tell apart
-            rows.append(f"| {b['arm']} | {b['seed']} | 0.000 | - | - | - | - |")
-            continue
-        shares = [x["information"] / H for x in b["layers"]]
-        base = [x["null"]["mean"] / H for x in b["layers"]]
-        above = sum(x["information"] > x["null"]["q95"] for x in b["layers"])
-        rows.append(f"| {b['arm']} | {b['seed']} | {H:.3f} | {per_layer(shares)} | {per_layer(base)} | "
-                    f"{per_layer([a - n for a, n in zip(shares, base)])} | {above} of {len(shares)} |")
+        H = runs[0]["layers"][0]["entropy"]
+        column = lambda f: [mean([f(x) / H for x in layer]) for layer in zip(*(r["layers"] for r in runs))]  # noqa
+        shares, base = column(lambda x: x["information"]), column(lambda x: x["null"]["mean"])
+        seeds = [seed for seed, x in b["seeds"].items() if x["excess"] is not None]
+        each = ", ".join(f"s{seed}: {r['excess']:+.3f}" for seed, r in zip(seeds, runs))
+        above = ", ".join(f"{r['above']} of {len(r['layers'])}" for r in runs)
+        rows.append(f"| {b['arm']} | {', '.join(map(str, seeds))} | {H:.3f} | {per_layer(shares)} | "
+                    f"{per_layer(base)} | {per_layer([a - n for a, n in zip(shares, base)])} | {each} | {above} |")
+    rows += ["", "The shared pool against each vanilla router: the excess of one minus the other's, per seed, "
+             "with Welch's and the paired 95% interval.", "",
+             "| a - b | mean | per seed | paired 95% interval | Welch 95% interval | verdict |",
+             "|---|---|---|---|---|---|"]
+    for p in res["by_source_pairs"]:
+        welch, paired = p["welch"], p["paired"]
+        rows.append(f"| {p['a']} - {p['b']} | {fmt(welch and welch['diff'], 3, '+')} | {per_seed(paired)} | "
+                    f"{span(paired)} | {span(welch)} | {p['verdict'] or 'needs 2+ seeds in both arms'} |")
     return rows
 
 
@@ -1207,7 +1230,7 @@ def markdown(res, s):
     if exp.diagnostics:
         lines += ["", "## Routing diagnostics on the final checkpoint (mean over seeds)", "", *md_diagnostics(res, s)]
     if exp.by_source:
-        lines += ["", "## Routing by source (first seed)", "", *md_by_source(res, s)]
+        lines += ["", "## Routing by source", "", *md_by_source(res, s)]
     lines += ["", f"## {exp.claims_title}", "", *(md_claims_resolved(res) if exp.resolve else md_claims(res))]
     if exp.course:
         lines += ["", "## The central gaps over training", "", *md_course(res)]

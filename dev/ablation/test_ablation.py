@@ -5,9 +5,11 @@
                  of a linear combination (the depth claim's (a - b) - (c - d)), Student t's quantile, the
                  resolved rule and the seeds a claim needs; the combination parser; the reduced pools' sizes
     diagnostics  the routing diagnostics of a hand-made util CSV: entropy, top-16 coverage, dead experts,
-                 Jaccard overlap; I(S; E) and H(S) of hand-made counts by source
+                 Jaccard overlap; I(S; E) and H(S) of hand-made counts by source, util -w's rows summed per
+                 document, the baseline of source labels shuffled over documents
     report       the mix experiment's report from hand-made summaries: claims, resolved, seeds needed, the
-                 gaps' course, diagnostics averaged over seeds, routing by source on the first seed
+                 gaps' course, diagnostics averaged over seeds, routing by source and the pool against each
+                 vanilla router, paired over seeds
     select       --experiment: the mix experiment's dry run prints its recipe, data flags and seeds 101...,
                  the default the SOTU one's; unknown experiments and arms exit 2
     sotu         the SOTU report regenerated from the committed summaries is byte-identical to the committed one
@@ -319,21 +321,28 @@ def test_mix_report(folder):
             # vanilla_norm's seed 101 has diagnostics from util over other batches (-n 8): not current, left out
             stale = "./infer_unipool util -c CKPT -n 8" if (key, i) == ("vanilla_norm", 0) else None
             handmade(s, key, seed, final, at250[key][i], vanilla if stale else diag, stale)
-    # Counts by source on the first seed. unipool: layer 0 splits a 3:1 and b 1:3 over experts 0 and 1 (I
-    # 0.188722 of H(S) 1 bit), layer 1 sends a to 0 and b to 1 (1 of 1): mean share 0.594361; the bias is
-    # (2 - 1)(2 - 1) / (2 x 8 ln 2) = 0.090168. Against a baseline of 0.1 and 0.2 bits (95th percentiles
-    # 0.5 and 0.9): excess 0.088722 and 0.8, mean 0.444361; layer 1 alone is above its 95th percentile.
-    # vanilla_norm's counts come from another util command: not current.
-    for key, layer0, command in (("unipool", {"a": [3, 1], "b": [1, 3]}, None),
-                                 ("vanilla_norm", {"a": [4, 0], "b": [0, 4]}, "./infer_unipool util -n 8")):
+    # Counts by source, two layers, sources a and b of 4 tokens each, against a baseline of 0.1 and 0.2 bits
+    # (95th percentiles 0.5 and 0.9). unipool s101: layer 0 splits a 3:1 and b 1:3 over experts 0 and 1 (I =
+    # 1 - H(3/4) = 0.188722 of H(S) 1 bit), layer 1 sends a to 0 and b to 1 (1 bit); the bias were the tokens
+    # independent is (2 - 1)(2 - 1) / (2 x 8 ln 2) = 0.090168; excess (0.088722 + 0.8) / 2 = 0.444361, layer
+    # 1 alone above its 95th percentile. s102: a to 0 and b to 1 in both layers, excess (0.9 + 0.8) / 2 =
+    # 0.85, both above. vanilla_norm s101: layer 0 even (I 0), layer 1 3:1: excess (-0.1 - 0.011278) / 2 =
+    # -0.055639; s102: 3:1 in both, (0.088722 - 0.011278) / 2 = 0.038722; s103's counts come from another
+    # util command (not current). unipool - vanilla_norm per seed: 0.5 and 0.811278, mean 0.655639, sd
+    # 0.311278 / sqrt 2 = 0.220108, se 0.155639, t(1) 12.706: [-1.321910, +2.633188].
+    split, apart, even = {"a": [3, 1], "b": [1, 3]}, {"a": [4, 0], "b": [0, 4]}, {"a": [2, 2], "b": [2, 2]}
+    for key, seed, layers_, command in (("unipool", 101, (split, apart), None), ("unipool", 102, (apart, apart), None),
+                                        ("vanilla_norm", 101, (even, split), None),
+                                        ("vanilla_norm", 102, (split, split), None),
+                                        ("vanilla_norm", 103, (apart, apart), "./infer_unipool util -n 8")):
         arm = next(a for a in s.exp.arms if a.key == key)
-        path = ablation.summary_path(s, arm, 101)
+        path = ablation.summary_path(s, arm, seed)
         summary = json.load(open(path))
-        commands = ablation.source_commands(s, arm, 101, ablation.final_checkpoint(s, arm, 101, summary))
+        commands = ablation.source_commands(s, arm, seed, ablation.final_checkpoint(s, arm, seed, summary))
         summary["by_source"] = {"fingerprint": ablation.shards_fingerprint(ablation.sources(s).values()),
                                 "experts": [[0, 1], [0, 1]], "sources": {
             k: {"command": command or shlex.join(commands[k]), "documents": 1,
-                "counts": [layer0[k], [4, 0] if k == "a" else [0, 4]]} for k in ("a", "b")},
+                "counts": [layer[k] for layer in layers_]} for k in ("a", "b")},
             "null": {"permutations": 200, "seed": 1, "layers": [{"mean": 0.1, "sd": 0.05, "q95": 0.5},
                                                                  {"mean": 0.2, "sd": 0.1, "q95": 0.9}]}}
         ablation.write_json(path, summary)
@@ -406,19 +415,36 @@ def test_mix_report(folder):
           "vanilla_softmax_L4_s101, " in md,
           table)
     by = {b["arm"]: b for b in res.get("by_source", [])}
-    u = by.get("unipool", {})
-    check("by source: the first seed's counts, per layer I(S; E), H(S) and the bias (hand-worked)",
-          u.get("tokens") == {"a": 4, "b": 4} and len(u.get("layers", [])) == 2 and
-          near(u["layers"][0]["information"], 0.188722, 1e-6) and near(u["layers"][1]["information"], 1, 1e-9) and
-          all(near(x["entropy"], 1, 1e-9) and near(x["bias"], 0.090168, 1e-6) for x in u["layers"]), json.dumps(u))
-    check("by source: counts from another command, or none, are missing",
-          sorted(by) == ["unipool", "vanilla_norm", "vanilla_softmax"] and by["vanilla_norm"].get("missing") and
+    u = by.get("unipool", {}).get("seeds", {})
+    first = u.get("101", u.get(101, {}))
+    check("by source: per run and layer I(S; E), H(S), the bias, the excess and the layers above the baseline",
+          by.get("unipool", {}).get("tokens") == {"a": 4, "b": 4} and len(first.get("layers", [])) == 2 and
+          near(first["layers"][0]["information"], 0.188722, 1e-6) and
+          near(first["layers"][1]["information"], 1, 1e-9) and
+          all(near(x["entropy"], 1, 1e-9) and near(x["bias"], 0.090168, 1e-6) for x in first["layers"]) and
+          near(first["excess"], 0.444361, 1e-6) and first["above"] == 1, json.dumps(by.get("unipool")))
+    check("by source: the runs with current counts (vanilla_norm s103's are from another command; none: missing)",
+          sorted(by) == ["unipool", "vanilla_norm", "vanilla_softmax"] and
+          sorted(map(int, by["vanilla_norm"].get("seeds", {}))) == [101, 102] and
           by["vanilla_softmax"].get("missing"), json.dumps(res.get("by_source")))
-    table = section(md, "Routing by source (first seed)")
-    check("results.md: the by-source table and the sources' shares",
-          row(table, "unipool") == "| unipool | 101 | 1.000 | 0.594 (0.189/1.000) | 0.150 (0.100/0.200) | "
-                                   "0.444 (0.089/0.800) | 1 of 2 |" and
-          row(table, "vanilla_norm") == "| vanilla_norm | 101 | missing | | | | |" and
+    pairs = {(p["a"], p["b"]): p for p in res.get("by_source_pairs", [])}
+    paired = (pairs.get(("unipool", "vanilla_norm")) or {}).get("paired") or {}
+    check("by source: the pool against a vanilla router, paired over seeds (hand-worked)",
+          sorted(pairs) == [("unipool", "vanilla_norm"), ("unipool", "vanilla_softmax")] and
+          near(paired.get("diff"), 0.655639, 1e-6) and near(paired.get("lo"), -1.321910, 1e-5) and
+          near(paired.get("hi"), 2.633188, 1e-5) and paired.get("seeds") == [101, 102] and
+          pairs[("unipool", "vanilla_softmax")]["paired"] is None, json.dumps(res.get("by_source_pairs")))
+    table = section(md, "Routing by source")
+    check("results.md: the by-source tables and the sources' shares",
+          row(table, "unipool") == "| unipool | 101, 102 | 1.000 | 0.797 (0.594/1.000) | 0.150 (0.100/0.200) | "
+                                   "0.647 (0.494/0.800) | s101: +0.444, s102: +0.850 | 1 of 2, 2 of 2 |" and
+          row(table, "vanilla_norm") == "| vanilla_norm | 101, 102 | 1.000 | 0.142 (0.094/0.189) | 0.150 "
+                                        "(0.100/0.200) | -0.008 (-0.006/-0.011) | s101: -0.056, s102: +0.039 | "
+                                        "0 of 2, 0 of 2 |" and
+          row(table, "vanilla_softmax") == "| vanilla_softmax | missing | | | | | | |" and
+          row(table, "unipool - vanilla_norm").startswith(
+              "| unipool - vanilla_norm | +0.656 | s101: +0.5000, s102: +0.8113 | [-1.3219, +2.6332] (df 1.0) |") and
+          row(table, "unipool - vanilla_softmax").endswith("| needs 2+ seeds in both arms |") and
           "The sources' shares of the 8 tokens (and the documents their sequences start in): a 50.0% (1), "
           "b 50.0% (1)." in table, table)
     with open(os.path.join(folder, "sources", "b_val_000000.bin"), "w") as f:
@@ -647,7 +673,7 @@ def test_mix_smoke(folder):
           all(re.search(rf"^\| {k} \| 101 \| ", section(md, "Routing-randomisation probe"), re.M)
               for k in MIX.probed) and
           all(re.search(rf"^\| {k} \| 101 \| \d\.\d{{3}} \| \d\.\d{{3}} \(.*\| \d of 2 \|$",
-                        section(md, "Routing by source (first seed)"), re.M) for k in MIX.by_source),
+                        section(md, "Routing by source"), re.M) for k in MIX.by_source),
           md[-6000:])
     done, seconds = smoke(folder, "--experiment", "mix")
     check("a second mix --smoke trains nothing and runs no util", done.returncode == 0 and not started(done) and
