@@ -10,9 +10,10 @@ summaries, report and run folders live in.
     mix: 9 arms on data/mix (`make data-mix`) at L 8 (two at L 4), seeds 101, 102, 103 ...; summaries in
         dev/ablation/mix/runs/, report in dev/ablation/mix/, run folders in out/ablation/mix/; every run's
         final checkpoint also gets routing diagnostics (./infer_unipool util), every run of the three
-        central arms util's counts source by source (data/mix/sources/), the report says which claims
-        are resolved, how many seeds the unresolved ones need, the course of the two central gaps over
-        training, and how much a layer's choice of expert tells about a token's source
+        central arms and of the shared softmax pool util's counts source by source (data/mix/sources/),
+        the report says which claims are resolved, how many seeds the unresolved ones need, the course
+        of the two central gaps over training, and how much a layer's choice of expert tells about a
+        token's source
 
 Every arm trains for the experiment's first N seeds, each run on one thread (the same seed gives the same
 bits), --jobs runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a
@@ -153,7 +154,7 @@ EXPERIMENTS = {e.name: e for e in (
         recipe=MIX_RECIPE, corpus=MIX_CORPUS, first_seed=101, arms=[Arm._make(a) for a in MIX_ARMS],
         pools={"r67": 2 / 3, "r42": 0.416}, claims=MIX_CLAIMS, claims_title="The paper's claims",
         probed=("vanilla_softmax", "unipool"), course=(HEADLINE, POOL_EFFECT), diagnostics=True,
-        by_source=("vanilla_softmax", "vanilla_norm", "unipool"), resolve=True,
+        by_source=("vanilla_softmax", "vanilla_norm", "pool_softmax_poolaux", "unipool"), resolve=True,
         runs=os.path.join(HERE, "mix", "runs"), out=os.path.join(ROOT, "out", "ablation", "mix"),
         report=os.path.join(HERE, "mix"),
         paper_none={"unipool_r67": PAPER_NONE, "unipool_r42": PAPER_NONE},
@@ -1108,7 +1109,7 @@ def md_by_source(res, s):
         above = ", ".join(f"{r['above']} of {len(r['layers'])}" for r in runs)
         rows.append(f"| {b['arm']} | {', '.join(map(str, seeds))} | {H:.3f} | {per_layer(shares)} | "
                     f"{per_layer(base)} | {per_layer([a - n for a, n in zip(shares, base)])} | {each} | {above} |")
-    rows += ["", "The shared pool against each vanilla router: the excess of one minus the other's, per seed, "
+    rows += ["", "Each shared pool against each vanilla router: the excess of one minus the other's, per seed, "
              "with Welch's and the paired 95% interval.", "",
              "| a - b | mean | per seed | paired 95% interval | Welch 95% interval | verdict |",
              "|---|---|---|---|---|---|"]

@@ -424,13 +424,14 @@ def test_mix_report(folder):
           all(near(x["entropy"], 1, 1e-9) and near(x["bias"], 0.090168, 1e-6) for x in first["layers"]) and
           near(first["excess"], 0.444361, 1e-6) and first["above"] == 1, json.dumps(by.get("unipool")))
     check("by source: the runs with current counts (vanilla_norm s103's are from another command; none: missing)",
-          sorted(by) == ["unipool", "vanilla_norm", "vanilla_softmax"] and
+          sorted(by) == ["pool_softmax_poolaux", "unipool", "vanilla_norm", "vanilla_softmax"] and
           sorted(map(int, by["vanilla_norm"].get("seeds", {}))) == [101, 102] and
           by["vanilla_softmax"].get("missing"), json.dumps(res.get("by_source")))
     pairs = {(p["a"], p["b"]): p for p in res.get("by_source_pairs", [])}
     paired = (pairs.get(("unipool", "vanilla_norm")) or {}).get("paired") or {}
     check("by source: the pool against a vanilla router, paired over seeds (hand-worked)",
-          sorted(pairs) == [("unipool", "vanilla_norm"), ("unipool", "vanilla_softmax")] and
+          sorted(pairs) == [("pool_softmax_poolaux", "vanilla_norm"), ("pool_softmax_poolaux", "vanilla_softmax"),
+                            ("unipool", "vanilla_norm"), ("unipool", "vanilla_softmax")] and
           near(paired.get("diff"), 0.655639, 1e-6) and near(paired.get("lo"), -1.321910, 1e-5) and
           near(paired.get("hi"), 2.633188, 1e-5) and paired.get("seeds") == [101, 102] and
           pairs[("unipool", "vanilla_softmax")]["paired"] is None, json.dumps(res.get("by_source_pairs")))
@@ -678,7 +679,7 @@ def test_mix_smoke(folder):
     done, seconds = smoke(folder, "--experiment", "mix")
     check("a second mix --smoke trains nothing and runs no util", done.returncode == 0 and not started(done) and
           "skipped 9, failed 0; probes: written 0, skipped 2, failed 0; diagnostics: written 0, skipped 9, failed 0; "
-          "by source: counted 0, skipped 3, failed 0" in done.stdout and
+          "by source: counted 0, skipped 4, failed 0" in done.stdout and
           not re.search(r"^(util|sources) \w+: ", done.stdout, re.M), output(done))
     path = os.path.join(folder, "runs", "unipool_r42_s101.json")
     s = json.load(open(path))
