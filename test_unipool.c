@@ -574,13 +574,16 @@ static void test_moe(void) {
     // N, C, F, E, K, and how many tokens go to expert 0 first (K = 1): the fourth case sends every
     // token to one expert, the fifth gives expert 0 over half the rows, so that it runs on all threads
     // (experts_matmul_fast) while the small ones run with a thread each; they are read in place
-    // (GM_SMALL), the last has SwiGLU rows longer than swiglu_backward's chunk
+    // (GM_SMALL), the sixth has SwiGLU rows longer than swiglu_backward's chunk, and in the last fc1's
+    // rows are 1 KiB apart, C over GM_SMALL and 2F deeper than a block (GM_KC): an expert's d x on one
+    // thread packs them (gemm's b_direct), on all threads reads them in place, in blocks as deep
     static const int cases[][6] = {{23, 16, 12, 5, 2, 0},
                                    {40, 32, 20, 8, 1, 0},
                                    {7, 8, 4, 4, 3, 0},
                                    {9, 8, 4, 2, 1, 0},
                                    {GM_SMALL + 60, 16, 8, 6, 1, GM_SMALL},
-                                   {11, 8, 2 * SWIGLU_CHUNK + 40, 3, 2, 0}};
+                                   {11, 8, 2 * SWIGLU_CHUNK + 40, 3, 2, 0},
+                                   {40, 256, GM_KC / 2 + 32, 4, 1, 0}};
     Rng rng = {3};
     char what[96];
     for (size_t cs = 0; cs < sizeof cases / sizeof *cases; cs++) {
@@ -609,6 +612,8 @@ static void test_moe(void) {
         check_expert_schedule(what, xs, fc1, d.offset, E, C, 2 * F, 0);
         snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: experts scheduled = one by one, d act", N, C, F, E, K);
         check_expert_schedule(what, eout, fc2, d.offset, E, F, C, 1);
+        snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: experts scheduled = one by one, d x", N, C, F, E, K);
+        check_expert_schedule(what, h, fc1, d.offset, E, C, 2 * F, 1);
         moe_backward(dx, dscore, eout, h, act_kept, dxs, dy, &ml);
         snprintf(what, sizeof what, "moe N%d C%d F%d E%d K%d: backward's SwiGLU output = forward's, bit for bit", N, C, F, E, K);
         check_true(what, !memcmp(act_kept, act, (size_t)NK * F * 4), "");

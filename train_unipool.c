@@ -3640,6 +3640,15 @@ static void pack_panels(float *dst, Mat X, const int *dk, int rows, int k0, int 
     }
 }
 
+// whether a product runs on one thread: its parallel loops then run on the thread that calls it
+static int gemm_alone(void) {
+#ifdef _OPENMP
+    return omp_in_parallel() || omp_get_max_threads() == 1;
+#else
+    return 1;
+#endif
+}
+
 /* out (rows,cols) [+]= A (rows,depth) B (depth,cols), element (r, c) of out at out[r ors + c ocs].
    Blocks: KC-deep slices of A and B; B in blocks of NC columns (packed into
    NR-wide panels, read from L3), A in blocks of MC rows (packed into MR-high
@@ -3682,12 +3691,18 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
                     out[r + (size_t)c * ocs] = t[(size_t)r * cols + c];
         return;
     }
-    // B's rows a multiple of 4 KiB apart would all fall in the same L1 sets: a panel read in place
-    // would evict itself before the next rows of A come to use it, so it is packed
+    // B's rows read in place fall in the L1 sets their stride leaves them. A multiple of 4 KiB
+    // apart, they all share one set: such a B is packed. A multiple of 256 bytes apart, they share
+    // at most 16 of the 64 sets, which hold 128 lines, half of a KC-deep panel: the panel evicts
+    // itself before the next rows of A come to use it. Such a B is packed when the product runs on
+    // one thread (an expert beside another: UniPool's fc1 d input at exp, 1.4x); split over
+    // threads, the packing and its barrier cost more than the misses (exp's wq d weight, 0.9x).
+    // Its blocks keep the depth of the read in place, so the sums do not depend on the threads.
     int few = rows < GM_SMALL;  // few rows of A
     // whether each operand's shape reads it in place, which sizes the blocks; an indexed one is
     // packed all the same (a_read, and inplace below)
-    int a_direct = A.cs == 1 && cols < GM_SMALL, b_direct = B.cs == 1 && few && B.rs % 1024 != 0;
+    int a_direct = A.cs == 1 && cols < GM_SMALL, b_rows = B.cs == 1 && few && B.rs % 1024 != 0;
+    int b_direct = b_rows && !(B.rs % 64 == 0 && gemm_alone());
     int a_read = a_direct && !adk;
     // A blocks of at most MC rows, all of about the same size (mcp panels of MR rows), so that the
     // threads' shares of the tiles are even; a few rows are one block and the threads split B
@@ -3697,7 +3712,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
     // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
     // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
     // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
-    int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : few && !b_direct ? GM_KC / 2 : GM_KC;
+    int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : few && !b_rows ? GM_KC / 2 : GM_KC;
     int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
     ncb = cols < ncb ? (cols + GM_NR - 1) / GM_NR * GM_NR : ncb;
     float *ap = a_read ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
