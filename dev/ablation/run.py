@@ -12,8 +12,8 @@ summaries, report and run folders live in.
         final checkpoint also gets routing diagnostics (./infer_unipool util), every run of the three
         central arms and of the shared softmax pool util's counts source by source (data/mix/sources/),
         the report says which claims are resolved, how many seeds the unresolved ones need, the course
-        of the two central gaps over training, and how much a layer's choice of expert tells about a
-        token's source
+        over training of the two central gaps and of every other claim, and how much a layer's choice of
+        expert tells about a token's source
 
 Every arm trains for the experiment's first N seeds, each run on one thread (the same seed gives the same
 bits), --jobs runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a
@@ -73,7 +73,8 @@ Corpus = collections.namedtuple("Corpus", "name make flags shards val sources so
 # an experiment: name; the report's title; recipe; corpus; the first of its seeds (--seeds N takes N from
 # there); arms; pools ({name: fraction} for the flags); claims ((what the paper finds, a linear
 # combination of arm keys)); the claims section's title; the probed arms (their first seed); course (the
-# claims whose paired gap the report follows over training); diagnostics (util on every final
+# central claims, whose paired gaps the report follows over training in a table of their own; given any,
+# it follows every other claim too, in a table with a row each); diagnostics (util on every final
 # checkpoint); by_source (the arms whose final checkpoints util counts source by source, every seed);
 # resolve (the report says which claims are resolved and what the others need); the folders
 # of its summaries, run folders and report; the losses table's words for an arm the paper gives no
@@ -992,7 +993,8 @@ def results(s):
     res = dict(command=s.command, recipe=s.recipe, **data, corpus=s.corpus, layers=layers(s.recipe), seeds=s.seeds,
                commits=commits, arms=arms, claims=claims, missing=missing, stale=stale, probes=probes(s))
     if s.exp.course:
-        res["course"] = [course(s, runs, next(c for c, t in s.exp.claims if t == text), text) for text in s.exp.course]
+        res["course"] = [dict(course(s, runs, claim, text), central=text in s.exp.course)
+                         for claim, text in s.exp.claims]
     if s.exp.by_source:
         res["by_source"] = [by_source_result(s, arm, runs) or {"arm": arm.key, "missing": True}
                             for arm in s.exp.arms if arm.key in s.exp.by_source]
@@ -1172,11 +1174,12 @@ def md_claims_resolved(res):
     return rows + ["", f"Resolved: {done} of {len(res['claims'])} claims."]
 
 
-def md_course(res):
+def md_course(res, central):
     rows = ["The central gaps at every validation step: the mean over seeds of the per-seed difference, and its "
             "paired 95% interval (Student t at n - 1 df, n the seeds both arms have; - below 2 seeds). The last row "
             "is the final val loss's paired test above.", ""]
-    courses = res["course"]
+    by_text = {c["combination"]: c for c in res["course"]}
+    courses = [by_text[text] for text in central]
     heads = [f"{c['combination']} ({c['claim']}): mean | 95% interval" for c in courses]
     rows += ["| step | " + " | ".join(heads) + " |", "|---|" + "---|---|" * len(courses)]
     by_step = [{r["step"]: r for r in c["steps"]} for c in courses]
@@ -1187,6 +1190,25 @@ def md_course(res):
             span_n = "-" if r is None or r["lo"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}] (n {r['n']})"
             cells += ["-" if r is None else f"{r['mean']:+.4f}", span_n]
         rows.append(f"| {step} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def md_course_others(res):
+    others = [c for c in res["course"] if not c["central"]]
+    steps = sorted(set().union(*({r["step"] for r in c["steps"]} for c in others)))
+    rows = ["Every other claim the same way, a row each: at every validation step the mean over seeds of the "
+            "per-seed combination, and its paired 95% interval (none below 2 seeds; - where no seed has every "
+            "arm of the claim). The last column is the final val loss's paired test in the claims table.", "",
+            "| combination | the paper finds | seeds | " + " | ".join(f"step {step}" for step in steps) + " |",
+            "|---|---|---|" + "---|" * len(steps)]
+    for c in others:
+        by_step = {r["step"]: r for r in c["steps"]}
+        cells = []
+        for step in steps:
+            r = by_step.get(step)
+            cells.append("-" if r is None else f"{r['mean']:+.4f}" + (
+                "" if r["lo"] is None else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]"))
+        rows.append(f"| {c['combination']} | {c['claim']} | {len(c['seeds'])} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -1234,7 +1256,9 @@ def markdown(res, s):
         lines += ["", "## Routing by source", "", *md_by_source(res, s)]
     lines += ["", f"## {exp.claims_title}", "", *(md_claims_resolved(res) if exp.resolve else md_claims(res))]
     if exp.course:
-        lines += ["", "## The central gaps over training", "", *md_course(res)]
+        lines += ["", "## The central gaps over training", "", *md_course(res, exp.course)]
+        if len(exp.course) < len(exp.claims):
+            lines += ["", "## The other claims over training", "", *md_course_others(res)]
     lines += ["", "## Ordering, lowest val loss first", "", *md_order(res),
               "", "## Routing-randomisation probe", "", *md_probe(res, s),
               "", "## Missing and stale", "",

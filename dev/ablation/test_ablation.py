@@ -400,6 +400,26 @@ def test_mix_report(folder):
           near(steps[500]["hi"], head["paired"]["hi"], 1e-12))
     check("results.md: the course table", row(md, "250").startswith("| 250 | -0.1000 | [-0.3484, +0.1484] (n 3) |"),
           row(md, "250"))
+    # Every other claim over training. The depth claim at step 250: (6.5 6.6 6.4 - 6.6) - (6.7 - 6.7), the
+    # headline's -0.1, 0, -0.2; at 500 its final paired test. vanilla_norm - vanilla_softmax: 0 at 250 and
+    # -0.05 on every seed at 500 (sd 0). A claim without runs: - at every step.
+    depth_course = course.get(DEPTH_TEXT) or {"steps": []}
+    depth_steps = {r["step"]: r for r in depth_course["steps"]}
+    check("course: every claim, the central ones marked; the depth claim's gap at 250 and its final test at 500",
+          len(course) == 10 and [c["combination"] for c in res["course"] if c.get("central")] ==
+          ["unipool - vanilla_softmax", "unipool - vanilla_norm"] and depth_course.get("central") is False and
+          sorted(depth_steps) == [0, 250, 500] and near(depth_steps[250]["mean"], -0.1, 1e-9) and
+          near(depth_steps[250]["lo"], -0.348434, 1e-6) and near(depth_steps[500]["lo"], -0.149574, 1e-6) and
+          near(depth_steps[500]["hi"], 0.029574, 1e-6), json.dumps(depth_course))
+    others = section(md, "The other claims over training")
+    check("results.md: the other claims over training, a row each, the central ones not among them",
+          row(others, DEPTH_TEXT) == f"| {DEPTH_TEXT} | UniPool's gain grows with depth | 3 | +0.0000 [+0.0000, +0.0000] "
+          "| -0.1000 [-0.3484, +0.1484] | -0.0600 [-0.1496, +0.0296] |" and
+          row(others, "vanilla_norm - vanilla_softmax").endswith(
+              "| 3 | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] | -0.0500 [-0.0500, -0.0500] |") and
+          row(others, "unipool_r67 - vanilla_softmax").endswith("| 0 | - | - | - |") and
+          "| step 0 | step 250 | step 500 |" in others and not row(others, "unipool - vanilla_softmax") and
+          others.count("\n| ") == 9, others)
     arms = {a["key"]: a for a in res["arms"]}
     d = arms["unipool"].get("diagnostics") or {}
     check("diagnostics: the mean over the seeds that have them (unipool: 2 of 3)",
