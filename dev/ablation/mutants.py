@@ -117,7 +117,8 @@ MUTANTS = [
      'excess = {b["arm"]: {seed: x["excess"] for seed, x in b.get("seeds", {}).items() if x["excess"] is not None}',
      'excess = {b["arm"]: {seed: x["excess"] for seed, x in list(b.get("seeds", {}).items())[:1]}', "report"),
     ("mix: a missing checkpoint's util failure is not counted",
-     'return runs["failed"] + probes["failed"] + utils["failed"] == 0', 'return runs["failed"] + probes["failed"] == 0',
+     'return runs["failed"] + probes["failed"] + utils["failed"] + by["failed"] == 0',
+     'return runs["failed"] + probes["failed"] + by["failed"] == 0',
      "mix"),
 ]
 
