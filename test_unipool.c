@@ -373,15 +373,15 @@ static const struct {
 static void test_matmul(void) {
     // (M, K, N): edges of every tile size, K over one packed block (GM_KC) and over one row read in
     // place (GM_KROW), N over one column block (GM_NC, and GM_NC / 4 for few rows), B rows 4 KiB apart
-    // (packed; with few rows, blocks GM_KC / 2 deep and GM_NC wide: the d input of {10, GM_NC + 1024, 150}
-    // has two of each), M on both sides of GM_SMALL (both operands packed from there) and of the plain
+    // (packed; with few rows, blocks GM_NC wide: the d input of {10, GM_NC + 1024, GM_KC + 150} has two
+    // blocks each way), M on both sides of GM_SMALL (both operands packed from there) and of the plain
     // kernels' PLAIN_ROWS. The weight gradient over rows read through indices (a pooled expert's) gives
     // the bits of the same rows gathered, the rows of dout and inp scattered apart in 2M-row buffers
     // (N 1: dout^T is an A read in place when gathered, in one block deeper than GM_KC).
     static const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {4, 64, 4}, {37, 70, 67}, {64, 128, 96}, {3, 33, 130},
                                     {9, 200, 131}, {7, 600, 37}, {3, 40, 3200}, {150, 70, 45}, {300, 300, 100},
                                     {43, 96, 600}, {200, 150, 500}, {20, GM_KROW + 104, 40}, {50, 64, 1700},
-                                    {10, 1024, 50}, {10, GM_NC + 1024, 150}, {GM_SMALL + 8, 150, 500},
+                                    {10, 1024, 50}, {10, GM_NC + 1024, GM_KC + 150}, {GM_SMALL + 8, 150, 500},
                                     {GM_SMALL + 44, 300, 100}, {GM_KC + 44, 20, 1}};
     Rng rng = {1};
     char what[96];

@@ -400,6 +400,8 @@ static void rmsnorm_forward(float *out, float *rstd, const float *inp, const flo
 }
 
 // With u = x r, g = dy * w:  dx = r (g - u mean(g u)),  dw = sum_n dy u
+#define RMS_DW_CHANNELS 16  // channels of dw per task: 64 bytes of each row
+
 static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
                              const float *w, const float *rstd, int N, int C) {
     // dinp (N,C) +=, dw (C) +=, dout (N,C), inp (N,C), w (C), rstd (N)
@@ -412,12 +414,19 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
         gu *= r / C;
         for (int i = 0; i < C; i++) dx[i] += r * (dy[i] * w[i] - x[i] * r * gu);
     }
-    // dw reduces over tokens: split by channel so each sum has one owner and a fixed order
+    // dw reduces over tokens: split by channel so each sum has one owner and a fixed order (token
+    // order). A task takes RMS_DW_CHANNELS of them (a cache line of each row) and walks the rows
+    // once, so each line is read once and the sums run side by side. The fused multiply-add is
+    // written out, so that the bits do not hinge on what the compiler contracts.
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < C; i++) {
-        float s = 0.0f;
-        for (int n = 0; n < N; n++) s += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n];
-        dw[i] += s;
+    for (int i0 = 0; i0 < C; i0 += RMS_DW_CHANNELS) {
+        int n_ch = C - i0 < RMS_DW_CHANNELS ? C - i0 : RMS_DW_CHANNELS;
+        float s[RMS_DW_CHANNELS] = {0};
+        for (int n = 0; n < N; n++) {
+            const float *dy = dout + (size_t)n * C + i0, *x = inp + (size_t)n * C + i0;
+            for (int i = 0; i < n_ch; i++) s[i] = fmaf(dy[i] * x[i], rstd[n], s[i]);
+        }
+        for (int i = 0; i < n_ch; i++) dw[i0 + i] += s[i];
     }
 }
 
@@ -3739,7 +3748,7 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
     // itself before the next rows of A come to use it. Such a B is packed when the product runs on
     // one thread (an expert beside another: UniPool's fc1 d input at exp, 1.4x); split over
     // threads, the packing and its barrier cost more than the misses (exp's wq d weight, 0.9x).
-    // Its blocks keep the depth of the read in place, so the sums do not depend on the threads.
+    // Packed or read in place, its blocks are GM_KC deep, so the sums do not depend on the threads.
     int few = rows < GM_SMALL;  // few rows of A
     // whether each operand's shape reads it in place, which sizes the blocks; an indexed one is
     // packed all the same (a_read, and inplace below)
@@ -3751,10 +3760,10 @@ static void gemm(float *out, size_t ors, size_t ocs, Mat A, Mat B, const int *ad
     int mp = (rows + GM_MR - 1) / GM_MR, nmc = (mp + GM_MC / GM_MR - 1) / (GM_MC / GM_MR);
     int mcp = (mp + nmc - 1) / nmc;
     // An A read in place goes whole rows at a time, up to KROW (long runs from memory, which the
-    // prefetcher follows). With few rows of A, B's block is read from memory for little work, so
-    // it is the prefetcher's to follow too: packed, whole rows of up to NC (a weight's rows are
-    // then one run) and half as deep; read in place, panels a quarter as wide, sized for L2.
-    int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : few && !b_rows ? GM_KC / 2 : GM_KC;
+    // prefetcher follows); otherwise a block is KC deep. With few rows of A, B's block is read from
+    // memory for little work, so it is the prefetcher's to follow too: packed, whole rows of up to
+    // NC (a weight's rows are then one run); read in place, panels a quarter as wide, sized for L2.
+    int kcb = a_direct ? (depth < GM_KROW ? depth : GM_KROW) : GM_KC;
     int ncb = few && b_direct ? GM_NC / 4 : GM_NC;
     ncb = cols < ncb ? (cols + GM_NR - 1) / GM_NR * GM_NR : ncb;
     float *ap = a_read ? NULL : gemm_buffer(&apack, &acap, (size_t)mp * panel_stride(kcb, GM_MR));
