@@ -76,6 +76,8 @@ MUTANTS = [
      "f\" [{r['lo']:+.4f}, {r['hi']:+.4f}]\"))", "f\" [{r['lo']:+.4f}, {r['lo']:+.4f}]\"))", "report"),
     ("mix: seeds from 1",
      "first_seed=101", "first_seed=1", "select"),
+    ("mix: the plan's extra seeds ignored (every arm 4)",
+     "n if n is not None else exp.more_seeds.get(arm.key, exp.seeds)", "n if n is not None else exp.seeds", "select"),
     ("mix: the data flags left out of the train command",
      "*s.recipe.split(), *s.data.split(), *arm_flags(s, arm).split()", "*s.recipe.split(), *arm_flags(s, arm).split()",
      "select"),

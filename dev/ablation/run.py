@@ -5,9 +5,10 @@ for every arm), the data flags and the corpus they fingerprint, the arms (flags 
 claims (linear combinations of arms' final val losses), the seeds, the probed arms, and the folders its
 summaries, report and run folders live in.
 
-    sotu (the default): the 182M router/ownership table, 7 arms on data/sotu, seeds 1, 2, 3 ...;
+    sotu (the default): the 182M router/ownership table, 7 arms on data/sotu, seeds 1, 2, 3;
         summaries in dev/ablation/runs/, report in dev/ablation/, run folders in out/ablation/
-    mix: 9 arms on data/mix (`make data-mix`) at L 8 (two at L 4), seeds 101, 102, 103 ...; summaries in
+    mix: 9 arms on data/mix (`make data-mix`) at L 8 (two at L 4), seeds 101 to 106 for the three central
+        arms (vanilla softmax, vanilla NormRouter, UniPool) and 101 to 104 for the other six; summaries in
         dev/ablation/mix/runs/, report in dev/ablation/mix/, run folders in out/ablation/mix/; every run's
         final checkpoint also gets routing diagnostics (./infer_unipool util), every run of the three
         central arms and of the shared softmax pool util's counts source by source (data/mix/sources/),
@@ -15,8 +16,9 @@ summaries, report and run folders live in.
         over training of the two central gaps and of every other claim, and how much a layer's choice of
         expert tells about a token's source
 
-Every arm trains for the experiment's first N seeds, each run on one thread (the same seed gives the same
-bits), --jobs runs at a time, first seed 1 of every arm, then seed 2, and so on. A finished run leaves a
+Every arm trains for the seeds of the experiment's plan (--seeds N: its first N seeds instead), each run on
+one thread (the same seed gives the same bits), --jobs runs at a time, first the first seed of every arm,
+then the second, and so on. A finished run leaves a
 summary in the experiment's runs/<arm>_s<seed>.json; a summary for the current recipe, data flags, arm
 flags and corpus (a fingerprint of the corpus's shards) means the run is done, so a sitting on a fresh clone
 trains only what no committed summary covers. A run stopped part-way resumes from its last checkpoint in
@@ -25,9 +27,9 @@ After a run of the first seed of a probed arm, infer_unipool's routing-randomisa
 final checkpoint, and after any run of an arm the experiment counts by source, util once per source. Last,
 the report: results.md, results.json, val_curves.svg.
 
-    python3 dev/ablation/run.py                   train what is missing (3 seeds, 2 jobs), probe, report
+    python3 dev/ablation/run.py                   train what is missing (the plan, 2 jobs), probe, report
     python3 dev/ablation/run.py --seeds 5 --only unipool,vanilla_softmax
-    python3 dev/ablation/run.py --experiment mix --seeds 3
+    python3 dev/ablation/run.py --experiment mix
     python3 dev/ablation/run.py --report          the report from the summaries that exist
     python3 dev/ablation/run.py --dry-run         print the commands, run nothing
     python3 dev/ablation/run.py --smoke DIR       every arm, one seed, a micro model on data/sotu; all
@@ -70,8 +72,9 @@ Arm = collections.namedtuple("Arm", "key label paper flags")
 # glob of its per-source shards (None: one source; a source's shards share a name up to their number) and
 # the util batches of one sequence each counted per source (0: all of its tokens)
 Corpus = collections.namedtuple("Corpus", "name make flags shards val sources source_batches")
-# an experiment: name; the report's title; recipe; corpus; the first of its seeds (--seeds N takes N from
-# there); arms; pools ({name: fraction} for the flags); claims ((what the paper finds, a linear
+# an experiment: name; the report's title; recipe; corpus; the first of its seeds; the plan (how many seeds
+# every arm trains, and {arm key: how many} for the arms that train more; --seeds N gives every arm N
+# instead); arms; pools ({name: fraction} for the flags); claims ((what the paper finds, a linear
 # combination of arm keys)); the claims section's title; the probed arms (their first seed); course (the
 # central claims, whose paired gaps the report follows over training in a table of their own; given any,
 # it follows every other claim too, in a table with a row each); diagnostics (util on every final
@@ -81,8 +84,8 @@ Corpus = collections.namedtuple("Corpus", "name make flags shards val sources so
 # number ({key: text}, else "not given"); the baseline (drawn dashed beside the pools) and the
 # highlighted arm of the plot
 Experiment = collections.namedtuple(
-    "Experiment", "name title recipe corpus first_seed arms pools claims claims_title probed course diagnostics "
-                  "by_source resolve runs out report paper_none baseline highlight")
+    "Experiment", "name title recipe corpus first_seed seeds more_seeds arms pools claims claims_title probed "
+                  "course diagnostics by_source resolve runs out report paper_none baseline highlight")
 
 PAPER_NONE = "not given (\"matches or beats vanilla\")"
 SOTU_CORPUS = Corpus("data/sotu", "data", "", "data/sotu/sotu_*.bin", "data/sotu/sotu_val_*.bin", None, 0)
@@ -128,6 +131,8 @@ MIX_ARMS = [
 ]
 MIX_RECIPE = "-p exp -b 16 -t 256 -n 1500 -l 2e-3 -w 30 -I 0.025 -A 3e-4 -v 250 -V 64 -S 0 -K 250 -N 1"
 HEADLINE = "unipool - vanilla_softmax"
+# the arms of the central claims: the power calculation (README) gives them 6 seeds, the other arms 4
+CENTRAL_ARMS = ("vanilla_softmax", "vanilla_norm", "unipool")
 POOL_EFFECT = "unipool - vanilla_norm"
 MIX_CLAIMS = [
     ("UniPool beats vanilla MoE (the paper's headline)", HEADLINE),
@@ -145,14 +150,15 @@ MIX_CLAIMS = [
 EXPERIMENTS = {e.name: e for e in (
     Experiment(
         name="sotu", title="Router and ownership ablation (arXiv 2605.06665, the 182M table) at CPU scale",
-        recipe=RECIPE, corpus=SOTU_CORPUS, first_seed=1, arms=[Arm._make(a) for a in ARMS],
+        recipe=RECIPE, corpus=SOTU_CORPUS, first_seed=1, seeds=3, more_seeds={}, arms=[Arm._make(a) for a in ARMS],
         pools={"reduced": 2 / 3}, claims=CLAIMS, claims_title="The paper's claims, pair by pair",
         probed=("vanilla_softmax", "unipool"), course=(), diagnostics=False, by_source=(), resolve=False,
         runs=os.path.join(HERE, "runs"), out=os.path.join(ROOT, "out", "ablation"), report=HERE,
         paper_none={"unipool_reduced": PAPER_NONE}, baseline="vanilla_softmax", highlight="unipool"),
     Experiment(
         name="mix", title="UniPool's claims (arXiv 2605.06665) on data/mix at CPU scale: 9 arms, L 8 and L 4",
-        recipe=MIX_RECIPE, corpus=MIX_CORPUS, first_seed=101, arms=[Arm._make(a) for a in MIX_ARMS],
+        recipe=MIX_RECIPE, corpus=MIX_CORPUS, first_seed=101, seeds=4, more_seeds=dict.fromkeys(CENTRAL_ARMS, 6),
+        arms=[Arm._make(a) for a in MIX_ARMS],
         pools={"r67": 2 / 3, "r42": 0.416}, claims=MIX_CLAIMS, claims_title="The paper's claims",
         probed=("vanilla_softmax", "unipool"), course=(HEADLINE, POOL_EFFECT), diagnostics=True,
         by_source=("vanilla_softmax", "vanilla_norm", "pool_softmax_poolaux", "unipool"), resolve=True,
@@ -176,6 +182,7 @@ NULL_PERMUTATIONS = 200  # source labels shuffled over documents: the by-source 
 NULL_SEED = 2605  # and their seed
 RESOLVED_WIDTH = 0.03  # a claim whose paired 95% interval is at most this wide is resolved even if it holds 0
 
+# seeds: {arm key: its seeds} for every arm of the experiment (the report's missing runs), arms: the ones to run
 Setup = collections.namedtuple("Setup", "exp recipe data source runs out report seeds jobs arms command corpus")
 LOCK = threading.Lock()  # one line at a time from the jobs' threads
 
@@ -648,7 +655,7 @@ def job(s, arm, seed):
     results = [(name(arm, seed), status, detail)]
     if s.exp.diagnostics and status != "failed":
         results.append(("util " + name(arm, seed), *diagnose(s, arm, seed)))
-    if arm.key in s.exp.probed and seed == s.seeds[0] and status != "failed":
+    if arm.key in s.exp.probed and seed == s.exp.first_seed and status != "failed":
         results.append(("probe " + name(arm, seed), *probe(s, arm, seed)))
     if arm.key in s.exp.by_source and status != "failed":
         results.append(("sources " + name(arm, seed), *count_by_source(s, arm, seed)))
@@ -657,9 +664,14 @@ def job(s, arm, seed):
     return results
 
 
+def every_seed(s):
+    """The seeds any arm to run has, in order (the runs go seed-major: every arm's first seed first)."""
+    return sorted({seed for arm in s.arms for seed in s.seeds[arm.key]})
+
+
 def run_all(s):
     """Every run (seed-major, --jobs at a time); True when none failed."""
-    work = [(arm, seed) for seed in s.seeds for arm in s.arms]
+    work = [(arm, seed) for seed in every_seed(s) for arm in s.arms if seed in s.seeds[arm.key]]
     with concurrent.futures.ThreadPoolExecutor(max_workers=s.jobs) as pool:
         results = [r for rs in pool.map(lambda w: job(s, *w), work) for r in rs]
     kind = lambda what: what.split()[0] if " " in what else "run"  # noqa: E731
@@ -680,8 +692,8 @@ def run_all(s):
 def dry_run(s):
     if s.corpus is None:
         say(f"{s.source.name} is not built (`make {s.source.make}` builds it): no summary can be current")
-    for seed in s.seeds:
-        for arm in s.arms:
+    for seed in every_seed(s):
+        for arm in (arm for arm in s.arms if seed in s.seeds[arm.key]):
             action, command = plan(s, arm, seed)
             say(f"{action} {name(arm, seed)}" + (f": {shlex.join(command)}" if command else ""))
             ckpt = rel(os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
@@ -689,7 +701,7 @@ def dry_run(s):
                 util = util_command(s, arm, seed, os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
                 say(f"util {name(arm, seed)}: {shlex.join(util[:3])} {ckpt} {shlex.join(util[4:])} "
                     f"> the summary's diagnostics")
-            if arm.key in s.exp.probed and seed == s.seeds[0]:
+            if arm.key in s.exp.probed and seed == s.exp.first_seed:
                 base = probe_base(s)
                 say(f"probe {name(arm, seed)}: {shlex.join(base[:2])} -c {ckpt} {shlex.join(base[2:])} "
                     f"> {rel(probe_path(s, arm, seed))}")
@@ -865,10 +877,10 @@ def probes(s):
     """The probe files for the current recipe, parsed."""
     found = []
     for arm in (a for a in s.exp.arms if a.key in s.exp.probed):
-        path = probe_path(s, arm, s.seeds[0])
+        path = probe_path(s, arm, s.exp.first_seed)
         text = open(path).read() if os.path.exists(path) else ""
         if text.startswith(probe_header(s, arm) + "\n"):
-            found.append(dict(arm=arm.key, seed=s.seeds[0], file=os.path.basename(path), **parse_probe(text)))
+            found.append(dict(arm=arm.key, seed=s.exp.first_seed, file=os.path.basename(path), **parse_probe(text)))
     return found
 
 
@@ -986,7 +998,7 @@ def results(s):
         arms.append(entry)
     by_key = {entry["key"]: entry for entry in arms}
     claims = [claim_result(s, claim, text, by_key) for claim, text in s.exp.claims]
-    missing = [f"{arm.key}_s{seed}" for arm in s.exp.arms for seed in s.seeds
+    missing = [f"{arm.key}_s{seed}" for arm in s.exp.arms for seed in s.seeds[arm.key]
                if seed not in {r["seed"] for r in runs.get(arm.key, [])}]
     commits = sorted({r["git_commit"] for rs in runs.values() for r in rs})
     data = {"data": s.data} if s.data else {}
@@ -1043,7 +1055,7 @@ def md_health(res):
 
 
 def md_diagnostics(res, s):
-    util = util_command(s, s.exp.arms[0], s.seeds[0], "CKPT")
+    util = util_command(s, s.exp.arms[0], s.exp.first_seed, "CKPT")
     rows = [f"Counted on each run's final checkpoint by `{shlex.join(util[:3])} CKPT {shlex.join(util[4:-1])} "
             "RUN_FOLDER/util` "
             f"(which expert each of the K slots of every token of {UTIL_BATCHES} val batches goes to, per layer). Per "
@@ -1232,9 +1244,23 @@ def md_probe(res, s):
     for p in res["probes"]:
         rows += [f"| {p['arm']} | {p['seed']} | {p['baseline']:.4f} | {kind} | {change:+.5f} |"
                  for kind, change in p["mean_change"].items()]
-    missing = ", ".join(f"{key}_s{res['seeds'][0]}" for key in s.exp.probed
+    missing = ", ".join(f"{key}_s{s.exp.first_seed}" for key in s.exp.probed
                         if key not in {p["arm"] for p in res["probes"]})
     return rows + (["", f"Missing probes: {missing}."] if missing else [])
+
+
+def seeds_text(seeds):
+    """The report's line on the seeds, {arm key: seeds}: one list when every arm has it, else a list for
+    the arms that have more than the most common one, then that one for the other arms."""
+    groups = collections.defaultdict(list)
+    for key, arm_seeds in seeds.items():
+        groups[tuple(arm_seeds)].append(key)
+    common = max(groups, key=lambda g: len(groups[g]))
+    listed = lambda g: ", ".join(map(str, g))  # noqa: E731
+    if len(groups) == 1:
+        return f"Seeds {listed(common)}."
+    rest = [f"{listed(g)} for {', '.join(keys)}" for g, keys in groups.items() if g != common]
+    return f"Seeds {'; '.join(rest)}; {listed(common)} for the other arms."
 
 
 def markdown(res, s):
@@ -1246,7 +1272,7 @@ def markdown(res, s):
              "`--report` rewrites the report alone).", "",
              f"Recipe for every arm: `{res['recipe']}`{data} plus the arm's flags and `-s SEED -T 1` "
              f"(L = {res['layers']}{own_layers}). "
-             f"Seeds {', '.join(map(str, res['seeds']))}. Built from commit(s) {', '.join(res['commits']) or '-'}. "
+             f"{seeds_text(res['seeds'])} Built from commit(s) {', '.join(res['commits']) or '-'}. "
              f"Corpus: {s.source.name} (`make {s.source.make}`), fingerprint {res['corpus']}.",
              "", "## Final val loss", "", *md_losses(res, exp),
              "", "## Routing health at the last validation (mean over seeds)", "", *md_health(res)]
@@ -1406,7 +1432,7 @@ def commit_hint(s):
 
 def problems(exp):
     """What is wrong with an experiment's record: a claim that names arms it lacks or does not parse, a
-    course that is none of its claims, a probed arm it lacks."""
+    course that is none of its claims, a probed arm it lacks, a plan for an arm it lacks."""
     keys, out = {arm.key for arm in exp.arms}, []
     for claim, text in exp.claims:
         try:
@@ -1419,18 +1445,27 @@ def problems(exp):
     out += [f"course '{text}' is none of its claims" for text in exp.course if text not in {t for _, t in exp.claims}]
     out += [f"probed arm {key} is none of its arms" for key in exp.probed if key not in keys]
     out += [f"arm {key} counted by source is none of its arms" for key in exp.by_source if key not in keys]
+    out += [f"arm {key} with seeds of its own is none of its arms" for key in exp.more_seeds if key not in keys]
     out += ["arms counted by source, but the corpus has one source"] if exp.by_source and not exp.corpus.sources else []
     return out
+
+
+def planned(exp, n=None):
+    """{arm key: its seeds}: the first n seeds for every arm, or the experiment's plan when n is None."""
+    count = lambda arm: n if n is not None else exp.more_seeds.get(arm.key, exp.seeds)  # noqa: E731
+    return {arm.key: [exp.first_seed + i for i in range(count(arm))] for arm in exp.arms}
 
 
 def setup(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default=DEFAULT, choices=list(EXPERIMENTS),
                    help=f"the experiment (default {DEFAULT})")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="the experiment's first N seeds: " + "; ".join(
+    p.add_argument("--seeds", type=int,
+                   help="every arm the experiment's first N seeds: " + "; ".join(
                        f"{e.name}: {e.first_seed}, {e.first_seed + 1}, ..." for e in EXPERIMENTS.values()) +
-                   " (default 3)")
+                   " (default: the experiment's plan; " + "; ".join(
+                       f"{e.name}: {e.seeds}" + "".join(f", {key} {n}" for key, n in e.more_seeds.items())
+                       for e in EXPERIMENTS.values()) + ")")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--only", help="comma-separated arm keys of the experiment: " + "; ".join(
         f"{e.name}: {', '.join(arm.key for arm in e.arms)}" for e in EXPERIMENTS.values()))
@@ -1445,16 +1480,17 @@ def setup(argv):
         p.error(f"experiment {exp.name}: " + "; ".join(wrong))
     arms = [arm for arm in exp.arms if not a.only or arm.key in a.only.split(",")]
     unknown = set(a.only.split(",")) - {arm.key for arm in exp.arms} if a.only else set()
-    if unknown or not arms or a.seeds < 1 or a.jobs < 1:
+    if unknown or not arms or (a.seeds is not None and a.seeds < 1) or a.jobs < 1:
         p.error(f"unknown arm(s) of {exp.name}: {', '.join(sorted(unknown))}" if unknown else "nothing to run")
     command = "python3 dev/ablation/run.py" + ("" if exp.name == DEFAULT else f" --experiment {exp.name}")
     if a.smoke:
         smoke = os.path.abspath(a.smoke)
         return a, Setup(exp, SMOKE_RECIPE, SMOKE_CORPUS.flags, SMOKE_CORPUS, os.path.join(smoke, "runs"),
-                        os.path.join(smoke, "out"), smoke, [exp.first_seed], a.jobs, arms,
+                        os.path.join(smoke, "out"), smoke, planned(exp, 1), a.jobs, arms,
                         f"{command} --smoke {smoke}", None)
     return a, Setup(exp, exp.recipe, exp.corpus.flags, exp.corpus, exp.runs, exp.out, exp.report,
-                    [exp.first_seed + i for i in range(a.seeds)], a.jobs, arms, f"{command} --seeds {a.seeds}", None)
+                    planned(exp, a.seeds), a.jobs, arms,
+                    command + ("" if a.seeds is None else f" --seeds {a.seeds}"), None)
 
 
 def main(argv):

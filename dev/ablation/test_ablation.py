@@ -358,6 +358,16 @@ def test_mix_report(folder):
     check_depth("report", depth)
     check("report: the depth claim is unresolved and needs 4 seeds",
           depth["resolved"] is False and depth["seeds_needed"] == 4, json.dumps(depth))
+    # the plan: seeds 101-106 for the three central arms, 101-104 for the other six; the hand-made runs are
+    # seeds 101-103 of five arms, so 3 x 3 + 2 x 1 + 4 x 4 = 27 runs are missing
+    central = ("vanilla_softmax", "vanilla_norm", "unipool")
+    planned = {(a.key, seed) for a in MIX.arms for seed in range(101, 107 if a.key in central else 105)}
+    made = {(key, seed) for key in finals for seed in SEEDS}
+    check("report: the missing runs are the plan's (6 seeds for the central arms, 4 for the others)",
+          sorted(res["missing"]) == sorted(f"{k}_s{seed}" for k, seed in planned - made) and len(res["missing"]) == 27
+          and "Seeds 101, 102, 103, 104, 105, 106 for vanilla_softmax, vanilla_norm, unipool; 101, 102, 103, 104 "
+              "for the other arms." in md and "Reproduce: `python3 dev/ablation/run.py --experiment mix` " in md,
+          json.dumps(res["missing"]) + md[:1200])
     # The headline: per seed -0.10 -0.07 -0.13, mean -0.10, sd 0.03, se 0.017321, 4.303 x: [-0.1745, -0.0255],
     # which excludes 0 (resolved). Welch: se sqrt(0.0025/3 + 0.0004/3) = 0.031091, df 2.62, t(2):
     # [-0.2338, +0.0338], which holds 0.
@@ -489,6 +499,14 @@ def test_select():
     check("select: the mix dry run exits 0 and plans 9 arms x seeds 101, 102, 103", done.returncode == 0 and
           sorted({(k, int(seed)) for k, seed, _ in trains}) == sorted((a.key, seed) for a in MIX.arms for seed in SEEDS)
           and len(trains) == 27, out[-3000:] + done.stderr[-2000:])
+    plan = run_py("--experiment", "mix", "--dry-run")
+    runs = re.findall(r"^(?:train|skip|resume) (\w+)_s(\d+)", plan.stdout, re.M)
+    central = ("vanilla_softmax", "vanilla_norm", "unipool")
+    check("select: without --seeds the mix dry run plans seeds 101-106 for the central arms, 101-104 for the "
+          "others, seed-major",
+          plan.returncode == 0 and [(k, int(seed)) for k, seed in runs] ==
+          [(a.key, seed) for seed in range(101, 107) for a in MIX.arms if seed <= 104 or a.key in central],
+          plan.stdout[-3000:] + plan.stderr[-2000:])
     # seed 107 is beyond the plan (6 seeds at most), so no committed summary skips it
     late = run_py("--experiment", "mix", "--dry-run", "--seeds", "7", "--only", "unipool").stdout
     unipool = re.search(r"^train unipool_s107: (.*)$", late, re.M)
