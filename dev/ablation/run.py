@@ -664,16 +664,16 @@ def job(s, arm, seed):
     return results
 
 
-def every_seed(s):
-    """The seeds any arm to run has, in order (the runs go seed-major: every arm's first seed first)."""
-    return sorted({seed for arm in s.arms for seed in s.seeds[arm.key]})
+def runs_planned(s):
+    """The (arm, seed) runs of the arms to run, seed-major: every arm's first seed, then the second, ..."""
+    every = sorted({seed for arm in s.arms for seed in s.seeds[arm.key]})
+    return [(arm, seed) for seed in every for arm in s.arms if seed in s.seeds[arm.key]]
 
 
 def run_all(s):
     """Every run (seed-major, --jobs at a time); True when none failed."""
-    work = [(arm, seed) for seed in every_seed(s) for arm in s.arms if seed in s.seeds[arm.key]]
     with concurrent.futures.ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        results = [r for rs in pool.map(lambda w: job(s, *w), work) for r in rs]
+        results = [r for rs in pool.map(lambda w: job(s, *w), runs_planned(s)) for r in rs]
     kind = lambda what: what.split()[0] if " " in what else "run"  # noqa: E731
     count = lambda k: collections.Counter(status for what, status, _ in results if kind(what) == k)  # noqa: E731
     runs, probes, utils, by = count("run"), count("probe"), count("util"), count("sources")
@@ -692,23 +692,22 @@ def run_all(s):
 def dry_run(s):
     if s.corpus is None:
         say(f"{s.source.name} is not built (`make {s.source.make}` builds it): no summary can be current")
-    for seed in every_seed(s):
-        for arm in (arm for arm in s.arms if seed in s.seeds[arm.key]):
-            action, command = plan(s, arm, seed)
-            say(f"{action} {name(arm, seed)}" + (f": {shlex.join(command)}" if command else ""))
-            ckpt = rel(os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
-            if s.exp.diagnostics:
-                util = util_command(s, arm, seed, os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
-                say(f"util {name(arm, seed)}: {shlex.join(util[:3])} {ckpt} {shlex.join(util[4:])} "
-                    f"> the summary's diagnostics")
-            if arm.key in s.exp.probed and seed == s.exp.first_seed:
-                base = probe_base(s)
-                say(f"probe {name(arm, seed)}: {shlex.join(base[:2])} -c {ckpt} {shlex.join(base[2:])} "
-                    f"> {rel(probe_path(s, arm, seed))}")
-            if arm.key in s.exp.by_source:
-                for command in source_commands(s, arm, seed, os.path.join(run_dir(s, arm, seed), "X")).values():
-                    say(f"sources {name(arm, seed)}: {shlex.join(command[:3])} {ckpt} {shlex.join(command[4:])} "
-                        f"> the summary's by_source")
+    for arm, seed in runs_planned(s):
+        action, command = plan(s, arm, seed)
+        say(f"{action} {name(arm, seed)}" + (f": {shlex.join(command)}" if command else ""))
+        ckpt = rel(os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
+        if s.exp.diagnostics:
+            util = util_command(s, arm, seed, os.path.join(run_dir(s, arm, seed), "ckpt_<last step>.bin"))
+            say(f"util {name(arm, seed)}: {shlex.join(util[:3])} {ckpt} {shlex.join(util[4:])} "
+                f"> the summary's diagnostics")
+        if arm.key in s.exp.probed and seed == s.exp.first_seed:
+            base = probe_base(s)
+            say(f"probe {name(arm, seed)}: {shlex.join(base[:2])} -c {ckpt} {shlex.join(base[2:])} "
+                f"> {rel(probe_path(s, arm, seed))}")
+        if arm.key in s.exp.by_source:
+            for command in source_commands(s, arm, seed, os.path.join(run_dir(s, arm, seed), "X")).values():
+                say(f"sources {name(arm, seed)}: {shlex.join(command[:3])} {ckpt} {shlex.join(command[4:])} "
+                    f"> the summary's by_source")
     return 0
 
 
@@ -1251,7 +1250,7 @@ def md_probe(res, s):
 
 def seeds_text(seeds):
     """The report's line on the seeds, {arm key: seeds}: one list when every arm has it, else a list for
-    the arms that have more than the most common one, then that one for the other arms."""
+    each group of arms that share one, and last the list most arms have, for the other arms."""
     groups = collections.defaultdict(list)
     for key, arm_seeds in seeds.items():
         groups[tuple(arm_seeds)].append(key)
