@@ -1122,15 +1122,20 @@ def md_by_source(res, s):
         above = ", ".join(f"{r['above']} of {len(r['layers'])}" for r in runs)
         rows.append(f"| {b['arm']} | {', '.join(map(str, seeds))} | {H:.3f} | {per_layer(shares)} | "
                     f"{per_layer(base)} | {per_layer([a - n for a, n in zip(shares, base)])} | {each} | {above} |")
-    rows += ["", "Each shared pool against each vanilla router: the excess of one minus the other's, per seed, "
-             "with Welch's and the paired 95% interval.", "",
-             "| a - b | mean | per seed | paired 95% interval | Welch 95% interval | verdict |",
-             "|---|---|---|---|---|---|"]
-    for p in res["by_source_pairs"]:
-        welch, paired = p["welch"], p["paired"]
-        rows.append(f"| {p['a']} - {p['b']} | {fmt(welch and welch['diff'], 3, '+')} | {per_seed(paired)} | "
-                    f"{span(paired)} | {span(welch)} | {p['verdict'] or 'needs 2+ seeds in both arms'} |")
-    return rows
+    rows += ["", "Each shared pool against each vanilla router: the excess of one minus the other's, per seed; "
+             "paired, the mean of the per-seed differences over the seeds both have; Welch's, the difference of "
+             "the arms' means over all their seeds; each with its 95% interval.", "",
+             "| a - b | per seed | paired: mean [95% interval] | Welch: difference of the means [95% interval] | "
+             "verdict |", "|---|---|---|---|---|"]
+    return rows + [md_source_pair(p) for p in res["by_source_pairs"]]
+
+
+def md_source_pair(p):
+    """A row of the by-source pairs: each test's own centre beside its interval (the paired mean covers the
+    seeds both arms have, Welch's difference of the means all of each arm's)."""
+    welch, paired = p["welch"], p["paired"]
+    return (f"| {p['a']} - {p['b']} | {per_seed(paired)} | {fmt(paired and paired['diff'], 3, '+')} {span(paired)} | "
+            f"{fmt(welch and welch['diff'], 3, '+')} {span(welch)} | {p['verdict'] or 'needs 2+ seeds in both arms'} |")
 
 
 def md_claims(res):

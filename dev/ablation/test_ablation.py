@@ -97,6 +97,12 @@ def test_versus():
     part = ablation.versus({1: 6.0, 3: 6.1}, {1: 5.9, 2: 6.0, 3: 6.2})
     check("versus: the paired test uses the shared seeds only", part["paired"]["seeds"] == [1, 3] and
           part["paired"]["df"] == 1 and part["welch"] is not None, str(part))
+    # A by-source row: a = 6.0, 6.3 over seeds 1 and 3 against the b above: the paired mean over seeds 1 and
+    # 3 is (0.1 + 0.1) / 2 = 0.1, Welch's difference of the means 6.15 - 6.0333 = 0.117, each beside its own
+    # interval
+    line = ablation.md_source_pair(dict(a="x", b="y", **ablation.versus({1: 6.0, 3: 6.3}, {1: 5.9, 2: 6.0, 3: 6.2})))
+    check("versus: a by-source row gives the paired mean and Welch's difference apart",
+          line.startswith("| x - y | s1: +0.1000, s3: +0.1000 | +0.100 [") and "(df 1.0) | +0.117 [" in line, line)
     check("versus: one seed in an arm compares nothing", ablation.versus({1: 6.0}, {1: 5.9, 2: 6.0}) ==
           {"welch": None, "paired": None, "verdict": None})
 
@@ -474,7 +480,7 @@ def test_mix_report(folder):
                                         "0 of 2, 0 of 2 |" and
           row(table, "vanilla_softmax") == "| vanilla_softmax | missing | | | | | | |" and
           row(table, "unipool - vanilla_norm").startswith(
-              "| unipool - vanilla_norm | +0.656 | s101: +0.5000, s102: +0.8113 | [-1.3219, +2.6332] (df 1.0) |") and
+              "| unipool - vanilla_norm | s101: +0.5000, s102: +0.8113 | +0.656 [-1.3219, +2.6332] (df 1.0) |") and
           row(table, "unipool - vanilla_softmax").endswith("| needs 2+ seeds in both arms |") and
           "The sources' shares of the 8 tokens (and the documents their sequences start in): a 50.0% (1), "
           "b 50.0% (1)." in table, table)
