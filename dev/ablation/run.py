@@ -1134,8 +1134,8 @@ def md_source_pair(p):
     """A row of the by-source pairs: each test's own centre beside its interval (the paired mean covers the
     seeds both arms have, Welch's difference of the means all of each arm's)."""
     welch, paired = p["welch"], p["paired"]
-    return (f"| {p['a']} - {p['b']} | {per_seed(paired)} | {fmt(paired and paired['diff'], 3, '+')} {span(paired)} | "
-            f"{fmt(welch and welch['diff'], 3, '+')} {span(welch)} | {p['verdict'] or 'needs 2+ seeds in both arms'} |")
+    return (f"| {p['a']} - {p['b']} | {per_seed(paired)} | {centred(paired, 3)} | {centred(welch, 3)} | "
+            f"{p['verdict'] or 'needs 2+ seeds in both arms'} |")
 
 
 def md_claims(res):
@@ -1155,6 +1155,11 @@ def md_claims(res):
 
 def span(test):
     return "-" if test is None else f"[{test['lo']:+.4f}, {test['hi']:+.4f}] (df {test['df']:.1f})"
+
+
+def centred(test, digits=4):
+    """A test's centre (the paired mean, or Welch's combination of the means) and its interval."""
+    return f"{fmt(test and test['diff'], digits, '+')} {span(test)}"
 
 
 def per_seed(paired):
@@ -1177,14 +1182,15 @@ def md_claims_resolved(res):
             "unresolved one, the seeds needed: the smallest n with t(0.975, n - 1) x sd / sqrt(n) below |mean| (the "
             f"interval would exclude 0) or below {RESOLVED_WIDTH / 2:g} (it would be at most {RESOLVED_WIDTH:g} wide), "
             "at the sd and mean of the per-seed combinations so far (- without a paired test).", "",
-            "| the paper finds | combination | paper | ours | Welch 95% interval | per seed | paired 95% interval | "
-            "verdict | resolved | seeds needed |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| the paper finds | combination | paper | ours: the means combined | Welch 95% interval | per seed | "
+            "paired: mean [95% interval] | verdict | resolved | seeds needed |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["claims"]:
         welch, paired = c["welch"], c["paired"]
         needed = "" if c["resolved"] else "-" if c["seeds_needed"] is None else str(c["seeds_needed"])
         rows.append(f"| {c['claim']} | {combination(c)} | {fmt(c['paper'], sign='+')} | "
-                    f"{fmt(welch and welch['diff'], sign='+')} | {span(welch)} | {per_seed(paired)} | {span(paired)} | "
-                    f"{c['verdict'] or 'not comparable: needs 2+ seeds in every arm'} | "
+                    f"{fmt(welch and welch['diff'], sign='+')} | {span(welch)} | {per_seed(paired)} | "
+                    f"{centred(paired)} | {c['verdict'] or 'not comparable: needs 2+ seeds in every arm'} | "
                     f"{'RESOLVED' if c['resolved'] else 'no'} | {needed} |")
     done = sum(bool(c["resolved"]) for c in res["claims"])
     return rows + ["", f"Resolved: {done} of {len(res['claims'])} claims."]

@@ -100,9 +100,14 @@ def test_versus():
     # A by-source row: a = 6.0, 6.3 over seeds 1 and 3 against the b above: the paired mean over seeds 1 and
     # 3 is (0.1 + 0.1) / 2 = 0.1, Welch's difference of the means 6.15 - 6.0333 = 0.117, each beside its own
     # interval
-    line = ablation.md_source_pair(dict(a="x", b="y", **ablation.versus({1: 6.0, 3: 6.3}, {1: 5.9, 2: 6.0, 3: 6.2})))
+    unequal = ablation.versus({1: 6.0, 3: 6.3}, {1: 5.9, 2: 6.0, 3: 6.2})
+    line = ablation.md_source_pair(dict(a="x", b="y", **unequal))
     check("versus: a by-source row gives the paired mean and Welch's difference apart",
           line.startswith("| x - y | s1: +0.1000, s3: +0.1000 | +0.100 [") and "(df 1.0) | +0.117 [" in line, line)
+    claim = dict(claim="c", a="x", b="y", paper=None, resolved=False, seeds_needed=None, **unequal)
+    line = ablation.md_claims_resolved({"claims": [claim]})[-3]
+    check("versus: a claims row gives Welch's difference, then the paired mean beside the paired interval",
+          line.startswith("| c | x - y | - | +0.1167 | [") and "| s1: +0.1000, s3: +0.1000 | +0.1000 [" in line, line)
     check("versus: one seed in an arm compares nothing", ablation.versus({1: 6.0}, {1: 5.9, 2: 6.0}) ==
           {"welch": None, "paired": None, "verdict": None})
 
