@@ -18,11 +18,11 @@ summaries, report and run folders live in.
 
 Every arm trains for the seeds of the experiment's plan (--seeds N: its first N seeds instead), each run on
 one thread (the same seed gives the same bits), --jobs runs at a time, first the first seed of every arm,
-then the second, and so on. A finished run leaves a
-summary in the experiment's runs/<arm>_s<seed>.json; a summary for the current recipe, data flags, arm
-flags and corpus (a fingerprint of the corpus's shards) means the run is done, so a sitting on a fresh clone
-trains only what no committed summary covers. A run stopped part-way resumes from its last checkpoint in
-its run folder (-r latest) if that folder is still there.
+then the second, and so on. A finished run leaves a summary in the experiment's runs/<arm>_s<seed>.json;
+a summary for the current recipe, data flags, arm flags and corpus (a fingerprint of the corpus's shards)
+means the run is done, so a sitting on a fresh clone trains only what no committed summary covers. A run
+stopped part-way resumes from its last checkpoint in its run folder (-r latest) if that folder is still
+there.
 After a run of the first seed of a probed arm, infer_unipool's routing-randomisation probe runs on its
 final checkpoint, and after any run of an arm the experiment counts by source, util once per source. Last,
 the report: results.md, results.json, val_curves.svg.
